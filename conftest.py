@@ -1,0 +1,66 @@
+"""Shared fixtures, named by role (STYLE.md rule 15)."""
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.cache import cache
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    # Throttle counters live in the cache; one test's requests must not throttle the next.
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.fixture
+def staff_user(db):
+    user = get_user_model().objects.create_user("staff", "staff@example.com", "staff-pass-123", is_staff=True)
+    from django.contrib.auth.models import Permission
+
+    user.user_permissions.set(Permission.objects.filter(content_type__app_label__in=["knowledge", "training", "chat"]))
+    return user
+
+
+@pytest.fixture
+def superuser(db):
+    return get_user_model().objects.create_superuser("root", "root@example.com", "root-pass-123")
+
+
+@pytest.fixture
+def customer(db):
+    return get_user_model().objects.create_user("customer", "customer@example.com", "customer-pass-123")
+
+
+def _token_client(user):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    return client
+
+
+@pytest.fixture
+def anon_api():
+    return APIClient()
+
+
+@pytest.fixture
+def customer_api(customer):
+    return _token_client(customer)
+
+
+@pytest.fixture
+def staff_api(staff_user):
+    return _token_client(staff_user)
+
+
+@pytest.fixture
+def superuser_api(superuser):
+    return _token_client(superuser)
+
+
+@pytest.fixture
+def staff_client(client, staff_user):
+    client.force_login(staff_user)
+    return client

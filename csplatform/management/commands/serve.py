@@ -1,0 +1,67 @@
+"""Run the whole platform in the foreground: the ASGI server (daphne) and the django-q2 cluster.
+
+    python manage.py serve            # http://127.0.0.1:8000 (CSP_HOST / CSP_PORT)
+
+Ctrl-C (or SIGTERM) stops both. If either exits on its own, the other is stopped too and the
+command exits non-zero, so a supervisor sees the failure. For several machines, run
+`daphne` and `manage.py qcluster` separately instead (docs/deployment.md).
+"""
+
+import signal
+import subprocess
+import sys
+import time
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+
+class Command(BaseCommand):
+    help = "Start daphne (web, API, websockets) and the django-q2 cluster (training) together."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default=settings.CSP_HOST)
+        parser.add_argument("--port", type=int, default=settings.CSP_PORT)
+
+    def handle(self, *args, host, port, **options):
+        python = sys.executable
+        children = {
+            "daphne": subprocess.Popen(
+                [python, "-m", "daphne", "-b", host, "-p", str(port), "csplatform.asgi:application"]
+            ),
+            "qcluster": subprocess.Popen([python, "manage.py", "qcluster"]),
+        }
+        base = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
+        self.stdout.write(self.style.SUCCESS(
+            f"\ncsplatform is starting:\n"
+            f"  chat    {base}/\n"
+            f"  admin   {base}/admin/\n"
+            f"  API     {base}/api/v1/   (docs: {base}/api/docs/)\n"
+            f"Press Ctrl-C to stop.\n"
+        ))
+        stopping = False
+
+        def stop(signum, frame):
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        exited = None
+        while not stopping and exited is None:
+            time.sleep(0.5)
+            exited = next((name for name, proc in children.items() if proc.poll() is not None), None)
+        for proc in children.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in children.items():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.stderr.write(f"{name} did not stop within 30 s; killing it.")
+                proc.kill()
+                proc.wait()
+        if exited and not stopping:
+            self.stderr.write(self.style.ERROR(f"{exited} exited with code {children[exited].returncode}; stopped the rest."))
+            sys.exit(1)
+        self.stdout.write("Stopped.")

@@ -1,0 +1,294 @@
+"""csplatform settings: one file, driven by environment variables.
+
+Every value has a default that runs the embedded single-machine setup (SQLite, ORM broker,
+in-memory channel layer). Production sets SECRET_KEY, DEBUG=false, ALLOWED_HOSTS,
+CSP_HTTPS=true and usually DATABASE_URL / REDIS_URL; see README.md "Configuration".
+
+This is the only module that reads os.environ. A bad value fails at start-up with
+ImproperlyConfigured naming the variable.
+"""
+
+import os
+import secrets
+from pathlib import Path
+from urllib.parse import urlparse
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.translation import gettext_lazy as _
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def envstr(name, default):
+    return os.environ.get(name, default)
+
+
+def envbool(name, default):
+    raw = os.environ.get(name, default).strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off", ""):
+        return False
+    raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean; use true or false.")
+
+
+def envint(name, default, *, minimum=None):
+    raw = os.environ.get(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a whole number.") from None
+    if minimum is not None and value < minimum:
+        raise ImproperlyConfigured(f"{name}={value} must be at least {minimum}.")
+    return value
+
+
+def envlist(name, default):
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+def envrate(name, default):
+    """A DRF throttle rate such as "60/min"; checked here so a typo fails at start-up."""
+    raw = os.environ.get(name, default).strip()
+    count, _sep, period = raw.partition("/")
+    if not count.isdigit() or not period or period[0] not in "smhd":
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a rate like 60/min or 1000/day.")
+    return raw
+
+
+DEBUG = envbool("DEBUG", "false")
+
+# Runtime state (SQLite file, generated secret key, models, snapshots, adapters) lives here.
+DATA_DIR = Path(envstr("CSP_DATA_DIR", str(BASE_DIR / "var"))).resolve()
+try:
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+except OSError as exc:
+    raise ImproperlyConfigured(f"CSP_DATA_DIR={str(DATA_DIR)!r} cannot be created: {exc}") from None
+
+
+def _generated_secret_key():
+    # A fresh checkout needs no configuration: generate a key once and keep it with the data,
+    # so sessions survive restarts. Production passes SECRET_KEY instead.
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = os.environ.get("SECRET_KEY") or _generated_secret_key()
+if len(SECRET_KEY) < 32:
+    raise ImproperlyConfigured("SECRET_KEY must be at least 32 characters long.")
+
+ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
+CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", "")
+for _origin in CSRF_TRUSTED_ORIGINS:
+    if not _origin.startswith(("http://", "https://")):
+        raise ImproperlyConfigured(
+            f"CSRF_TRUSTED_ORIGINS entry {_origin!r} must start with http:// or https://."
+        )
+
+INSTALLED_APPS = [
+    "daphne",  # first, so that runserver serves ASGI (websockets) too
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "channels",
+    "django_q",
+    "knowledge",
+    "training",
+    "chat",
+    "csplatform",  # management commands: bootstrap, serve
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "csplatform.urls"
+ASGI_APPLICATION = "csplatform.asgi.application"
+WSGI_APPLICATION = "csplatform.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.template.context_processors.i18n",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database: SQLite file by default, anything dj-database-url understands otherwise ---
+_default_db_url = f"sqlite:///{DATA_DIR / 'db.sqlite3'}"
+DATABASE_URL = envstr("DATABASE_URL", _default_db_url)
+try:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+except ValueError as exc:
+    raise ImproperlyConfigured(f"DATABASE_URL is not a usable database URL: {exc}") from None
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # The q2 worker and the web server write the same file: wait for the lock, don't fail.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis: optional; switches the channel layer, the q2 broker and the cache ---
+REDIS_URL = envstr("REDIS_URL", "")
+if REDIS_URL and urlparse(REDIS_URL).scheme not in ("redis", "rediss", "unix"):
+    raise ImproperlyConfigured(f"REDIS_URL={REDIS_URL!r} must start with redis://, rediss:// or unix://.")
+
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# --- django-q2: training runs are long, so timeout > longest run and retry > timeout,
+# with one attempt: a killed worker must not make q2 redeliver the run (django-q2 #327).
+CSP_TRAINING_TIMEOUT = envint("CSP_TRAINING_TIMEOUT", 6 * 3600, minimum=60)
+Q_CLUSTER = {
+    "name": "csplatform",
+    "workers": envint("CSP_QCLUSTER_WORKERS", 1, minimum=1),
+    "timeout": CSP_TRAINING_TIMEOUT,
+    "retry": CSP_TRAINING_TIMEOUT + 1800,
+    "max_attempts": 1,
+    "ack_failures": True,
+    "catch_up": False,
+    "save_limit": 500,
+    "label": _("Task queue"),
+}
+if REDIS_URL:
+    Q_CLUSTER["redis"] = REDIS_URL
+else:
+    Q_CLUSTER["orm"] = "default"
+
+# --- Auth ---
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "admin:login"
+# `make run` creates this superuser once; without a password one is generated and printed once.
+CSP_ADMIN_USER = envstr("CSP_ADMIN_USER", "admin")
+CSP_ADMIN_PASSWORD = envstr("CSP_ADMIN_PASSWORD", "")
+
+# `make run` / `manage.py serve`: where daphne listens.
+CSP_HOST = envstr("CSP_HOST", "127.0.0.1")
+CSP_PORT = envint("CSP_PORT", 8000, minimum=1)
+CSP_SAMPLE_DATA = [BASE_DIR / "data" / "train.json", BASE_DIR / "data" / "dev.json"]
+
+# --- i18n: Simplified Chinese first, English second ---
+LANGUAGE_CODE = envstr("CSP_LANGUAGE", "zh-hans")
+LANGUAGES = [("zh-hans", "简体中文"), ("en", "English")]
+if LANGUAGE_CODE not in dict(LANGUAGES):
+    raise ImproperlyConfigured(f"CSP_LANGUAGE={LANGUAGE_CODE!r} must be one of: zh-hans, en.")
+LOCALE_PATHS = [BASE_DIR / "locale"]
+TIME_ZONE = envstr("TIME_ZONE", "Asia/Shanghai")
+USE_I18N = True
+USE_TZ = True
+
+# --- Static files: served by the ASGI app itself (see asgi.py); a proxy may serve STATIC_ROOT ---
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = DATA_DIR / "static"
+
+# --- Request size limits: an oversized body is refused, never buffered ---
+DATA_UPLOAD_MAX_MEMORY_SIZE = envint("CSP_MAX_BODY_BYTES", 2 * 1024 * 1024, minimum=1024)
+FILE_UPLOAD_MAX_MEMORY_SIZE = DATA_UPLOAD_MAX_MEMORY_SIZE
+CSP_IMPORT_MAX_BYTES = envint("CSP_IMPORT_MAX_BYTES", 10 * 1024 * 1024, minimum=1024)
+CSP_IMPORT_MAX_ROWS = envint("CSP_IMPORT_MAX_ROWS", 20000, minimum=1)
+
+# --- Security: CSP_HTTPS=true turns on everything `check --deploy` asks for behind TLS ---
+CSP_HTTPS = envbool("CSP_HTTPS", "false")
+SECURE_SSL_REDIRECT = CSP_HTTPS
+SESSION_COOKIE_SECURE = CSP_HTTPS
+CSRF_COOKIE_SECURE = CSP_HTTPS
+SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 31536000 if CSP_HTTPS else 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("SECURE_HSTS_INCLUDE_SUBDOMAINS", "true")
+SECURE_HSTS_PRELOAD = envbool("SECURE_HSTS_PRELOAD", "true")
+if envbool("CSP_BEHIND_PROXY", "false"):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_HTTPONLY = True
+
+# --- REST API ---
+CSP_API_THROTTLE_RATES = {
+    "anon": envrate("CSP_API_THROTTLE_ANON", "30/min"),
+    "user": envrate("CSP_API_THROTTLE_USER", "600/min"),
+}
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_THROTTLE_CLASSES": [
+        "csplatform.throttling.AnonThrottle",
+        "csplatform.throttling.UserThrottle",
+    ],
+    "DEFAULT_PAGINATION_CLASS": "csplatform.pagination.CappedPageNumberPagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_FILTER_BACKENDS": [
+        "django_filters.rest_framework.DjangoFilterBackend",
+        "rest_framework.filters.SearchFilter",
+        "rest_framework.filters.OrderingFilter",
+    ],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "csplatform.api_errors.exception_handler",
+}
+CSP_API_MAX_PAGE_SIZE = envint("CSP_API_MAX_PAGE_SIZE", 200, minimum=1)
+SPECTACULAR_SETTINGS = {
+    "TITLE": "csplatform API",
+    "DESCRIPTION": "Curate customer-service Q&A, train adapters and chat with them.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": envstr("CSP_LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

@@ -1,0 +1,337 @@
+"""Workflows over Q&A pairs: import, export and bulk curation.
+
+The admin, the REST API and the management commands call these and nothing else, so a file
+imported any of the three ways gives the same report and the same rows.
+"""
+
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
+from django.db import transaction
+from django.utils.translation import gettext as _
+
+from knowledge import formats
+from knowledge.models import (
+    INPUT_MAX_LENGTH,
+    INSTRUCTION_MAX_LENGTH,
+    OUTPUT_MAX_LENGTH,
+    Category,
+    QAPair,
+    normalise_question,
+    question_hash,
+)
+
+
+class RowAction:
+    CREATED = "created"
+    UPDATED = "updated"
+    SKIPPED = "skipped"
+    REJECTED = "rejected"
+
+
+@dataclass
+class RowResult:
+    row: int
+    action: str
+    instruction: str = ""
+    pair_id: int | None = None
+    reason: str = ""
+    errors: dict = field(default_factory=dict)  # field name -> list of messages
+
+    def as_dict(self):
+        return {
+            "row": self.row,
+            "action": self.action,
+            "instruction": self.instruction,
+            "pair_id": self.pair_id,
+            "reason": self.reason,
+            "errors": self.errors,
+        }
+
+
+@dataclass
+class ImportReport:
+    filename: str
+    file_format: str = ""
+    rows: list = field(default_factory=list)
+    file_error: str = ""
+    committed: bool = False
+    dry_run: bool = False
+
+    def count(self, action):
+        return sum(1 for row in self.rows if row.action == action)
+
+    @property
+    def counts(self):
+        actions = (RowAction.CREATED, RowAction.UPDATED, RowAction.SKIPPED, RowAction.REJECTED)
+        return {action: self.count(action) for action in actions}
+
+    @property
+    def ok(self):
+        return not self.file_error and self.count(RowAction.REJECTED) == 0
+
+    def as_dict(self):
+        return {
+            "filename": self.filename,
+            "format": self.file_format,
+            "ok": self.ok,
+            "committed": self.committed,
+            "dry_run": self.dry_run,
+            "file_error": self.file_error,
+            "counts": self.counts,
+            "rows": [row.as_dict() for row in self.rows],
+        }
+
+
+@dataclass
+class _Planned:
+    result: RowResult
+    values: dict
+    pair: QAPair | None = None
+
+
+def _text(data, key, max_length, errors, *, required=False):
+    value = data.get(key, "")
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        errors.setdefault(key, []).append(_("Must be text, not %(type)s.") % {"type": type(value).__name__})
+        return ""
+    value = value.strip()
+    if required and not value:
+        errors.setdefault(key, []).append(_("This field is required and cannot be blank."))
+    if len(value) > max_length:
+        errors.setdefault(key, []).append(
+            _("At most %(max)s characters (this has %(len)s).") % {"max": max_length, "len": len(value)}
+        )
+    return value
+
+
+def _choice(data, key, choices, errors):
+    value = data.get(key) or ""
+    if not isinstance(value, str) or (value and value not in choices):
+        errors.setdefault(key, []).append(
+            _("%(value)r is not one of: %(choices)s.") % {"value": value, "choices": ", ".join(choices)}
+        )
+        return ""
+    return value
+
+
+def _clean_row(raw, *, status, split):
+    """Validate one row's values. Returns (values, errors)."""
+    errors = {}
+    if raw.error:
+        return {}, {"row": [raw.error]}
+    data = raw.data
+    values = {
+        "instruction": _text(data, "instruction", INSTRUCTION_MAX_LENGTH, errors, required=True),
+        "input": _text(data, "input", INPUT_MAX_LENGTH, errors),
+        "output": _text(data, "output", OUTPUT_MAX_LENGTH, errors, required=True),
+        "category": _text(data, "category", 100, errors),
+        "status": status or _choice(data, "status", QAPair.Status.values, errors),
+        "split": split or _choice(data, "split", QAPair.Split.values, errors),
+    }
+    if values["instruction"] and not normalise_question(values["instruction"], values["input"]):
+        errors.setdefault("instruction", []).append(_("The question must contain at least one letter or digit."))
+    raw_id = data.get("id")
+    if raw_id not in (None, ""):
+        try:
+            values["id"] = int(raw_id)
+            if values["id"] < 1:
+                raise ValueError
+        except (TypeError, ValueError):
+            errors.setdefault("id", []).append(_("%(value)r is not a pair id (a positive whole number).") % {"value": raw_id})
+    return values, errors
+
+
+def _plan(raw_rows, *, status, split):
+    """Decide what each row would do, without writing anything."""
+    planned = []
+    first_row_of = {}  # question hash -> (row number, output) within this file
+    hashes = {}
+    cleaned = []
+    for raw in raw_rows:
+        values, errors = _clean_row(raw, status=status, split=split)
+        cleaned.append((raw, values, errors))
+        if not errors:
+            hashes[raw.number] = question_hash(values["instruction"], values["input"])
+    existing_by_hash = {pair.question_hash: pair for pair in QAPair.objects.filter(question_hash__in=hashes.values())}
+    ids = [values["id"] for _raw, values, errors in cleaned if not errors and "id" in values]
+    existing_by_id = {pair.pk: pair for pair in QAPair.objects.filter(pk__in=ids)}
+    existing_by_hash.update({pair.question_hash: pair for pair in existing_by_id.values()})
+    category_names = {cat.pk: cat.name for cat in Category.objects.all()}
+
+    for raw, values, errors in cleaned:
+        result = RowResult(row=raw.number, action=RowAction.REJECTED, instruction=values.get("instruction", ""))
+        planned.append(_Planned(result, values))
+        if errors:
+            result.errors = errors
+            result.reason = _("Invalid values.")
+            continue
+        digest = hashes[raw.number]
+        if digest in first_row_of:
+            first_row, first_output = first_row_of[digest]
+            if first_output == values["output"]:
+                result.action = RowAction.SKIPPED
+                result.reason = _("Duplicate of row %(row)s in this file.") % {"row": first_row}
+            else:
+                result.errors = {
+                    "output": [
+                        _("Row %(row)s asks the same question with a different answer; keep one.") % {"row": first_row}
+                    ]
+                }
+                result.reason = _("Conflicting answers in this file.")
+            continue
+        first_row_of[digest] = (raw.number, values["output"])
+
+        pair = existing_by_id.get(values.get("id")) if "id" in values else None
+        same_question = existing_by_hash.get(digest)
+        if pair is not None and same_question is not None and same_question.pk != pair.pk:
+            result.errors = {
+                "instruction": [
+                    _("Pair #%(id)s would get the question already stored as pair #%(other)s.")
+                    % {"id": pair.pk, "other": same_question.pk}
+                ]
+            }
+            result.reason = _("The question belongs to another pair.")
+            continue
+        pair = pair or same_question
+        planned[-1].pair = pair
+        if pair is None:
+            result.action = RowAction.CREATED
+            continue
+        result.pair_id = pair.pk
+        changes = _changes(pair, values, category_names)
+        if changes:
+            result.action = RowAction.UPDATED
+            result.reason = _("Changed: %(fields)s.") % {"fields": ", ".join(changes)}
+        else:
+            result.action = RowAction.SKIPPED
+            result.reason = _("Already stored as pair #%(id)s.") % {"id": pair.pk}
+    return planned
+
+
+def _changes(pair, values, category_names):
+    changed = [name for name in ("instruction", "input", "output") if getattr(pair, name) != values[name]]
+    if values["category"] and category_names.get(pair.category_id) != values["category"]:
+        changed.append("category")
+    for name in ("status", "split"):
+        if values[name] and getattr(pair, name) != values[name]:
+            changed.append(name)
+    return changed
+
+
+def qa_import(*, content, filename, file_format=None, status=None, split=None, user=None, dry_run=False):
+    """Import a JSON / JSONL / CSV file of Q&A pairs, all or nothing.
+
+    status / split, when given, apply to every row (they override the file's own columns).
+    Returns an ImportReport; nothing is written unless every row is acceptable.
+    """
+    report = ImportReport(filename=filename, dry_run=dry_run)
+    if len(content) > settings.CSP_IMPORT_MAX_BYTES:
+        report.file_error = _("The file is %(size)s bytes; the limit is %(max)s.") % {
+            "size": len(content),
+            "max": settings.CSP_IMPORT_MAX_BYTES,
+        }
+        return report
+    try:
+        report.file_format = formats.detect_format(filename, file_format)
+        raw_rows = formats.parse(content, filename, report.file_format)
+    except formats.FileFormatError as exc:
+        report.file_error = str(exc)
+        return report
+    if not raw_rows:
+        report.file_error = _("The file holds no Q&A pairs.")
+        return report
+    if len(raw_rows) > settings.CSP_IMPORT_MAX_ROWS:
+        report.file_error = _("The file has %(rows)s rows; the limit is %(max)s per upload.") % {
+            "rows": len(raw_rows),
+            "max": settings.CSP_IMPORT_MAX_ROWS,
+        }
+        return report
+
+    with transaction.atomic():
+        planned = _plan(raw_rows, status=status, split=split)
+        report.rows = [item.result for item in planned]
+        if not report.ok or dry_run:
+            return report
+        _apply(planned, user=user, filename=filename)
+        report.committed = True
+    return report
+
+
+def _apply(planned, *, user, filename):
+    categories = {}
+
+    def category_for(name):
+        if name not in categories:
+            categories[name], _created = Category.objects.get_or_create(name=name)
+        return categories[name]
+
+    created, updated = [], []
+    for item in planned:
+        values, result = item.values, item.result
+        if result.action == RowAction.CREATED:
+            pair = QAPair(
+                instruction=values["instruction"],
+                input=values["input"],
+                output=values["output"],
+                status=values["status"] or QAPair.Status.DRAFT,
+                split=values["split"] or QAPair.Split.AUTO,
+                source=QAPair.Source.IMPORT,
+                category=category_for(values["category"]) if values["category"] else None,
+                created_by=user,
+                updated_by=user,
+            )
+            pair.save()
+            result.pair_id = pair.pk
+            created.append(pair)
+        elif result.action == RowAction.UPDATED:
+            pair = item.pair
+            pair.instruction, pair.input, pair.output = values["instruction"], values["input"], values["output"]
+            if values["category"]:
+                pair.category = category_for(values["category"])
+            pair.status = values["status"] or pair.status
+            pair.split = values["split"] or pair.split
+            pair.updated_by = user
+            pair.save()
+            updated.append(pair)
+    message = _("Imported from %(file)s.") % {"file": filename}
+    _log(user, created, ADDITION, message)
+    _log(user, updated, CHANGE, message)
+
+
+def _log(user, pairs, flag, message):
+    if user is None or not pairs:
+        return
+    LogEntry.objects.log_actions(user.pk, pairs, flag, change_message=message)
+
+
+def qa_export(*, pairs, file_format):
+    """Serialise pairs (a queryset) to bytes in the given format."""
+    records = [pair.as_record() for pair in pairs.select_related("category").order_by("id")]
+    return formats.serialise(records, file_format)
+
+
+def qa_set_status(*, pairs, status, user):
+    """Set the status of many pairs; returns how many changed. Recorded in the admin history."""
+    changed = list(pairs.exclude(status=status))
+    for pair in changed:
+        pair.status = status
+        pair.updated_by = user
+        pair.save(update_fields=["status", "updated_by", "updated_at"])
+    label = QAPair.Status(status).label
+    _log(user, changed, CHANGE, _("Status set to %(status)s.") % {"status": label})
+    return len(changed)
+
+
+def qa_move_to_category(*, pairs, category, user):
+    """Move many pairs into one category; returns how many changed."""
+    changed = list(pairs.exclude(category=category))
+    for pair in changed:
+        pair.category = category
+        pair.updated_by = user
+        pair.save(update_fields=["category", "updated_by", "updated_at"])
+    _log(user, changed, CHANGE, _("Moved to category %(name)s.") % {"name": category.name})
+    return len(changed)

@@ -1,0 +1,3 @@
+"""REST API routes of the knowledge base (mounted under /api/v1/)."""
+
+urlpatterns = []
