@@ -4,6 +4,7 @@ import unicodedata
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import MaxLengthValidator
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
@@ -63,17 +64,20 @@ class QAPair(models.Model):
     instruction = models.TextField(
         _("question (instruction)"),
         max_length=INSTRUCTION_MAX_LENGTH,
+        validators=[MaxLengthValidator(INSTRUCTION_MAX_LENGTH)],
         help_text=_("What the customer asks, e.g. 用户问：如何退货？"),
     )
     input = models.TextField(
         _("context (input)"),
         max_length=INPUT_MAX_LENGTH,
+        validators=[MaxLengthValidator(INPUT_MAX_LENGTH)],
         blank=True,
         help_text=_("Optional extra context given with the question (alpaca's input field)."),
     )
     output = models.TextField(
         _("answer (output)"),
         max_length=OUTPUT_MAX_LENGTH,
+        validators=[MaxLengthValidator(OUTPUT_MAX_LENGTH)],
         help_text=_("The answer the model should learn, with concrete facts (days, amounts, steps)."),
     )
     category = models.ForeignKey(
