@@ -8,6 +8,16 @@ from rest_framework.test import APIClient
 
 
 @pytest.fixture(autouse=True)
+def _english_outside_requests():
+    # Services and commands speak the default language (zh-hans); tests read their messages in
+    # English. Requests still pick their own language through LocaleMiddleware.
+    from django.utils import translation
+
+    with translation.override("en"):
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _fresh_cache():
     # Throttle counters live in the cache; one test's requests must not throttle the next.
     cache.clear()
@@ -64,3 +74,27 @@ def superuser_api(superuser):
 def staff_client(client, staff_user):
     client.force_login(staff_user)
     return client
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A ~0.85M-parameter random Qwen2 with a tokenizer trained on the sample Q&A (built once)."""
+    import json
+
+    from django.conf import settings
+
+    from training.tinymodel import build_tiny_model
+
+    texts = []
+    for path in settings.CSP_SAMPLE_DATA:
+        for record in json.loads(path.read_text(encoding="utf-8")):
+            texts += [record["instruction"], record["output"]]
+    return build_tiny_model(texts, tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def q2_sync(monkeypatch):
+    """Run django-q2 tasks in-process (the real task code, without a cluster)."""
+    from django_q.conf import Conf
+
+    monkeypatch.setattr(Conf, "SYNC", True)
