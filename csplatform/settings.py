@@ -152,6 +152,8 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # The q2 worker and the web server write the same file: wait for the lock, don't fail.
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
+    # A file, not :memory:, so tests can run a real q2 cluster in a subprocess against it.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / f"test-db-{os.getpid()}.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: optional; switches the channel layer, the q2 broker and the cache ---
@@ -170,6 +172,26 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# --- Training ---
+# The base checkpoint adapters are trained on: a local Hugging Face directory, never a hub id.
+# `manage.py prepare_base_model` puts the embedded Gemma-3-270M here.
+CSP_BASE_MODEL = Path(envstr("CSP_BASE_MODEL", str(DATA_DIR / "models" / "gemma-3-270m"))).resolve()
+CSP_TRUST_REMOTE_CODE = envbool("CSP_TRUST_REMOTE_CODE", "false")  # only for models like ChatGLM3
+CSP_TRAINING_DEVICE = envstr("CSP_TRAINING_DEVICE", "auto")
+CSP_TRAINING_QUANTIZATION = envstr("CSP_TRAINING_QUANTIZATION", "none")
+if CSP_TRAINING_QUANTIZATION not in ("none", "4bit"):
+    raise ImproperlyConfigured(f"CSP_TRAINING_QUANTIZATION={CSP_TRAINING_QUANTIZATION!r} must be none or 4bit.")
+CSP_HEARTBEAT_SECONDS = envint("CSP_HEARTBEAT_SECONDS", 10, minimum=1)
+# A running run whose worker sent no heartbeat for this long is marked failed.
+CSP_HEARTBEAT_TIMEOUT = envint("CSP_HEARTBEAT_TIMEOUT", 3 * CSP_HEARTBEAT_SECONDS, minimum=2)
+CSP_CHECKPOINT_EVERY = envint("CSP_CHECKPOINT_EVERY", 50, minimum=0)
+CSP_EVAL_MAX_PAIRS = envint("CSP_EVAL_MAX_PAIRS", 30, minimum=0)
+CSP_EVAL_MAX_NEW_TOKENS = envint("CSP_EVAL_MAX_NEW_TOKENS", 160, minimum=8)
+# Activating a version whose evaluation is worse than the active one: warn, or refuse.
+CSP_EVAL_GATE = envstr("CSP_EVAL_GATE", "warn")
+if CSP_EVAL_GATE not in ("warn", "strict"):
+    raise ImproperlyConfigured(f"CSP_EVAL_GATE={CSP_EVAL_GATE!r} must be warn or strict.")
 
 # --- django-q2: training runs are long, so timeout > longest run and retry > timeout,
 # with one attempt: a killed worker must not make q2 redeliver the run (django-q2 #327).
@@ -270,7 +292,7 @@ REST_FRAMEWORK = {
         "rest_framework.renderers.JSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "csplatform.api_schema.ApiSchema",
     "EXCEPTION_HANDLER": "csplatform.api_errors.exception_handler",
 }
 CSP_API_MAX_PAGE_SIZE = envint("CSP_API_MAX_PAGE_SIZE", 200, minimum=1)
@@ -283,6 +305,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "QAPairStatusEnum": "knowledge.models.QAPair.Status",
+        "TrainingRunStatusEnum": "training.models.TrainingRun.Status",
+    },
 }
 
 LOGGING = {

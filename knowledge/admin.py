@@ -52,7 +52,7 @@ class QAPairAdmin(admin.ModelAdmin):
         ),
         (_("Record"), {"classes": ("collapse",), "fields": ("question_hash", "source", "created_by", "created_at", "updated_by", "updated_at")}),
     )
-    actions = ("approve", "archive", "move_to_category", "export_json", "export_jsonl", "export_csv")
+    actions = ("approve", "archive", "move_to_category", "export_json", "export_jsonl", "export_csv", "train_adapter")
 
     @admin.display(description=_("question"), ordering="instruction")
     def question(self, obj):
@@ -126,6 +126,11 @@ class QAPairAdmin(admin.ModelAdmin):
     @admin.action(description=_("Export selected pairs as CSV"), permissions=["view"])
     def export_csv(self, request, queryset):
         return self._export(queryset, "csv")
+
+    @admin.action(description=_("Train a new adapter on the approved pairs…"), permissions=["view"])
+    def train_adapter(self, request, queryset):
+        # Training always uses every approved pair (a frozen snapshot), whatever is selected.
+        return HttpResponseRedirect(reverse("admin:training_trainingrun_start"))
 
     # --- import page and filtered export ---
 

@@ -1,9 +1,10 @@
 """A tiny random-init causal LM with a tokenizer trained on the fly, for tests and demos.
 
-It is a Qwen2-architecture model (~3M parameters) and a byte-level BPE tokenizer learned from
-the given texts, saved as an ordinary Hugging Face checkpoint directory, so every code path
-that loads a real base model (`training.finetune.load_base`, the chat engine) runs against it
-unchanged. Builds in a few seconds on a CPU; nothing is downloaded.
+It is a Qwen2-architecture model (under 1M parameters with the vocabulary of the sample
+data, a few million with a 16k one) and a byte-level BPE tokenizer learned from the given
+texts, saved as an ordinary Hugging Face checkpoint directory, so every code path that loads
+a real base model (`training.finetune.load_base`, the chat engine) runs against it unchanged.
+Builds in a few seconds on a CPU; nothing is downloaded.
 
     from training.tinymodel import build_tiny_model
     build_tiny_model(["如何退货？", "您好！..."], "var/models/tiny")
@@ -16,25 +17,35 @@ Gemma.
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from training.prompting import END, START
 
 PAD = "<pad>"
 BOS = "<bos>"
 EOS = "<eos>"
-SPECIAL_TOKENS = [PAD, BOS, EOS, START, END]
+UNK = "<|endoftext|>"  # Qwen2Tokenizer's unknown token: in the vocabulary, it is not appended past the embedding
+SPECIAL_TOKENS = [PAD, BOS, EOS, START, END, UNK]
 
 
 def build_tokenizer(texts, *, vocab_size=2048):
     """Train a byte-level BPE tokenizer on texts; returns a PreTrainedTokenizerFast.
 
-    Every text gets a BOS prepended on encoding, like Gemma's tokenizer, so a prompt tokenised
-    alone is a prefix of the same prompt plus its answer.
+    Encoding prepends BOS, as Gemma's tokenizer does, so both models see the same kind of prompt.
+    The pipeline is Qwen2Tokenizer's own (NFC, Qwen's split regex, byte level): AutoTokenizer
+    loads a qwen2 checkpoint with that class, which rebuilds the pipeline around the saved
+    vocabulary, so training the merges with anything else would change the tokens on reload.
     """
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -53,6 +64,7 @@ def build_tokenizer(texts, *, vocab_size=2048):
         bos_token=BOS,
         eos_token=END,  # generation must stop at the end of the model's turn
         pad_token=PAD,
+        unk_token=UNK,
         additional_special_tokens=[START, EOS],
         padding_side="right",
         clean_up_tokenization_spaces=False,
@@ -68,8 +80,9 @@ def build_tiny_model(
     num_layers=3,
     num_heads=4,
     num_kv_heads=2,
-    intermediate_size=352,
+    intermediate_size=384,  # a multiple of 64: bitsandbytes packs 4-bit CPU weights in 64-blocks
     max_positions=1024,
+    initializer_range=0.1,
     seed=0,
 ):
     """Train a tokenizer on texts, build a random-init Qwen2 LM, save both to out_dir.
@@ -91,6 +104,10 @@ def build_tiny_model(
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_positions,
         tie_word_embeddings=True,
+        # LoRA trains neither the embedding nor (tied to it) the output layer. With the usual
+        # std of 0.02 the frozen output layer cannot reach a confident logit (~2.6 at most)
+        # and LoRA barely learns; at 0.1 it memorises a few dozen answers in seconds.
+        initializer_range=initializer_range,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

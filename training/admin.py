@@ -1,0 +1,224 @@
+from django.contrib import admin, messages
+from django.http import HttpResponseRedirect, JsonResponse
+from django.shortcuts import get_object_or_404
+from django.template.loader import render_to_string
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html
+from django.utils.translation import gettext_lazy as _
+
+from knowledge.models import QAPair
+from training import services
+from training.charts import loss_chart_svg
+from training.evaluation import METRIC_HELP
+from training.forms import TrainingRunForm
+from training.models import AdapterVersion, BaseModel, DatasetSnapshot, TrainingRun
+
+
+def evaluation_html(results):
+    rows = [(name, results[name], text) for name, text in METRIC_HELP.items() if name in results]
+    return render_to_string("admin/training/evaluation.html", {"results": results, "rows": rows})
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Records the system writes: staff read them, never edit them by hand."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(BaseModel)
+class BaseModelAdmin(ReadOnlyAdmin):
+    list_display = ("name", "architecture", "parameters", "dtype", "has_chat_template", "path")
+
+    @admin.display(description=_("parameters"), ordering="parameter_count")
+    def parameters(self, obj):
+        return f"{obj.parameter_count / 1e6:.1f} M" if obj.parameter_count else "—"
+
+
+@admin.register(DatasetSnapshot)
+class DatasetSnapshotAdmin(ReadOnlyAdmin):
+    list_display = ("short_hash", "train_count", "dev_count", "checks_ok", "created_at")
+    readonly_fields = ("sha256", "path", "train_count", "dev_count", "check_report", "created_at", "manifest")
+    exclude = ("checks",)
+
+    @admin.display(description=_("hash"))
+    def short_hash(self, obj):
+        return obj.sha256[:12]
+
+    @admin.display(description=_("checks passed"), boolean=True)
+    def checks_ok(self, obj):
+        return obj.checks.get("ok")
+
+    @admin.display(description=_("check report"))
+    def check_report(self, obj):
+        return render_to_string("admin/training/check_report.html", {"checks": obj.checks})
+
+
+@admin.register(TrainingRun)
+class TrainingRunAdmin(ReadOnlyAdmin):
+    list_display = ("id", "status", "progress", "loss_display", "base_model", "snapshot", "created_by", "created_at")
+    list_filter = ("status", "base_model")
+    list_select_related = ("base_model", "snapshot", "created_by")
+    readonly_fields = (
+        "status", "live_progress", "hyperparameters", "base_model", "snapshot", "evaluation", "log_text", "error_text",
+        "created_by", "created_at", "started_at", "finished_at", "heartbeat_at",
+    )
+    fieldsets = (
+        (None, {"fields": ("status", "live_progress")}),
+        (_("Evaluation"), {"fields": ("evaluation",)}),
+        (_("Set-up"), {"fields": ("hyperparameters", "base_model", "snapshot", "created_by")}),
+        (_("Timeline and log"), {"fields": ("created_at", "started_at", "finished_at", "heartbeat_at", "log_text", "error_text")}),
+    )
+    actions = ("cancel_runs",)
+
+    @admin.display(description=_("progress"))
+    def progress(self, obj):
+        return format_html('<progress max="100" value="{}"></progress> {}%', obj.progress_percent, obj.progress_percent)
+
+    @admin.display(description=_("loss"), ordering="loss")
+    def loss_display(self, obj):
+        return f"{obj.loss:.4f}" if obj.loss is not None else "—"
+
+    @admin.display(description=_("progress and loss"))
+    def live_progress(self, obj):
+        return render_to_string("admin/training/trainingrun/progress.html", self.progress_context(obj))
+
+    @admin.display(description=_("evaluation on the dev pairs"))
+    def evaluation(self, obj):
+        return evaluation_html(obj.eval_results)
+
+    @admin.display(description=_("log"))
+    def log_text(self, obj):
+        return format_html('<pre style="white-space:pre-wrap;max-height:20em;overflow:auto">{}</pre>', obj.log or "—")
+
+    @admin.display(description=_("error"))
+    def error_text(self, obj):
+        return format_html('<pre style="white-space:pre-wrap;color:var(--error-fg)">{}</pre>', obj.error) if obj.error else "—"
+
+    def progress_context(self, obj):
+        return {
+            "run": obj,
+            "chart": loss_chart_svg(obj.loss_history, obj.dev_loss_history, title=str(_("loss"))),
+            "progress_url": reverse("admin:training_trainingrun_progress", args=[obj.pk]),
+        }
+
+    @admin.action(description=_("Cancel selected runs"), permissions=["cancel"])
+    def cancel_runs(self, request, queryset):
+        count = sum(services.training_run_cancel(run=run) for run in queryset)
+        self.message_user(request, _("Asked %(n)d run(s) to stop.") % {"n": count}, messages.SUCCESS)
+
+    def has_cancel_permission(self, request):
+        return request.user.has_perm("training.change_trainingrun")
+
+    def get_urls(self):
+        return [
+            path("start/", self.admin_site.admin_view(self.start_view), name="training_trainingrun_start"),
+            path("<int:pk>/progress/", self.admin_site.admin_view(self.progress_view), name="training_trainingrun_progress"),
+            path("<int:pk>/cancel/", self.admin_site.admin_view(self.cancel_view), name="training_trainingrun_cancel"),
+        ] + super().get_urls()
+
+    def progress_view(self, request, pk):
+        run = get_object_or_404(TrainingRun, pk=pk)
+        if not self.has_view_permission(request, run):
+            return JsonResponse({"detail": "forbidden"}, status=403)
+        html = render_to_string("admin/training/trainingrun/progress.html", self.progress_context(run))
+        return JsonResponse({"status": run.status, "active": run.is_active, "html": html})
+
+    def cancel_view(self, request, pk):
+        run = get_object_or_404(TrainingRun, pk=pk)
+        if request.method == "POST" and self.has_cancel_permission(request):
+            services.training_run_cancel(run=run)
+            self.message_user(request, _("Asked run #%(id)s to stop.") % {"id": run.pk}, messages.SUCCESS)
+        return HttpResponseRedirect(reverse("admin:training_trainingrun_change", args=[pk]))
+
+    def start_view(self, request):
+        return start_training(self, request)
+
+
+def start_training(model_admin, request, *, from_action=False):
+    """The hyper-parameter form behind the runs page button and the Q&A admin action."""
+    if not request.user.has_perm("training.add_trainingrun"):
+        model_admin.message_user(request, _("You may not start training runs."), messages.ERROR)
+        return HttpResponseRedirect(reverse("admin:index"))
+    form = TrainingRunForm(request.POST if "start_training" in request.POST else None)
+    refusal = None
+    if form.is_bound and form.is_valid():
+        try:
+            run = services.training_run_start(user=request.user, hyperparameters=form.cleaned_data)
+        except services.TrainingRefused as exc:
+            refusal = exc
+            model_admin.message_user(request, str(exc), messages.ERROR)
+        else:
+            model_admin.message_user(request, _("Training run #%(id)s is queued.") % {"id": run.pk}, messages.SUCCESS)
+            return HttpResponseRedirect(reverse("admin:training_trainingrun_change", args=[run.pk]))
+    context = {
+        **model_admin.admin_site.each_context(request),
+        "opts": TrainingRun._meta,
+        "title": _("Train a new adapter on the approved pairs"),
+        "form": form,
+        "refusal": refusal,
+        "from_action": from_action,
+        "approved_count": QAPair.objects.filter(status=QAPair.Status.APPROVED).count(),
+    }
+    return TemplateResponse(request, "admin/training/trainingrun/start.html", context)
+
+
+@admin.register(AdapterVersion)
+class AdapterVersionAdmin(ReadOnlyAdmin):
+    list_display = ("name", "is_active", "key_metrics", "base_model", "run", "size", "created_at", "activated_at")
+    list_filter = ("is_active", "base_model")
+    list_select_related = ("base_model", "run")
+    readonly_fields = ("name", "is_active", "run", "base_model", "path", "size", "evaluation", "created_at", "activated_at")
+    exclude = ("metrics",)
+    actions = ("activate", "rollback")
+
+    def has_activate_permission(self, request):
+        return request.user.has_perm("training.change_adapterversion")
+
+    @admin.display(description=_("size"), ordering="size_bytes")
+    def size(self, obj):
+        return f"{obj.size_bytes / 1e6:.1f} MB"
+
+    @admin.display(description=_("dev-set metrics"))
+    def key_metrics(self, obj):
+        results = obj.metrics.get("eval", {})
+        if not results:
+            return "—"
+        return " · ".join(f"{name} {results[name]:.2f}" for name in ("key_fact_recall", "rouge_l_char", "exact_match") if name in results)
+
+    @admin.display(description=_("evaluation on the dev pairs"))
+    def evaluation(self, obj):
+        return evaluation_html(obj.metrics.get("eval", {}))
+
+    @admin.action(description=_("Activate the selected version (serve it to customers)"), permissions=["activate"])
+    def activate(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(request, _("Select exactly one version to activate."), messages.ERROR)
+            return
+        version = queryset.get()
+        try:
+            worse = services.adapter_version_activate(version=version)
+        except services.ActivationRefused as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            return
+        if worse:
+            self.message_user(
+                request, _("%(v)s is active, but it is worse than the previous version on: %(m)s.") % {"v": version.name, "m": ", ".join(worse)}, messages.WARNING
+            )
+        else:
+            self.message_user(request, _("%(v)s is now active.") % {"v": version.name}, messages.SUCCESS)
+
+    @admin.action(description=_("Roll back to the previously active version"), permissions=["activate"])
+    def rollback(self, request, queryset):
+        previous = services.adapter_version_rollback()
+        if previous is None:
+            self.message_user(request, _("There is no previously active version."), messages.ERROR)
+        else:
+            self.message_user(request, _("Rolled back: %(v)s is active again.") % {"v": previous.name}, messages.SUCCESS)

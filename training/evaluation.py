@@ -1,0 +1,136 @@
+"""Scores for generated answers against reference answers (Chinese customer-service Q&A).
+
+Pure and fast: no Django, no torch. The training task generates one answer per dev question
+(`training.finetune.generate_answer`) and calls
+
+    from training.evaluation import evaluate
+    evaluate(predictions, references)
+    # {"count": 2, "exact_match": 0.5, "rouge_l_char": ..., "rouge_l_word": ..., "bleu4": ...,
+    #  "key_fact_recall": ..., "key_facts": 3, "examples": [...]}
+
+Every score is a fraction between 0 and 1 (BLEU too, where sacrebleu says 0-100). A customer
+cares most that the numbers are right (7天, 99元, 400-820-1234), which ROUGE and BLEU barely
+weigh, hence key_fact_recall.
+"""
+
+import logging
+import re
+import unicodedata
+
+import jieba
+import sacrebleu
+from rouge_chinese import Rouge
+
+jieba.setLogLevel(logging.WARNING)  # it logs its dictionary loading at INFO on first use
+
+METRIC_HELP = {
+    "exact_match": (
+        "Share of answers identical to the reference (after trimming spaces); 1.0 means every answer was "
+        "reproduced word for word."
+    ),
+    "rouge_l_char": (
+        "ROUGE-L F1 on characters: how much of the reference appears, in order, in the answer (0-1), "
+        "forgiving different word choice."
+    ),
+    "rouge_l_word": (
+        "ROUGE-L F1 on words cut by jieba: like the character score but counts whole words, so it is stricter"
+        " about wording (0-1)."
+    ),
+    "bleu4": (
+        "BLEU-4 over all answers (sacrebleu, Chinese tokenisation), scaled 0-1: how many 1- to 4-character "
+        "runs of the reference the answers share, penalising short answers."
+    ),
+    "key_fact_recall": (
+        "Share of the numbers in the references (days, amounts, ranges like 1-3, phone numbers) that the "
+        "answers state exactly; wrong numbers are the costliest mistakes."
+    ),
+}
+
+# A number, a range or phone number made of numbers joined by dashes, and an optional unit.
+# "个工作日" is left out of the units on purpose: "1-3" is the fact, however the days are named.
+KEY_FACT = re.compile(
+    r"(?<![\d.])"
+    r"\d+(?:\.\d+)?(?:\s*[-~～—–]\s*\d+(?:\.\d+)?)*"
+    r"(?:%|天|元|块|小时|分钟|个月|月|年|周|折|倍|次|件|张|份|台|积分|公斤|kg|KG)?"
+    r"(?![\d])"
+)
+# "1. 进入…" or "2、点击…": numbered steps, not facts.
+LIST_MARKER = re.compile(r"[.．、)）](?!\d)")
+
+
+def normalise(text):
+    """NFKC (full-width digits and punctuation become ASCII) and trimmed."""
+    return unicodedata.normalize("NFKC", text or "").strip()
+
+
+def key_facts(text):
+    """The numeric facts in a text, in order, without repeats: ["7天", "99元", "1-3", ...]."""
+    text = normalise(text)
+    facts = []
+    for match in KEY_FACT.finditer(text):
+        fact = re.sub(r"\s+", "", match.group())
+        if fact.isdigit() and LIST_MARKER.match(text, match.end()):
+            continue
+        fact = re.sub(r"[~～—–]", "-", fact)
+        if fact not in facts:
+            facts.append(fact)
+    return facts
+
+
+def _rouge_l(prediction_tokens, reference_tokens):
+    if not reference_tokens or not prediction_tokens:
+        return float(reference_tokens == prediction_tokens)
+    score = Rouge(metrics=["rouge-l"]).get_scores(" ".join(prediction_tokens), " ".join(reference_tokens))
+    return score[0]["rouge-l"]["f"]
+
+
+def _characters(text):
+    return [ch for ch in text if not ch.isspace()]
+
+
+def _words(text):
+    return [word for word in jieba.lcut(text) if word.strip()]
+
+
+def evaluate(predictions, references):
+    """Score predictions against references (two equally long lists of strings)."""
+    predictions, references = list(predictions), list(references)
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        return {"count": 0, **{name: None for name in METRIC_HELP}, "key_facts": 0, "examples": []}
+
+    examples = []
+    facts_total = facts_found = 0
+    for prediction, reference in zip(predictions, references):
+        prediction, reference = normalise(prediction), normalise(reference)
+        wanted = key_facts(reference)
+        stated = set(key_facts(prediction))
+        missing = [fact for fact in wanted if fact not in stated]
+        facts_total += len(wanted)
+        facts_found += len(wanted) - len(missing)
+        examples.append(
+            {
+                "exact_match": prediction == reference,
+                "rouge_l_char": _rouge_l(_characters(prediction), _characters(reference)),
+                "rouge_l_word": _rouge_l(_words(prediction), _words(reference)),
+                "key_facts": wanted,
+                "missing_facts": missing,
+            }
+        )
+
+    count = len(examples)
+    bleu = sacrebleu.corpus_bleu(
+        [normalise(p) for p in predictions], [[normalise(r) for r in references]], tokenize="zh"
+    )
+    return {
+        "count": count,
+        "exact_match": sum(e["exact_match"] for e in examples) / count,
+        "rouge_l_char": sum(e["rouge_l_char"] for e in examples) / count,
+        "rouge_l_word": sum(e["rouge_l_word"] for e in examples) / count,
+        "bleu4": min(1.0, bleu.score / 100),
+        # None rather than 1.0 when the references state no numbers: nothing was measured.
+        "key_fact_recall": facts_found / facts_total if facts_total else None,
+        "key_facts": facts_total,
+        "examples": examples,
+    }

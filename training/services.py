@@ -1,0 +1,270 @@
+"""Training workflows: start, cancel and reconcile runs; activate and roll back adapter versions.
+
+The admin action, the runs page button, the REST API and `manage.py train` all call
+`training_run_start`; the django-q2 task (tasks.py) does the work.
+"""
+
+import logging
+import math
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from django.utils.translation import gettext as _
+
+from training.finetune import FinetuneConfig
+from training.models import AdapterVersion, BaseModel, TrainingRun
+from training.snapshots import snapshot_create
+
+log = logging.getLogger(__name__)
+
+# Hyper-parameters staff may set (the rest of FinetuneConfig comes from settings), with bounds
+# that keep a typo from asking for a week of training or a 100k-token context.
+HYPERPARAMETER_BOUNDS = {
+    "lora_r": (1, 256),
+    "lora_alpha": (1, 1024),
+    "lora_dropout": (0.0, 0.5),
+    "learning_rate": (1e-6, 1e-1),
+    "batch_size": (1, 64),
+    "grad_accum": (1, 64),
+    "epochs": (1, 100),
+    "max_length": (32, 8192),
+}
+
+
+class TrainingRefused(Exception):
+    """The run cannot start; `code` says why ("busy", "checks", "base_model", "invalid")."""
+
+    def __init__(self, message, *, code, details=None):
+        super().__init__(message)
+        self.code = code
+        self.details = details or {}
+
+
+def default_hyperparameters():
+    config = FinetuneConfig()
+    return {name: getattr(config, name) for name in HYPERPARAMETER_BOUNDS} | {"target_modules": config.target_modules}
+
+
+def clean_hyperparameters(values):
+    """Merge staff-supplied values over the defaults; raise TrainingRefused on a bad one."""
+    cleaned = default_hyperparameters()
+    errors = {}
+    for name, value in (values or {}).items():
+        if value in (None, ""):
+            continue
+        if name == "target_modules":
+            cleaned[name] = str(value).strip() or cleaned[name]
+            continue
+        if name not in HYPERPARAMETER_BOUNDS:
+            errors[name] = _("Unknown hyper-parameter.")
+            continue
+        low, high = HYPERPARAMETER_BOUNDS[name]
+        kind = float if isinstance(low, float) else int
+        try:
+            number = kind(value)
+            if isinstance(value, bool) or (kind is int and number != float(value)) or not math.isfinite(number):
+                raise ValueError
+        except (TypeError, ValueError):
+            errors[name] = _("Must be a number.")
+            continue
+        if not low <= number <= high:
+            errors[name] = _("Must be between %(low)s and %(high)s.") % {"low": low, "high": high}
+            continue
+        cleaned[name] = number
+    if errors:
+        raise TrainingRefused(_("Some hyper-parameters are invalid."), code="invalid", details=errors)
+    return cleaned
+
+
+def finetune_config(run):
+    """The full FinetuneConfig of a run: its hyper-parameters plus the deployment's settings."""
+    return FinetuneConfig.from_dict(
+        {
+            **run.hyperparameters,
+            "checkpoint_every": settings.CSP_CHECKPOINT_EVERY,
+            "quantization": settings.CSP_TRAINING_QUANTIZATION,
+            "device": settings.CSP_TRAINING_DEVICE,
+            "trust_remote_code": settings.CSP_TRUST_REMOTE_CODE,
+        }
+    )
+
+
+def base_model_current():
+    """The BaseModel row for CSP_BASE_MODEL, registered (and described) on first use."""
+    from training.basemodel import BaseModelError, describe_checkpoint
+
+    path = Path(settings.CSP_BASE_MODEL)
+    existing = BaseModel.objects.filter(path=str(path)).first()
+    if existing is not None and (path / "config.json").is_file():
+        return existing
+    try:
+        info = describe_checkpoint(path)
+    except BaseModelError as exc:
+        raise TrainingRefused(
+            _("CSP_BASE_MODEL: %(error)s. Run `manage.py prepare_base_model` for the embedded model.") % {"error": exc},
+            code="base_model",
+        ) from None
+    fields = {
+        "name": info.get("name") or path.name,
+        "architecture": info.get("architecture") or "",
+        "parameter_count": info.get("parameter_count"),
+        "dtype": info.get("dtype") or "",
+        "has_chat_template": bool(info.get("has_chat_template")),
+        "gguf_path": str(info.get("gguf_path") or ""),
+    }
+    base, _created = BaseModel.objects.update_or_create(path=str(path), defaults=fields)
+    return base
+
+
+def run_dir(run_id):
+    return Path(settings.DATA_DIR) / "runs" / str(run_id)
+
+
+def adapters_root():
+    return Path(settings.DATA_DIR) / "adapters"
+
+
+def training_run_start(*, user=None, hyperparameters=None, enqueue=True):
+    """Freeze the approved pairs, check them, and queue a run. Raises TrainingRefused.
+
+    enqueue=False leaves the queued run for the caller to execute (`manage.py train --wait`).
+    """
+    training_runs_reconcile()
+    params = clean_hyperparameters(hyperparameters)
+    base = base_model_current()
+    if TrainingRun.objects.filter(base_model=base, status__in=TrainingRun.ACTIVE_STATUSES).exists():
+        raise TrainingRefused(_("A training run is already queued or running; wait for it or cancel it."), code="busy")
+    snapshot = snapshot_create(
+        max_length=params["max_length"], epochs=params["epochs"], batch_size=params["batch_size"], grad_accum=params["grad_accum"]
+    )
+    if not snapshot.checks.get("ok", False):
+        raise TrainingRefused(
+            _("The approved pairs did not pass the checks; fix the errors listed."), code="checks", details=snapshot.checks
+        )
+    try:
+        with transaction.atomic():
+            run = TrainingRun.objects.create(
+                base_model=base, snapshot=snapshot, hyperparameters=params, created_by=user, status=TrainingRun.Status.QUEUED
+            )
+            run_id = run.pk
+            if enqueue:
+                transaction.on_commit(lambda: _enqueue(run_id))
+    except IntegrityError:
+        # Another request queued a run between our check and our insert: the constraint won.
+        raise TrainingRefused(_("A training run is already queued or running; wait for it or cancel it."), code="busy") from None
+    return run
+
+
+def _enqueue(run_id):
+    from django_q.tasks import async_task
+
+    async_task("training.tasks.run_training", run_id, task_name=f"training-run-{run_id}", group="training")
+
+
+def training_run_cancel(*, run):
+    """Ask a queued or running run to stop. A queued run stops at once; a running one within a step."""
+    if not run.is_active:
+        return False
+    updated = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.QUEUED).update(
+        status=TrainingRun.Status.CANCELLED, cancel_requested=True, finished_at=timezone.now()
+    )
+    if not updated:
+        TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(cancel_requested=True)
+    run.refresh_from_db()
+    return True
+
+
+def training_runs_reconcile():
+    """Mark runs failed whose worker stopped sending heartbeats (killed, out of memory, host gone)."""
+    cutoff = timezone.now() - timedelta(seconds=settings.CSP_HEARTBEAT_TIMEOUT)
+    stale = TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING, heartbeat_at__lt=cutoff)
+    count = 0
+    for run in stale:
+        message = _("The training worker stopped sending heartbeats (killed, out of memory or restarted) at %(time)s.") % {
+            "time": run.heartbeat_at.isoformat(timespec="seconds")
+        }
+        count += TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(
+            status=TrainingRun.Status.FAILED, error=message, finished_at=timezone.now()
+        )
+        log.warning("training run %s marked failed: %s", run.pk, message)
+    return count
+
+
+def next_version_name():
+    numbers = [int(name[1:]) for name in AdapterVersion.objects.values_list("name", flat=True) if name[1:].isdigit()]
+    return f"v{max(numbers, default=0) + 1}"
+
+
+def adapter_version_create(*, run, adapter_dir, metrics):
+    """Move a finished adapter into the versions folder and record it; the first one is activated."""
+    name = next_version_name()
+    root = adapters_root()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / name
+    shutil.move(str(adapter_dir), str(target))  # same filesystem: an atomic rename
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    with transaction.atomic():
+        version = AdapterVersion.objects.create(
+            name=name, run=run, base_model=run.base_model, path=str(target), metrics=metrics, size_bytes=size
+        )
+        if not AdapterVersion.objects.filter(is_active=True).exists():
+            _make_active(version)
+    return version
+
+
+def compare_metrics(new, old):
+    """Names of the metrics on which `new` is worse than `old` (lower loss, higher others)."""
+    worse = []
+    for name in ("key_fact_recall", "rouge_l_char", "rouge_l_word", "exact_match", "bleu4"):
+        if name in new and name in old and new[name] < old[name]:
+            worse.append(name)
+    if "dev_loss" in new and "dev_loss" in old and new["dev_loss"] > old["dev_loss"]:
+        worse.append("dev_loss")
+    return worse
+
+
+class ActivationRefused(Exception):
+    pass
+
+
+def adapter_version_activate(*, version, force=False):
+    """Make `version` the one chats are served from. Returns the metric names it is worse on.
+
+    With CSP_EVAL_GATE=strict a worse version is refused unless force is set (a rollback to a
+    version that served before is always allowed).
+    """
+    current = AdapterVersion.objects.filter(is_active=True).first()
+    if current is not None and current.pk == version.pk:
+        return []
+    worse = compare_metrics(version.metrics.get("eval", {}), current.metrics.get("eval", {})) if current else []
+    if worse and settings.CSP_EVAL_GATE == "strict" and not force and version.activated_at is None:
+        raise ActivationRefused(
+            _("%(new)s is worse than the active %(old)s on: %(metrics)s (CSP_EVAL_GATE=strict).")
+            % {"new": version.name, "old": current.name, "metrics": ", ".join(worse)}
+        )
+    with transaction.atomic():
+        _make_active(version)
+    return worse
+
+
+def _make_active(version):
+    AdapterVersion.objects.filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
+    version.is_active = True
+    version.activated_at = timezone.now()
+    version.save(update_fields=["is_active", "activated_at"])
+
+
+def adapter_version_rollback():
+    """Activate the version that was active before the current one. Returns it, or None."""
+    current = AdapterVersion.objects.filter(is_active=True).first()
+    previous = (
+        AdapterVersion.objects.filter(activated_at__isnull=False).exclude(pk=getattr(current, "pk", None)).order_by("-activated_at").first()
+    )
+    if previous is None:
+        return None
+    adapter_version_activate(version=previous, force=True)
+    return previous

@@ -1,0 +1,171 @@
+"""django-q2 tasks of the training pipeline.
+
+`run_training(run_id)` is enqueued by services.training_run_start. It claims the run (so a
+redelivered task never trains twice), sends heartbeats from a side thread while the pure
+fine-tuning module works, reports progress to the run row, evaluates the adapter on the dev
+pairs and records an adapter version. `reconcile_training_runs` is scheduled every minute.
+"""
+
+import logging
+import shutil
+import threading
+import time
+import traceback
+
+from django.conf import settings
+from django.db import connection
+from django.utils import timezone
+
+from training import evaluation, finetune, services
+from training.models import TrainingRun
+from training.snapshots import read_records
+
+log = logging.getLogger(__name__)
+LOG_LIMIT = 20000
+
+
+class Heartbeat(threading.Thread):
+    """Writes heartbeat_at every CSP_HEARTBEAT_SECONDS while the run trains (even mid-step)."""
+
+    def __init__(self, run_id):
+        super().__init__(daemon=True, name=f"heartbeat-{run_id}")
+        self.run_id = run_id
+        self.stopped = threading.Event()
+
+    def run(self):
+        try:
+            while not self.stopped.wait(settings.CSP_HEARTBEAT_SECONDS):
+                TrainingRun.objects.filter(pk=self.run_id, status=TrainingRun.Status.RUNNING).update(
+                    heartbeat_at=timezone.now()
+                )
+        finally:
+            connection.close()
+
+    def stop(self):
+        self.stopped.set()
+        self.join(timeout=settings.CSP_HEARTBEAT_SECONDS + 5)
+
+
+class ProgressReporter:
+    """on_progress / should_stop callbacks for finetune.train, writing to the run row."""
+
+    def __init__(self, run):
+        self.run = run
+        self.last_cancel_check = 0.0
+
+    def on_progress(self, info):
+        run = self.run
+        run.step, run.total_steps = info["step"], info["total_steps"]
+        run.loss = info["loss"]
+        run.eta_seconds = int(info["eta_s"])
+        run.loss_history = [*run.loss_history, [info["step"], round(info["loss"], 5)]]
+        fields = ["step", "total_steps", "loss", "eta_seconds", "loss_history", "heartbeat_at"]
+        if "dev_loss" in info:
+            run.dev_loss_history = [*run.dev_loss_history, [info["step"], round(info["dev_loss"], 5)]]
+            fields.append("dev_loss_history")
+            self.log(f"epoch {info['epoch']}: dev loss {info['dev_loss']:.4f}")
+        run.heartbeat_at = timezone.now()
+        run.save(update_fields=fields)
+
+    def should_stop(self):
+        now = time.monotonic()
+        if now - self.last_cancel_check < 1.0:
+            return False
+        self.last_cancel_check = now
+        return TrainingRun.objects.filter(pk=self.run.pk, cancel_requested=True).exists()
+
+    def log(self, line):
+        stamp = timezone.now().strftime("%H:%M:%S")
+        self.run.log = (self.run.log + f"[{stamp}] {line}\n")[-LOG_LIMIT:]
+        self.run.save(update_fields=["log"])
+
+
+def run_training(run_id):
+    claimed = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.QUEUED).update(
+        status=TrainingRun.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now()
+    )
+    if not claimed:
+        log.info("training run %s is not queued any more; not running it", run_id)
+        return "skipped"
+    run = TrainingRun.objects.select_related("snapshot", "base_model").get(pk=run_id)
+    reporter = ProgressReporter(run)
+    heartbeat = Heartbeat(run_id)
+    heartbeat.start()
+    work = services.run_dir(run_id)
+    try:
+        config = services.finetune_config(run)
+        train_records = read_records(run.snapshot, "train")
+        dev_records = read_records(run.snapshot, "dev")
+        reporter.log(f"training on {len(train_records)} pairs, evaluating on {len(dev_records)}; base {run.base_model.path}")
+        model, tokenizer, metrics = finetune.train_model(
+            config,
+            run.base_model.path,
+            train_records,
+            dev_records,
+            work,
+            on_progress=reporter.on_progress,
+            should_stop=reporter.should_stop,
+        )
+        reporter.log(f"trained {metrics['steps']} steps in {metrics['seconds']:.0f} s ({metrics['tokens_per_s']:.0f} tokens/s)")
+        results = evaluate_adapter(run, model, tokenizer, config, dev_records, reporter)
+        del model
+        metrics["eval"] = results
+        version = services.adapter_version_create(run=run, adapter_dir=work / "adapter", metrics=metrics)
+        run.eval_results = results
+        run.status = TrainingRun.Status.SUCCEEDED
+        run.finished_at = timezone.now()
+        run.eta_seconds = 0
+        run.save(update_fields=["eval_results", "status", "finished_at", "eta_seconds"])
+        reporter.log(f"adapter version {version.name} saved{' and activated' if version.is_active else ''}")
+        return version.name
+    except finetune.TrainingCancelled as exc:
+        _finish(run, TrainingRun.Status.CANCELLED, str(exc))
+        return "cancelled"
+    except Exception as exc:  # the run must end failed with its traceback, whatever broke
+        _finish(run, TrainingRun.Status.FAILED, f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
+        log.exception("training run %s failed", run_id)
+        return "failed"
+    finally:
+        heartbeat.stop()
+        # Checkpoints and half-written files go; a finished adapter was moved out already.
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _finish(run, status, message):
+    run.status = status
+    run.error = message if status == TrainingRun.Status.FAILED else ""
+    run.finished_at = timezone.now()
+    run.log = (run.log + f"[{timezone.now():%H:%M:%S}] {status}: {message.splitlines()[0] if message else ''}\n")[-LOG_LIMIT:]
+    run.save(update_fields=["status", "error", "finished_at", "log"])
+
+
+def evaluate_adapter(run, model, tokenizer, config, dev_records, reporter):
+    """Greedy answers on the dev pairs (at most CSP_EVAL_MAX_PAIRS) scored against the references."""
+    records = dev_records[: settings.CSP_EVAL_MAX_PAIRS]
+    if not records:
+        return {}
+    predictions = []
+    for index, record in enumerate(records, start=1):
+        predictions.append(
+            finetune.generate_answer(
+                model,
+                tokenizer,
+                record["instruction"],
+                record.get("input", ""),
+                max_new_tokens=settings.CSP_EVAL_MAX_NEW_TOKENS,
+                system=config.system_prompt,
+            )
+        )
+        if index % 5 == 0:
+            reporter.log(f"evaluated {index}/{len(records)} dev pairs")
+    results = evaluation.evaluate(predictions, [r["output"] for r in records])
+    if run.dev_loss_history:
+        results["dev_loss"] = run.dev_loss_history[-1][1]
+    results["samples"] = [
+        {"question": r["instruction"], "reference": r["output"], "prediction": p} for r, p in list(zip(records, predictions))[:5]
+    ]
+    return results
+
+
+def reconcile_training_runs():
+    return services.training_runs_reconcile()

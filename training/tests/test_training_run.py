@@ -1,0 +1,140 @@
+"""Approved pairs → django-q2 task → adapter version, end to end with the tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings as django_settings
+from django.db import connection
+
+from knowledge.models import QAPair
+from training import finetune, services
+from training.models import AdapterVersion, TrainingRun
+
+ROOT = Path(__file__).resolve().parents[2]
+# Settings that make the tiny model memorise a dozen answers in seconds (see test_finetune.py).
+MEMORISE = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "learning_rate": 1e-2, "epochs": 30, "batch_size": 4}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(settings, tmp_path, tiny_model):
+    settings.DATA_DIR = tmp_path
+    settings.CSP_BASE_MODEL = tiny_model
+    settings.CSP_TRAINING_DEVICE = "cpu"
+
+
+def _sample_pairs(train=12, dev=3):
+    records = json.loads(django_settings.CSP_SAMPLE_DATA[0].read_text(encoding="utf-8"))
+    pairs = []
+    for index, record in enumerate(records[: train + dev]):
+        pairs.append(
+            QAPair.objects.create(
+                instruction=record["instruction"], output=record["output"], status="approved", split="train" if index < train else "dev"
+            )
+        )
+    return pairs[:train], pairs[train:]
+
+
+def _reproduced(model, tokenizer, pairs):
+    hits = [finetune.generate_answer(model, tokenizer, p.instruction, max_new_tokens=200) == p.output for p in pairs]
+    return sum(hits) / len(hits)
+
+
+@pytest.mark.django_db
+def test_approved_pairs_become_an_active_adapter_version_through_the_q2_task(
+    q2_sync, django_capture_on_commit_callbacks, staff_user, tiny_model
+):
+    train_pairs, _dev = _sample_pairs()
+    with django_capture_on_commit_callbacks(execute=True):
+        run = services.training_run_start(user=staff_user, hyperparameters=MEMORISE)
+    run.refresh_from_db()
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    assert run.step == run.total_steps == 90 and len(run.loss_history) == 90
+    assert run.loss_history[-1][1] < run.loss_history[0][1] / 5
+    assert len(run.dev_loss_history) == 30
+    assert {"exact_match", "rouge_l_char", "bleu4", "key_fact_recall", "dev_loss"} <= set(run.eval_results)
+
+    version = AdapterVersion.objects.get()
+    assert version.run == run and version.name == "v1" and version.is_active  # the first version serves at once
+    assert version.size_bytes > 0 and not services.run_dir(run.pk).exists()  # work folder cleaned up
+
+    model, tokenizer = finetune.load_adapter(tiny_model, version.path)
+    assert _reproduced(model, tokenizer, train_pairs) >= 0.9
+    base, tokenizer = finetune.load_base(tiny_model)
+    assert _reproduced(base, tokenizer, train_pairs) == 0
+
+
+@pytest.mark.django_db
+def test_cancel_flag_stops_a_running_task_and_leaves_no_version(q2_sync, django_capture_on_commit_callbacks):
+    _sample_pairs()
+    run = services.training_run_start(hyperparameters={"epochs": 50}, enqueue=False)
+    TrainingRun.objects.filter(pk=run.pk).update(cancel_requested=True)
+    from training.tasks import run_training
+
+    assert run_training(run.pk) == "cancelled"
+    run.refresh_from_db()
+    assert run.status == TrainingRun.Status.CANCELLED and run.step == 0
+    assert not AdapterVersion.objects.exists() and not services.run_dir(run.pk).exists()
+
+
+@pytest.mark.django_db
+def test_a_redelivered_task_does_not_train_twice(q2_sync):
+    _sample_pairs()
+    run = services.training_run_start(enqueue=False)
+    TrainingRun.objects.filter(pk=run.pk).update(status="failed")
+    from training.tasks import run_training
+
+    assert run_training(run.pk) == "skipped"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_killed_mid_run_fails_the_run_and_keeps_the_previous_adapter(settings, tmp_path, tiny_model):
+    train_pairs, dev_pairs = _sample_pairs()
+    # A previous version, trained for real, that must survive the crash.
+    first = services.training_run_start(hyperparameters=MEMORISE, enqueue=False)
+    from training.tasks import run_training
+
+    assert run_training(first.pk) == "v1"
+    previous = AdapterVersion.objects.get(is_active=True)
+
+    settings.CSP_HEARTBEAT_TIMEOUT = 3
+    run = services.training_run_start(hyperparameters={"epochs": 100, "batch_size": 1}, enqueue=True)
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+        "CSP_DATA_DIR": str(tmp_path),
+        "CSP_BASE_MODEL": str(tiny_model),
+        "CSP_HEARTBEAT_SECONDS": "1",
+        "CSP_TRAINING_DEVICE": "cpu",
+        "SECRET_KEY": settings.SECRET_KEY,  # q2 signs tasks: the worker must share the key
+    }
+    worker_log = tmp_path / "qcluster.log"
+    worker = subprocess.Popen(
+        [sys.executable, "manage.py", "qcluster"], cwd=ROOT, env=env, start_new_session=True,
+        stdout=worker_log.open("w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            run.refresh_from_db()
+            if run.status == TrainingRun.Status.RUNNING and run.step >= 3:
+                break
+            time.sleep(0.5)
+        assert run.status == TrainingRun.Status.RUNNING and run.step >= 3, worker_log.read_text()[-3000:]
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+    time.sleep(settings.CSP_HEARTBEAT_TIMEOUT + 1)
+    assert services.training_runs_reconcile() == 1
+    run.refresh_from_db()
+    assert run.status == TrainingRun.Status.FAILED and "heartbeat" in run.error
+    assert AdapterVersion.objects.get(is_active=True) == previous
+    assert sorted(p.name for p in services.adapters_root().iterdir()) == ["v1"]  # nothing half-written
+    model, tokenizer = finetune.load_adapter(tiny_model, previous.path)
+    assert _reproduced(model, tokenizer, train_pairs) >= 0.9
