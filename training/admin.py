@@ -76,7 +76,7 @@ class TrainingRunAdmin(ReadOnlyAdmin):
         (_("Set-up"), {"fields": ("hyperparameters", "base_model", "snapshot", "created_by")}),
         (_("Timeline and log"), {"fields": ("created_at", "started_at", "finished_at", "heartbeat_at", "log_text", "error_text")}),
     )
-    actions = ("cancel_runs",)
+    actions = ("cancel_runs", "resume_runs")
 
     @admin.display(description=_("progress"))
     def progress(self, obj):
@@ -113,6 +113,18 @@ class TrainingRunAdmin(ReadOnlyAdmin):
     def cancel_runs(self, request, queryset):
         count = sum(services.training_run_cancel(run=run) for run in queryset)
         self.message_user(request, _("Asked %(n)d run(s) to stop.") % {"n": count}, messages.SUCCESS)
+
+    @admin.action(description=_("Resume selected failed runs from their last checkpoint"), permissions=["cancel"])
+    def resume_runs(self, request, queryset):
+        try:
+            resumed = [run.pk for run in queryset if services.training_run_resume(run=run)]
+        except services.TrainingRefused as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            return
+        if resumed:
+            self.message_user(request, _("Queued again: %(ids)s.") % {"ids": ", ".join(f"#{pk}" for pk in resumed)}, messages.SUCCESS)
+        else:
+            self.message_user(request, _("None of the selected runs has a checkpoint to resume from."), messages.WARNING)
 
     def has_cancel_permission(self, request):
         return request.user.has_perm("training.change_trainingrun")

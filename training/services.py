@@ -178,6 +178,30 @@ def training_run_cancel(*, run):
     return True
 
 
+def training_run_resume(*, run):
+    """Queue a failed run again; it continues from its last complete checkpoint.
+
+    Returns False when there is nothing to resume from (no checkpoint survived).
+    Raises TrainingRefused when another run is active.
+    """
+    from training.finetune import list_checkpoints
+
+    if run.status != TrainingRun.Status.FAILED or not list_checkpoints(run_dir(run.pk)):
+        return False
+    try:
+        with transaction.atomic():
+            updated = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.FAILED).update(
+                status=TrainingRun.Status.QUEUED, error="", finished_at=None, cancel_requested=False
+            )
+            if updated:
+                run_id = run.pk
+                transaction.on_commit(lambda: _enqueue(run_id))
+    except IntegrityError:
+        raise TrainingRefused(_("A training run is already queued or running; wait for it or cancel it."), code="busy") from None
+    run.refresh_from_db()
+    return bool(updated)
+
+
 def training_runs_reconcile():
     """Mark runs failed whose worker stopped sending heartbeats (killed, out of memory, host gone)."""
     cutoff = timezone.now() - timedelta(seconds=settings.CSP_HEARTBEAT_TIMEOUT)

@@ -58,10 +58,13 @@ class ProgressReporter:
         run.step, run.total_steps = info["step"], info["total_steps"]
         run.loss = info["loss"]
         run.eta_seconds = int(info["eta_s"])
-        run.loss_history = [*run.loss_history, [info["step"], round(info["loss"], 5)]]
+        # A resumed run repeats the steps after its checkpoint: those points are replaced.
+        run.loss_history = [p for p in run.loss_history if p[0] < info["step"]] + [[info["step"], round(info["loss"], 5)]]
         fields = ["step", "total_steps", "loss", "eta_seconds", "loss_history", "heartbeat_at"]
         if "dev_loss" in info:
-            run.dev_loss_history = [*run.dev_loss_history, [info["step"], round(info["dev_loss"], 5)]]
+            run.dev_loss_history = [p for p in run.dev_loss_history if p[0] < info["step"]] + [
+                [info["step"], round(info["dev_loss"], 5)]
+            ]
             fields.append("dev_loss_history")
             self.log(f"epoch {info['epoch']}: dev loss {info['dev_loss']:.4f}")
         run.heartbeat_at = timezone.now()
@@ -106,6 +109,8 @@ def run_training(run_id):
             on_progress=reporter.on_progress,
             should_stop=reporter.should_stop,
         )
+        if metrics.get("resumed_from_step"):
+            reporter.log(f"resumed from the checkpoint at step {metrics['resumed_from_step']}")
         reporter.log(f"trained {metrics['steps']} steps in {metrics['seconds']:.0f} s ({metrics['tokens_per_s']:.0f} tokens/s)")
         results = evaluate_adapter(run, model, tokenizer, config, dev_records, reporter)
         del model
@@ -117,18 +122,20 @@ def run_training(run_id):
         run.eta_seconds = 0
         run.save(update_fields=["eval_results", "status", "finished_at", "eta_seconds"])
         reporter.log(f"adapter version {version.name} saved{' and activated' if version.is_active else ''}")
-        return version.name
+        outcome = version.name
     except finetune.TrainingCancelled as exc:
         _finish(run, TrainingRun.Status.CANCELLED, str(exc))
-        return "cancelled"
+        outcome = "cancelled"
     except Exception as exc:  # the run must end failed with its traceback, whatever broke
         _finish(run, TrainingRun.Status.FAILED, f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
         log.exception("training run %s failed", run_id)
+        # Its checkpoints stay, so that staff can resume it once the cause is fixed.
         return "failed"
     finally:
         heartbeat.stop()
-        # Checkpoints and half-written files go; a finished adapter was moved out already.
-        shutil.rmtree(work, ignore_errors=True)
+    # Succeeded or cancelled: checkpoints and half-written files go (the adapter was moved out).
+    shutil.rmtree(work, ignore_errors=True)
+    return outcome
 
 
 def _finish(run, status, message):

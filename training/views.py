@@ -28,7 +28,7 @@ class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
     search_fields = []
 
     def get_permissions(self):
-        if self.action == "cancel":
+        if self.action in ("cancel", "resume"):
             return [ChangePermission()]
         return super().get_permissions()
 
@@ -59,6 +59,21 @@ class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
         run = self.get_object()
         if not services.training_run_cancel(run=run):
             return Response({"detail": "The run has already ended."}, status=status.HTTP_409_CONFLICT)
+        return Response(TrainingRunSerializer(run).data)
+
+    @extend_schema(
+        request=None,
+        responses={200: TrainingRunSerializer, 409: OpenApiResponse(description="Not a failed run with a checkpoint, or another run is active.")},
+    )
+    @action(detail=True, methods=["post"])
+    def resume(self, request, pk=None):
+        run = self.get_object()
+        try:
+            resumed = services.training_run_resume(run=run)
+        except services.TrainingRefused as exc:
+            return Response({"detail": str(exc), "code": exc.code}, status=status.HTTP_409_CONFLICT)
+        if not resumed:
+            return Response({"detail": "Only a failed run with a checkpoint can be resumed."}, status=status.HTTP_409_CONFLICT)
         return Response(TrainingRunSerializer(run).data)
 
 

@@ -93,7 +93,7 @@ def test_a_redelivered_task_does_not_train_twice(q2_sync):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_worker_killed_mid_run_fails_the_run_and_keeps_the_previous_adapter(settings, tmp_path, tiny_model):
+def test_worker_killed_mid_run_fails_the_run_keeps_the_previous_adapter_and_resumes(settings, tmp_path, tiny_model):
     train_pairs, dev_pairs = _sample_pairs()
     # A previous version, trained for real, that must survive the crash.
     first = services.training_run_start(hyperparameters=MEMORISE, enqueue=False)
@@ -103,13 +103,16 @@ def test_worker_killed_mid_run_fails_the_run_and_keeps_the_previous_adapter(sett
     previous = AdapterVersion.objects.get(is_active=True)
 
     settings.CSP_HEARTBEAT_TIMEOUT = 3
-    run = services.training_run_start(hyperparameters={"epochs": 100, "batch_size": 1}, enqueue=True)
+    settings.CSP_CHECKPOINT_EVERY = 5
+    # 12 pairs one at a time for 30 epochs: 360 steps, long enough to be killed mid-way.
+    run = services.training_run_start(hyperparameters={"epochs": 30, "batch_size": 1}, enqueue=True)
     env = {
         **os.environ,
         "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
         "CSP_DATA_DIR": str(tmp_path),
         "CSP_BASE_MODEL": str(tiny_model),
         "CSP_HEARTBEAT_SECONDS": "1",
+        "CSP_CHECKPOINT_EVERY": "5",
         "CSP_TRAINING_DEVICE": "cpu",
         "SECRET_KEY": settings.SECRET_KEY,  # q2 signs tasks: the worker must share the key
     }
@@ -122,13 +125,14 @@ def test_worker_killed_mid_run_fails_the_run_and_keeps_the_previous_adapter(sett
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             run.refresh_from_db()
-            if run.status == TrainingRun.Status.RUNNING and run.step >= 3:
+            if run.status == TrainingRun.Status.RUNNING and run.step >= 12:
                 break
-            time.sleep(0.5)
-        assert run.status == TrainingRun.Status.RUNNING and run.step >= 3, worker_log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert run.status == TrainingRun.Status.RUNNING and run.step >= 12, worker_log.read_text()[-3000:]
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
+    killed_at = TrainingRun.objects.get(pk=run.pk).step
 
     time.sleep(settings.CSP_HEARTBEAT_TIMEOUT + 1)
     assert services.training_runs_reconcile() == 1
@@ -138,3 +142,12 @@ def test_worker_killed_mid_run_fails_the_run_and_keeps_the_previous_adapter(sett
     assert sorted(p.name for p in services.adapters_root().iterdir()) == ["v1"]  # nothing half-written
     model, tokenizer = finetune.load_adapter(tiny_model, previous.path)
     assert _reproduced(model, tokenizer, train_pairs) >= 0.9
+
+    # Resume: the run continues from its last checkpoint, losing at most one interval.
+    assert services.training_run_resume(run=run)
+    assert run_training(run.pk) == "v2"
+    run.refresh_from_db()
+    resumed_from = int(run.log.split("resumed from the checkpoint at step ")[1].split()[0])
+    assert killed_at - 5 <= resumed_from <= killed_at
+    assert run.status == TrainingRun.Status.SUCCEEDED and run.step == run.total_steps == 360
+    assert [p[0] for p in run.loss_history] == list(range(1, 361))
