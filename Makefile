@@ -21,6 +21,7 @@ $(TEST_STAMP): $(RUNTIME_STAMP) requirements-test.txt
 
 setup: $(RUNTIME_STAMP)
 	$(PY) manage.py migrate --no-input -v0
+	$(PY) manage.py prepare_base_model
 	$(PY) manage.py bootstrap
 
 run: setup
