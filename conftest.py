@@ -93,6 +93,14 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture
+def training_env(settings, tmp_path, tiny_model):
+    """Runtime state in a temporary folder and the tiny model as CSP_BASE_MODEL."""
+    settings.DATA_DIR = tmp_path
+    settings.CSP_BASE_MODEL = tiny_model
+    return tmp_path
+
+
+@pytest.fixture
 def q2_sync(monkeypatch):
     """Run django-q2 tasks in-process (the real task code, without a cluster)."""
     from django_q.conf import Conf

@@ -314,24 +314,24 @@ def qa_export(*, pairs, file_format):
     return formats.serialise(records, file_format)
 
 
+def _bulk_update(pairs, user, message, **values):
+    """Give every pair these field values; save and log only the pairs that change."""
+    changed = list(pairs.exclude(**values))
+    for pair in changed:
+        for name, value in values.items():
+            setattr(pair, name, value)
+        pair.updated_by = user
+        pair.save(update_fields=[*values, "updated_by", "updated_at"])
+    _log(user, changed, CHANGE, message)
+    return len(changed)
+
+
 def qa_set_status(*, pairs, status, user):
     """Set the status of many pairs; returns how many changed. Recorded in the admin history."""
-    changed = list(pairs.exclude(status=status))
-    for pair in changed:
-        pair.status = status
-        pair.updated_by = user
-        pair.save(update_fields=["status", "updated_by", "updated_at"])
-    label = QAPair.Status(status).label
-    _log(user, changed, CHANGE, _("Status set to %(status)s.") % {"status": label})
-    return len(changed)
+    message = _("Status set to %(status)s.") % {"status": QAPair.Status(status).label}
+    return _bulk_update(pairs, user, message, status=status)
 
 
 def qa_move_to_category(*, pairs, category, user):
     """Move many pairs into one category; returns how many changed."""
-    changed = list(pairs.exclude(category=category))
-    for pair in changed:
-        pair.category = category
-        pair.updated_by = user
-        pair.save(update_fields=["category", "updated_by", "updated_at"])
-    _log(user, changed, CHANGE, _("Moved to category %(name)s.") % {"name": category.name})
-    return len(changed)
+    return _bulk_update(pairs, user, _("Moved to category %(name)s.") % {"name": category.name}, category=category)

@@ -12,9 +12,8 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture(autouse=True)
-def _isolated(settings, tmp_path, tiny_model):
-    settings.DATA_DIR = tmp_path
-    settings.CSP_BASE_MODEL = tiny_model
+def _isolated(training_env):
+    pass
 
 
 def test_bootstrap_loads_sample_data_and_prints_a_generated_password_once(capsys, settings):

@@ -22,9 +22,7 @@ MEMORISE = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "learning_rate"
 
 
 @pytest.fixture(autouse=True)
-def _isolated(settings, tmp_path, tiny_model):
-    settings.DATA_DIR = tmp_path
-    settings.CSP_BASE_MODEL = tiny_model
+def _isolated(training_env, settings):
     settings.CSP_TRAINING_DEVICE = "cpu"
 
 

@@ -10,9 +10,8 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture(autouse=True)
-def _isolated(settings, tmp_path, tiny_model):
-    settings.DATA_DIR = tmp_path
-    settings.CSP_BASE_MODEL = tiny_model
+def _isolated(training_env):
+    pass
 
 
 @pytest.fixture
