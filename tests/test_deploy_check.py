@@ -53,15 +53,3 @@ def test_bad_value_fails_at_start_up_naming_the_variable(tmp_path, name, value):
     result = _manage("check", env={"CSP_DATA_DIR": str(tmp_path), name: value})
     assert result.returncode != 0
     assert name in result.stderr
-
-
-def test_postgresql_database_url_works():
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=3).close()
-    except psycopg.OperationalError:
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
-    result = _manage(
-        "migrate", "--plan", env={"DATABASE_URL": "postgres://postgres@127.0.0.1:5432/postgres"}
-    )
-    assert result.returncode == 0, result.stderr
