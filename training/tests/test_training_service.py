@@ -136,3 +136,12 @@ def test_worse_version_warns_and_strict_gate_refuses(finished_run, settings):
     settings.CSP_EVAL_GATE = "warn"
     assert services.adapter_version_activate(version=worse) == ["key_fact_recall"]
     assert AdapterVersion.objects.get(is_active=True) == worse
+
+
+def test_the_reconciler_is_scheduled_every_minute():
+    from django.utils.module_loading import import_string
+    from django_q.models import Schedule
+
+    schedule = Schedule.objects.get(name="Reconcile training runs")
+    assert schedule.schedule_type == Schedule.MINUTES and schedule.minutes == 1 and schedule.repeats == -1
+    assert import_string(schedule.func)() == 0

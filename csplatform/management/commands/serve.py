@@ -7,6 +7,7 @@ command exits non-zero, so a supervisor sees the failure. For several machines, 
 `daphne` and `manage.py qcluster` separately instead (docs/deployment.md).
 """
 
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +15,12 @@ import time
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
+
+from training.services import training_runs_reconcile
+
+# How long Ctrl-C waits for a clean stop before killing; a training step killed mid-way is
+# marked failed by the reconciler and can be resumed from its last checkpoint.
+STOP_GRACE_SECONDS = 10
 
 
 class Command(BaseCommand):
@@ -25,12 +32,16 @@ class Command(BaseCommand):
 
     def handle(self, *args, host, port, **options):
         python = sys.executable
+        # Each child leads its own process group, so stopping it also stops the workers it forked.
         children = {
             "daphne": subprocess.Popen(
-                [python, "-m", "daphne", "-b", host, "-p", str(port), "csplatform.asgi:application"]
+                [python, "-m", "daphne", "-b", host, "-p", str(port), "csplatform.asgi:application"], start_new_session=True
             ),
-            "qcluster": subprocess.Popen([python, "manage.py", "qcluster"]),
+            "qcluster": subprocess.Popen([python, "manage.py", "qcluster"], start_new_session=True),
         }
+        reconciled = training_runs_reconcile()
+        if reconciled:
+            self.stdout.write(self.style.WARNING(f"{reconciled} training run(s) whose worker had died were marked failed."))
         base = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
         self.stdout.write(self.style.SUCCESS(
             f"\ncsplatform is starting:\n"
@@ -52,16 +63,22 @@ class Command(BaseCommand):
             time.sleep(0.5)
             exited = next((name for name, proc in children.items() if proc.poll() is not None), None)
         for proc in children.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+            self._signal_group(proc, signal.SIGTERM)
         for name, proc in children.items():
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=STOP_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
-                self.stderr.write(f"{name} did not stop within 30 s; killing it.")
-                proc.kill()
-                proc.wait()
+                self.stderr.write(f"{name} did not stop within {STOP_GRACE_SECONDS} s; killing it.")
+            self._signal_group(proc, signal.SIGKILL)
+            proc.wait()
         if exited and not stopping:
             self.stderr.write(self.style.ERROR(f"{exited} exited with code {children[exited].returncode}; stopped the rest."))
             sys.exit(1)
         self.stdout.write("Stopped.")
+
+    @staticmethod
+    def _signal_group(proc, signum):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
