@@ -4,6 +4,7 @@ Views are thin: the serializer validates through the model, import and export ar
 services the admin and the management commands call too.
 """
 
+from django.contrib.admin.models import ADDITION, CHANGE, DELETION, LogEntry
 from django.db.models import Count
 from django.http import HttpResponse
 from django.utils import timezone
@@ -91,12 +92,19 @@ class QAPairViewSet(viewsets.ModelViewSet):
     search_fields = ["instruction", "output"]
     ordering_fields = ["id", "created_at", "updated_at", "status"]
 
+    # API writes land in the admin history too, like the admin's own changes.
     def perform_create(self, serializer):
         user = self.request.user
-        serializer.save(source=QAPair.Source.MANUAL, created_by=user, updated_by=user)
+        pair = serializer.save(source=QAPair.Source.MANUAL, created_by=user, updated_by=user)
+        LogEntry.objects.log_actions(user.pk, [pair], ADDITION, change_message=_("Added through the API."))
 
     def perform_update(self, serializer):
-        serializer.save(updated_by=self.request.user)
+        pair = serializer.save(updated_by=self.request.user)
+        LogEntry.objects.log_actions(self.request.user.pk, [pair], CHANGE, change_message=_("Changed through the API."))
+
+    def perform_destroy(self, instance):
+        LogEntry.objects.log_actions(self.request.user.pk, [instance], DELETION, change_message=_("Deleted through the API."))
+        instance.delete()
 
     @extend_schema(
         summary="Import a file of Q&A pairs",

