@@ -1,0 +1,62 @@
+"""The inference engine's settings: one flat dataclass with commented defaults.
+
+The Django side builds it from settings (it is the only reader of the environment) and hands it
+to `Engine`; nothing here imports Django or torch.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class EngineConfig:
+    # model
+    base_dir: str | Path = ""  # a local Hugging Face checkpoint directory; nothing is downloaded
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    # "auto" picks the fastest dtype that is correct on the hardware: bfloat16 on CUDA with bf16 and
+    # on CPUs with AVX-512 bf16 (decode is memory-bound: half the bytes per weight, ~2x tokens/s),
+    # else float32 (emulated bf16 on older CPUs is slower than fp32). The engine reports its choice.
+    dtype: str = "auto"
+    trust_remote_code: bool = False  # only for models like ChatGLM3 that ship their own code
+    # prompt
+    system_prompt: str = ""  # used when neither the caller nor the adapter's training config gives one
+    max_input_tokens: int = 1024  # prompt budget; older turns are dropped first, the system prompt is kept
+    # A message longer than this many characters per input token is refused before tokenising:
+    # no tokenizer call is spent on a pasted novel (a token is rarely more than 4 characters).
+    chars_per_token: int = 4
+    # generation: server caps; a client may ask for less, never for more
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # default; 0 = greedy (the answer the adapter memorised)
+    max_temperature: float = 1.5  # client temperatures are clamped to [0, max_temperature]
+    top_p: float = 1.0  # default nucleus mass, in (0, 1]
+    max_seconds: float = 60.0  # wall-clock cap per answer, from submission; ends with reason "timeout"
+    # concurrency (FastChat's semaphore, with a queue in front of it)
+    max_active: int = 8  # K: sequences decoded together, one forward per step for all of them
+    max_waiting: int = 32  # Q: admitted but not yet decoding; beyond K + Q a request gets EngineBusy
+    # Prompt tokens processed per loop iteration: a long prompt is prefilled in chunks between decode
+    # steps, so it stalls the streams already running by one chunk's time, not the whole prompt's.
+    prefill_chunk: int = 256
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, not {self.dtype!r}")
+        for name in ("max_input_tokens", "max_new_tokens", "max_active", "prefill_chunk", "chars_per_token"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be 0 or more, not {self.max_waiting!r}")
+        if not (self.max_seconds > 0):
+            raise ValueError(f"max_seconds must be positive, not {self.max_seconds!r}")
+        if not (0 <= self.max_temperature and math.isfinite(self.max_temperature)):
+            raise ValueError(f"max_temperature must be a finite number >= 0, not {self.max_temperature!r}")
+        if not (0 <= self.temperature <= self.max_temperature):
+            raise ValueError(f"temperature must be in [0, {self.max_temperature}], not {self.temperature!r}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p!r}")
+
+    @property
+    def max_message_chars(self):
+        return self.chars_per_token * self.max_input_tokens

@@ -1,0 +1,383 @@
+"""The transformers inference engine on the tiny model (the `tiny_model` fixture in the root conftest).
+
+Two adapters are trained once for the module with the memorising settings of
+training/tests/test_finetune.py: v1 on eight sample pairs, v2 on four of the same questions with
+their answers rotated, so the two versions give different, known answers to the same question.
+Requests that must still be running while the test acts are slowed down by an `on_event`
+callback (it runs on the decode thread), never by sleeping and hoping.
+"""
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from chat.engine import (
+    Done,
+    Engine,
+    EngineBusy,
+    EngineClosed,
+    EngineConfig,
+    InputTooLong,
+    Token,
+    Turn,
+)
+from training.finetune import BaseModelError, FinetuneConfig, generate_answer, load_adapter, load_base, train
+from training.prompting import question_text, render_conversation, render_training_example
+
+MEMORISE = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, epochs=30, batch_size=4, bf16="off")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The machine's two cores are shared; two threads fighting other processes run far slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def records():
+    with open("data/train.json", encoding="utf-8") as f:
+        return json.load(f)[::14][:8]  # spread over the categories
+
+
+def _question(record):
+    return question_text(record["instruction"], record["input"])
+
+
+def _answer(record):
+    return record["output"].strip()
+
+
+@pytest.fixture(scope="module")
+def rotated(records):
+    """v2's data: the first four questions, each with the next one's answer."""
+    return [dict(r, output=records[(i + 1) % 4]["output"]) for i, r in enumerate(records[:4])]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, records, rotated, tmp_path_factory):
+    """{"v1": adapter dir, "v2": adapter dir}, trained once for the module."""
+    paths = {}
+    for name, data in (("v1", records), ("v2", rotated)):
+        out = tmp_path_factory.mktemp(name)
+        train(FinetuneConfig(**MEMORISE), tiny_model, data, [], out)
+        paths[name] = out / "adapter"
+    return paths
+
+
+@pytest.fixture
+def make_engine(tiny_model):
+    """Engine factory on the tiny model (fp32, as training evaluates); every engine is closed after."""
+    engines = []
+
+    def make(**overrides):
+        engine = Engine(EngineConfig(**{"base_dir": tiny_model, "dtype": "float32", **overrides}))
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def _slow(delay, started=None):
+    """An on_event that holds the decode thread `delay` s per token (and says when the first came)."""
+
+    def on_event(event):
+        if isinstance(event, Token):
+            if started is not None:
+                started.set()
+            time.sleep(delay)
+
+    return on_event
+
+
+def _wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_constructing_an_engine_loads_nothing(make_engine, tmp_path):
+    engine = make_engine()
+    assert not engine.loaded
+    assert engine.tokenizer is None and engine.metrics()["loaded"] is False
+    # Even a wrong path is only noticed on first use, with a message that names it.
+    missing = make_engine(base_dir=tmp_path / "nowhere")
+    with pytest.raises(BaseModelError, match="nowhere"):
+        missing.generate("你好")
+    engine.load()
+    assert engine.loaded
+
+
+def test_engine_renders_a_one_turn_conversation_exactly_as_training(make_engine, records, tiny_model):
+    record = records[0]
+    for system in ("", "你是星河商城的客服。"):
+        engine = make_engine(system_prompt=system)
+        prompt = engine.render([Turn("user", _question(record))])
+        training_prompt, _ = render_training_example(record["instruction"], record["input"], record["output"], system=system)
+        assert prompt.text == training_prompt
+        assert prompt.ids == engine.tokenizer(training_prompt, add_special_tokens=True)["input_ids"]
+        assert prompt.dropped_turns == 0
+
+
+def test_greedy_answer_with_adapter_equals_training_generate_answer(make_engine, records, adapters, tiny_model):
+    model, tokenizer = load_adapter(tiny_model, adapters["v1"])
+    engine = make_engine()
+    engine.set_adapter("v1", adapters["v1"])
+    for record in records[:4]:
+        expected = generate_answer(model, tokenizer, record["instruction"], record["input"], max_new_tokens=256)
+        text, stats = engine.generate([Turn("user", _question(record))])
+        assert text == expected == _answer(record)
+        assert stats.finish_reason == "stop" and stats.adapter == "v1"
+        assert stats.tokens == len(tokenizer(expected, add_special_tokens=False)["input_ids"])
+        assert 0 < stats.first_token_ms <= stats.latency_ms
+
+
+def test_streamed_text_of_a_rambling_model_equals_its_full_decode(make_engine, records, tiny_model):
+    # The random base model emits Chinese characters split over several byte-level tokens (and
+    # stray bytes): every Token must be complete text, and together they must be the full decode.
+    model, tokenizer = load_base(tiny_model)
+    engine = make_engine(max_new_tokens=80)
+    for record in records[:3]:
+        events = []
+        text, stats = engine.generate(_question(record), on_event=events.append)
+        tokens = [event.text for event in events if isinstance(event, Token)]
+        expected = generate_answer(model, tokenizer, record["instruction"], record["input"], max_new_tokens=80)
+        assert text == "".join(tokens) == expected.rstrip("\ufffd").strip()
+        assert stats.tokens > 20 and isinstance(events[-1], Done)
+        assert not any(token.endswith("\ufffd") or not token for token in tokens)
+
+
+def test_four_concurrent_streams_are_decoded_in_one_batch_and_all_answer_correctly(make_engine, records, adapters):
+    engine = make_engine()
+    engine.set_adapter("v1", adapters["v1"])
+
+    async def answer(record):
+        pieces = []
+        async for event in engine.stream([Turn("user", _question(record))]):
+            if isinstance(event, Token):
+                pieces.append(event.text)
+            else:
+                assert isinstance(event, Done)
+                return "".join(pieces), event.stats
+
+    async def main():
+        return await asyncio.gather(*(answer(r) for r in records[:4]))
+
+    results = asyncio.run(main())
+    for (text, stats), record in zip(results, records[:4]):
+        assert text == _answer(record)
+        assert stats.finish_reason == "stop"
+    assert engine.max_batch_seen == 4
+    assert engine.metrics()["running"] == 0
+
+
+def test_admission_beyond_active_plus_waiting_is_refused_at_once(make_engine, records):
+    engine = make_engine(max_active=1, max_waiting=2)
+    gate, started = threading.Event(), threading.Event()
+
+    def hold(event):  # keeps the one running request (and so the queue) where it is
+        if isinstance(event, Token):
+            started.set()
+            gate.wait(10)
+
+    first = engine.submit(_question(records[0]), on_event=hold)
+    assert started.wait(5)
+    queued = [engine.submit(_question(r)) for r in records[1:3]]
+    assert engine.metrics()["running"] == 1 and engine.metrics()["waiting"] == 2
+    began = time.monotonic()
+    with pytest.raises(EngineBusy) as busy:
+        engine.submit(_question(records[3]))
+    assert time.monotonic() - began < 0.5
+    assert isinstance(busy.value.retry_after, int) and busy.value.retry_after >= 1
+    for request in [first, *queued]:
+        request.cancel()
+    gate.set()
+    for request in [first, *queued]:
+        assert request.result(5)[1].finish_reason == "cancelled"
+    assert queued[0].stats.tokens == 0
+    engine.submit(_question(records[3])).cancel()  # room again
+
+
+def test_cancel_stops_generation_within_one_step(make_engine, records):
+    engine = make_engine()
+    seen, after_cancel, handle = [], [], {}
+    submitted = threading.Event()
+
+    def on_event(event):  # on the decode thread: cancels right after the third piece of text
+        submitted.wait(5)
+        request = handle["request"]
+        if isinstance(event, Token):
+            (after_cancel if request.cancelled else seen).append(event.text)
+            if len(seen) == 3:
+                request.cancel()
+
+    handle["request"] = engine.submit(_question(records[0]), on_event=on_event)
+    submitted.set()
+    text, stats = handle["request"].result(10)
+    assert stats.finish_reason == "cancelled"
+    assert after_cancel == []
+    assert stats.tokens <= len(seen) + 2 < engine.config.max_new_tokens  # a token may be text-less (half a character)
+    assert text == "".join(seen)
+
+
+def test_closing_the_consumer_task_cancels_its_generation(make_engine, records):
+    engine = make_engine()
+    finished = []
+
+    async def main():
+        got_tokens = asyncio.Event()
+
+        async def consume():
+            count = 0
+            async for event in engine.stream(_question(records[0]), on_event=finished.append):
+                count += isinstance(event, Token)
+                if count == 3:
+                    got_tokens.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(got_tokens.wait(), 5)
+        task.cancel()  # what a websocket consumer does on disconnect
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert _wait_for(lambda: any(isinstance(e, Done) for e in finished))
+    stats = finished[-1].stats
+    assert stats.finish_reason == "cancelled" and stats.tokens < engine.config.max_new_tokens
+
+
+def test_a_request_over_its_wall_clock_cap_ends_with_reason_timeout(make_engine, records):
+    engine = make_engine(max_seconds=0.3)
+    _, stats = engine.generate(_question(records[0]), on_event=_slow(0.05), timeout=10)
+    assert stats.finish_reason == "timeout"
+    assert 0 < stats.tokens < engine.config.max_new_tokens
+    assert 300 <= stats.latency_ms < 1500
+
+
+def test_client_limits_are_clamped_to_the_server_caps(make_engine, records):
+    engine = make_engine(max_new_tokens=5, max_temperature=1.5)
+    _, stats = engine.generate(_question(records[0]), max_new_tokens=10_000)
+    assert (stats.tokens, stats.finish_reason) == (5, "length")
+    _, stats = engine.generate(_question(records[0]), max_new_tokens=2)
+    assert (stats.tokens, stats.finish_reason) == (2, "length")
+    request = engine.submit(_question(records[0]), temperature=9.0, top_p=3.0, seed=1)
+    assert (request.temperature, request.top_p) == (1.5, 1.0)
+    assert request.result(10)[1].tokens <= 5
+    with pytest.raises(ValueError):
+        engine.submit(_question(records[0]), max_new_tokens=0)
+
+
+def test_hot_swap_serves_new_requests_with_the_new_adapter_while_old_ones_finish(make_engine, records, rotated, adapters):
+    engine = make_engine()
+    engine.set_adapter("v1", adapters["v1"])
+    started = threading.Event()
+    # The v1 request is held 10 ms per token on the decode thread: still running through the swap.
+    old = engine.submit(_question(records[1]), on_event=_slow(0.01, started))
+    assert started.wait(5)
+
+    engine.set_adapter("v2", adapters["v2"])
+    assert not old.done
+    assert engine.loaded_adapters == ["v1", "v2"]  # v1 stays while a request uses it
+    new = engine.submit(_question(rotated[0]))
+    assert (old.adapter, new.adapter) == ("v1", "v2")
+
+    old_text, old_stats = old.result(20)
+    new_text, new_stats = new.result(20)
+    assert (old_text, old_stats.adapter) == (_answer(records[1]), "v1")
+    assert (new_text, new_stats.adapter) == (_answer(rotated[0]), "v2")  # v2's answer, not v1's
+    assert new_text != _answer(records[0])
+    assert engine.max_batch_seen == 2  # both adapters decoded in one batch
+    assert _wait_for(lambda: engine.loaded_adapters == ["v2"])  # v1 deleted once unused
+
+    engine.set_adapter(None)  # back to the base model
+    _, stats = engine.generate(_question(rotated[0]), max_new_tokens=5)
+    assert stats.adapter is None
+    assert _wait_for(lambda: engine.loaded_adapters == [])
+
+
+def test_long_histories_lose_their_oldest_turns_and_keep_the_system_prompt(make_engine, records):
+    engine = make_engine(max_input_tokens=200, system_prompt="你是客服。")
+    history = []
+    for record in records:
+        history += [Turn("user", _question(record)), Turn("assistant", _answer(record))]
+    history.append(Turn("user", _question(records[0])))
+    prompt = engine.render(history)
+    assert 0 < prompt.dropped_turns < len(history) and prompt.dropped_turns % 2 == 0
+    assert prompt.text == render_conversation(history[prompt.dropped_turns :], system="你是客服。")
+    assert len(prompt.ids) <= 200
+    # One turn more would not have fitted.
+    longer = render_conversation(history[prompt.dropped_turns - 2 :], system="你是客服。")
+    assert len(engine.tokenizer(longer)["input_ids"]) > 200
+
+
+def test_messages_that_cannot_fit_are_refused(make_engine):
+    engine = make_engine(max_input_tokens=100)
+    with pytest.raises(InputTooLong) as refused:
+        engine.submit("退" * 401)  # over 4 characters per token: refused before tokenising
+    assert refused.value.unit == "characters"
+    with pytest.raises(InputTooLong) as refused:
+        engine.submit("如何退货？" * 60)  # 300 characters, but far more than 100 tokens
+    assert refused.value.unit == "tokens"
+    assert engine.metrics()["waiting"] == 0
+
+
+def test_auto_dtype_follows_the_hardware_and_still_reproduces_the_answers(make_engine, records, adapters):
+    engine = make_engine(dtype="auto")
+    engine.set_adapter("v1", adapters["v1"])
+    assert engine.generate(_question(records[2]))[0] == _answer(records[2])
+    fast_bf16 = torch.cpu._is_avx512_bf16_supported()
+    assert engine.dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
+    assert engine.dtype_reason.startswith("auto:")
+
+
+def test_batched_decoding_matches_generate_on_a_sliding_window_model(make_engine, records, tiny_model, tmp_path):
+    # Gemma 3 (the embedded base) alternates sliding-window and full attention layers: the shared,
+    # left-padded cache and chunked prefill must give what transformers' own generate gives.
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Gemma3ForCausalLM(config)
+        for parameter in model.parameters():
+            parameter.data.normal_(0, 0.3)  # confident logits: greedy choices far from ties
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = load_base(tmp_path)
+    expected = [generate_answer(model, tokenizer, r["instruction"], max_new_tokens=30) for r in records[:4]]
+
+    engine = make_engine(base_dir=tmp_path, max_new_tokens=30, prefill_chunk=7)
+
+    async def main():
+        async def answer(record):
+            return "".join([e.text async for e in engine.stream(record["instruction"]) if isinstance(e, Token)])
+
+        return await asyncio.gather(*(answer(r) for r in records[:4]))
+
+    assert asyncio.run(main()) == expected
+    assert engine.max_batch_seen == 4
+
+
+def test_a_closed_engine_takes_no_requests(make_engine, records):
+    engine = make_engine()
+    engine.load()
+    engine.close()
+    with pytest.raises(EngineClosed):
+        engine.submit(_question(records[0]))
