@@ -78,9 +78,9 @@ def test_run_page_shows_progress_and_the_progress_endpoint_returns_fresh_html(st
 
     run = services.training_run_start(enqueue=False)
     TrainingRun.objects.filter(pk=run.pk).update(status="running", step=5, total_steps=20, loss=1.5, loss_history=[[1, 3.0], [5, 1.5]])
-    page = staff_client.get(reverse("admin:training_trainingrun_change", args=[run.pk])).content.decode()
+    page = staff_client.get(reverse("admin:training_trainingrun_change", args=[run.pk]), HTTP_ACCEPT_LANGUAGE="en").content.decode()
     assert "<svg" in page and 'value="25.0"' in page and "Cancel run" in page
-    data = staff_client.get(reverse("admin:training_trainingrun_progress", args=[run.pk])).json()
+    data = staff_client.get(reverse("admin:training_trainingrun_progress", args=[run.pk]), HTTP_ACCEPT_LANGUAGE="en").json()
     assert data["active"] and "step 5 of 20" in data["html"]
 
 
