@@ -1,3 +1,7 @@
-"""Websocket routes; the chat consumer is added by the serving work (issue 4)."""
+"""Websocket routes (mounted by csplatform/asgi.py behind AllowedHostsOriginValidator and AuthMiddlewareStack)."""
 
-websocket_urlpatterns = []
+from django.urls import path
+
+from chat.consumers import ChatConsumer
+
+websocket_urlpatterns = [path("ws/chat/", ChatConsumer.as_asgi())]

@@ -193,6 +193,20 @@ CSP_EVAL_GATE = envstr("CSP_EVAL_GATE", "warn")
 if CSP_EVAL_GATE not in ("warn", "strict"):
     raise ImproperlyConfigured(f"CSP_EVAL_GATE={CSP_EVAL_GATE!r} must be warn or strict.")
 
+# --- Chat serving (every client-supplied value is capped by these) ---
+CSP_CHAT_SYSTEM_PROMPT = envstr("CSP_CHAT_SYSTEM_PROMPT", "")
+CSP_CHAT_DEVICE = envstr("CSP_CHAT_DEVICE", "auto")
+CSP_CHAT_DTYPE = envstr("CSP_CHAT_DTYPE", "auto")
+CSP_CHAT_MAX_ACTIVE = envint("CSP_CHAT_MAX_ACTIVE", 8, minimum=1)  # answers decoded together
+CSP_CHAT_MAX_WAITING = envint("CSP_CHAT_MAX_WAITING", 32, minimum=0)  # beyond: busy / HTTP 429
+CSP_CHAT_MAX_INPUT_TOKENS = envint("CSP_CHAT_MAX_INPUT_TOKENS", 1024, minimum=16)
+CSP_CHAT_MAX_NEW_TOKENS = envint("CSP_CHAT_MAX_NEW_TOKENS", 256, minimum=1)
+CSP_CHAT_MAX_SECONDS = envint("CSP_CHAT_MAX_SECONDS", 60, minimum=1)
+CSP_CHAT_MAX_MESSAGE_CHARS = envint("CSP_CHAT_MAX_MESSAGE_CHARS", 2000, minimum=1)
+CSP_CHAT_HISTORY_MESSAGES = envint("CSP_CHAT_HISTORY_MESSAGES", 20, minimum=1)
+# Per websocket connection: at most this many frames in 10 seconds; past twice that it is closed.
+CSP_CHAT_FRAMES_PER_10S = envint("CSP_CHAT_FRAMES_PER_10S", 20, minimum=1)
+
 # --- django-q2: training runs are long, so timeout > longest run and retry > timeout,
 # with one attempt: a killed worker must not make q2 redeliver the run (django-q2 #327).
 CSP_TRAINING_TIMEOUT = envint("CSP_TRAINING_TIMEOUT", 6 * 3600, minimum=60)

@@ -1,0 +1,182 @@
+"""The customer chat websocket (/ws/chat/), speaking the protocol in DESIGN.md.
+
+Client → server: {"type": "message", "text", "conversation"}, {"type": "cancel"},
+{"type": "feedback", "message", "rating", "comment"}.
+Server → client: start, token…, done; or error / busy. Every malformed frame gets an error
+frame and the socket stays open; a client that floods is closed.
+
+The consumer stays small: it parses, checks limits, calls chat.services, and owns the one
+generation task of its connection (cancelled on `cancel` and on disconnect).
+"""
+
+import asyncio
+import json
+import time
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from django.utils.translation import gettext as _
+
+from chat import services
+from chat.engine import Done, EngineBusy, EngineError, InputTooLong, Token
+from chat.serving import active_engine
+
+# Close code for a client that keeps sending after being told it is too fast.
+CLOSE_POLICY_VIOLATION = 1008
+
+
+def _wait_until_done(request, timeout):
+    try:
+        request.result(timeout)
+    except TimeoutError:
+        pass
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    async def connect(self):
+        self.generation = None
+        self.streaming = None  # (request, answer row) of the answer being generated
+        self.frame_times = []
+        await database_sync_to_async(self._ensure_session)()
+        await self.accept()
+
+    def _ensure_session(self):
+        # Anonymous customers own their conversations through the session cookie.
+        session = self.scope.get("session")
+        if session is not None and not session.session_key:
+            session.save()
+
+    @property
+    def session_key(self):
+        session = self.scope.get("session")
+        return session.session_key if session is not None else ""
+
+    @property
+    def user(self):
+        return self.scope.get("user")
+
+    async def disconnect(self, code):
+        await self._stop_generation()
+
+    async def send_json(self, data):
+        await self.send(text_data=json.dumps(data, ensure_ascii=False))
+
+    async def error(self, code, detail):
+        await self.send_json({"type": "error", "code": code, "detail": str(detail)})
+
+    # --- receiving ---
+
+    async def receive(self, text_data=None, bytes_data=None):
+        if not await self._within_rate():
+            return
+        if text_data is None:
+            await self.error("invalid", _("Frames must be JSON text."))
+            return
+        if len(text_data) > settings.CSP_CHAT_MAX_MESSAGE_CHARS * 4 + 1024:
+            await self.error("too_long", _("The frame is too large."))
+            return
+        try:
+            frame = json.loads(text_data)
+        except ValueError:
+            await self.error("invalid", _("The frame is not valid JSON."))
+            return
+        if not isinstance(frame, dict):
+            await self.error("invalid", _("A frame must be a JSON object with a type."))
+            return
+        handler = {"message": self.on_message, "cancel": self.on_cancel, "feedback": self.on_feedback}.get(frame.get("type"))
+        if handler is None:
+            await self.error("invalid", _("Unknown frame type; use message, cancel or feedback."))
+            return
+        try:
+            await handler(frame)
+        except services.ChatError as exc:
+            await self.error(exc.code, exc.detail)
+
+    async def _within_rate(self):
+        now = time.monotonic()
+        self.frame_times = [t for t in self.frame_times if now - t < 10] + [now]
+        limit = settings.CSP_CHAT_FRAMES_PER_10S
+        if len(self.frame_times) > 2 * limit:
+            await self.close(code=CLOSE_POLICY_VIOLATION)
+            return False
+        if len(self.frame_times) > limit:
+            await self.error("rate_limited", _("Too many messages; slow down."))
+            return False
+        return True
+
+    async def on_cancel(self, frame):
+        await self._stop_generation()
+
+    async def on_feedback(self, frame):
+        answer = await database_sync_to_async(services.message_rate)(
+            message_id=frame.get("message"),
+            rating=frame.get("rating"),
+            comment=frame.get("comment") or "",
+            session_key=self.session_key,
+            user=self.user,
+        )
+        await self.send_json({"type": "feedback", "message": answer.pk, "rating": answer.rating})
+
+    async def on_message(self, frame):
+        if self.generation is not None and not self.generation.done():
+            raise services.ChatError("busy_conversation", _("Wait for the answer, or cancel it, before sending again."))
+        text = services.check_message_text(frame.get("text"))
+        conversation = await database_sync_to_async(services.conversation_for)(
+            conversation_id=frame.get("conversation"), session_key=self.session_key, user=self.user
+        )
+        history, _question = await database_sync_to_async(services.message_add_question)(conversation=conversation, text=text)
+        try:
+            engine = await database_sync_to_async(active_engine)()
+            request = await engine.asubmit(history)
+        except EngineBusy as exc:
+            await self.send_json({"type": "busy", "retry_after": exc.retry_after})
+            return
+        except InputTooLong as exc:
+            raise services.ChatError("too_long", str(exc)) from None
+        except EngineError as exc:
+            raise services.ChatError("unavailable", str(exc)) from None
+        answer = await database_sync_to_async(services.message_start_answer)(conversation=conversation, adapter_name=request.adapter)
+        await self.send_json({"type": "start", "conversation": str(conversation.pk), "message": answer.pk, "adapter": request.adapter})
+        self.streaming = (request, answer)
+        self.generation = asyncio.create_task(self._stream(request, answer))
+
+    async def _stream(self, request, answer):
+        try:
+            async for event in request:
+                if isinstance(event, Token):
+                    await self.send_json({"type": "token", "text": event.text})
+                elif isinstance(event, Done):
+                    await self._done(request, answer, event.stats)
+        finally:
+            request.cancel()  # no-op when finished; stops the decode when we were cancelled
+
+    async def _done(self, request, answer, stats):
+        await database_sync_to_async(services.message_finish_answer)(answer=answer, text=request.text, stats=stats)
+        if stats.finish_reason in ("timeout", "error"):
+            await self.error(stats.finish_reason, _("The answer was cut short (%(reason)s).") % {"reason": stats.finish_reason})
+        await self.send_json(
+            {
+                "type": "done",
+                "message": answer.pk,
+                "latency_ms": answer.latency_ms,
+                "first_token_ms": answer.first_token_ms,
+                "tokens": stats.tokens,
+                "adapter": stats.adapter,
+                "finish_reason": stats.finish_reason,
+            }
+        )
+
+    async def _stop_generation(self):
+        task, self.generation = self.generation, None
+        if task is None or task.done():
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        # Keep what was said before the stop, marked cancelled (the decode ends within a step).
+        request, answer = self.streaming
+        await asyncio.to_thread(_wait_until_done, request, 2.0)
+        await database_sync_to_async(services.message_finish_answer)(answer=answer, text=request.text, stats=request.stats)

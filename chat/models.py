@@ -1,0 +1,67 @@
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.utils.translation import gettext_lazy as _
+
+
+class Conversation(models.Model):
+    class Channel(models.TextChoices):
+        WEB = "web", _("Web chat")
+        API = "api", _("REST API")
+        OPENAI = "openai", _("OpenAI-compatible API")
+
+    # A UUID, not a counter: a client names its conversation, and must not guess another's.
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    channel = models.CharField(_("channel"), max_length=10, choices=Channel.choices, default=Channel.WEB)
+    session_key = models.CharField(_("session"), max_length=64, blank=True, db_index=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, verbose_name=_("user"), null=True, blank=True, on_delete=models.SET_NULL
+    )
+    title = models.CharField(_("title"), max_length=200, blank=True)
+    created_at = models.DateTimeField(_("started at"), auto_now_add=True, db_index=True)
+    updated_at = models.DateTimeField(_("last message at"), auto_now=True)
+
+    class Meta:
+        ordering = ["-updated_at"]
+        verbose_name = _("conversation")
+        verbose_name_plural = _("conversations")
+
+    def __str__(self):
+        return self.title or str(self.id)
+
+    def belongs_to(self, *, session_key="", user=None):
+        """Whether the caller (a browser session or an authenticated user) owns this conversation."""
+        if user is not None and user.is_authenticated:
+            return self.user_id == user.pk
+        return bool(session_key) and self.user_id is None and self.session_key == session_key
+
+
+class Message(models.Model):
+    class Role(models.TextChoices):
+        USER = "user", _("Customer")
+        ASSISTANT = "assistant", _("Assistant")
+
+    conversation = models.ForeignKey(Conversation, verbose_name=_("conversation"), on_delete=models.CASCADE, related_name="messages")
+    role = models.CharField(_("role"), max_length=10, choices=Role.choices)
+    text = models.TextField(_("text"), blank=True)
+    adapter_version = models.ForeignKey(
+        "training.AdapterVersion", verbose_name=_("adapter version"), null=True, blank=True, on_delete=models.SET_NULL
+    )
+    adapter_name = models.CharField(_("adapter"), max_length=50, blank=True, help_text=_("Empty: the base model."))
+    latency_ms = models.PositiveIntegerField(_("response time (ms)"), null=True, blank=True)
+    first_token_ms = models.PositiveIntegerField(_("first token (ms)"), null=True, blank=True)
+    tokens = models.PositiveIntegerField(_("tokens"), null=True, blank=True)
+    finish_reason = models.CharField(_("finish reason"), max_length=20, blank=True)
+    rating = models.SmallIntegerField(_("rating"), null=True, blank=True, choices=[(1, "👍"), (-1, "👎")])
+    feedback_comment = models.TextField(_("feedback comment"), blank=True, max_length=2000)
+    created_at = models.DateTimeField(_("created at"), auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        verbose_name = _("message")
+        verbose_name_plural = _("messages")
+
+    def __str__(self):
+        text = self.text.replace("\n", " ")
+        return text if len(text) <= 60 else f"{text[:59]}…"

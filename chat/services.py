@@ -1,0 +1,106 @@
+"""Chat workflows shared by the websocket consumer and the HTTP APIs (all synchronous: async
+callers wrap them in database_sync_to_async)."""
+
+import uuid
+
+from django.conf import settings
+from django.utils import timezone
+from django.utils.translation import gettext as _
+
+from chat.engine import Turn
+from chat.models import Conversation, Message
+from training.models import AdapterVersion
+
+
+class ChatError(Exception):
+    """A refusal to report to the client as an `error` frame / HTTP 4xx: `code` + message."""
+
+    def __init__(self, code, detail):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+def conversation_for(*, conversation_id=None, session_key="", user=None, channel=Conversation.Channel.WEB):
+    """The caller's conversation by id, or a new one when the id is empty."""
+    if not conversation_id:
+        return Conversation.objects.create(
+            channel=channel, session_key=session_key, user=user if user is not None and user.is_authenticated else None
+        )
+    conversation = Conversation.objects.filter(pk=conversation_id).first() if _is_uuid(conversation_id) else None
+    if conversation is None or not conversation.belongs_to(session_key=session_key, user=user):
+        # The same answer for "absent" and "someone else's": ids are not to be probed.
+        raise ChatError("not_found", _("No such conversation."))
+    return conversation
+
+
+def _is_uuid(value):
+    try:
+        uuid.UUID(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+def check_message_text(text):
+    if not isinstance(text, str) or not text.strip():
+        raise ChatError("invalid", _("The message text is empty."))
+    if len(text) > settings.CSP_CHAT_MAX_MESSAGE_CHARS:
+        raise ChatError(
+            "too_long",
+            _("The message is %(size)s characters; the limit is %(max)s.")
+            % {"size": len(text), "max": settings.CSP_CHAT_MAX_MESSAGE_CHARS},
+        )
+    return text.strip()
+
+
+def message_add_question(*, conversation, text):
+    """Store the customer's message and return (history turns for the engine, the question row)."""
+    question = Message.objects.create(conversation=conversation, role=Message.Role.USER, text=text)
+    if not conversation.title:
+        conversation.title = text[:200]
+        conversation.save(update_fields=["title", "updated_at"])
+    recent = list(
+        conversation.messages.exclude(role=Message.Role.ASSISTANT, text="")
+        .order_by("-created_at", "-id")[: settings.CSP_CHAT_HISTORY_MESSAGES]
+    )
+    history = [Turn("user" if m.role == Message.Role.USER else "assistant", m.text) for m in reversed(recent)]
+    return history, question
+
+
+def message_start_answer(*, conversation, adapter_name):
+    return Message.objects.create(
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        adapter_name=adapter_name or "",
+        adapter_version=AdapterVersion.objects.filter(name=adapter_name).first() if adapter_name else None,
+    )
+
+
+def message_finish_answer(*, answer, text, stats):
+    answer.text = text
+    answer.tokens = stats.tokens
+    answer.latency_ms = round(stats.latency_ms) if stats.latency_ms is not None else None
+    answer.first_token_ms = round(stats.first_token_ms) if stats.first_token_ms is not None else None
+    answer.finish_reason = stats.finish_reason
+    answer.save(update_fields=["text", "tokens", "latency_ms", "first_token_ms", "finish_reason"])
+    Conversation.objects.filter(pk=answer.conversation_id).update(updated_at=timezone.now())
+
+
+def message_rate(*, message_id, rating, comment="", session_key="", user=None):
+    """Record 👍 (1) / 👎 (-1) on an answer of the caller's own conversation."""
+    if rating not in (1, -1) or isinstance(rating, bool):
+        raise ChatError("invalid", _("rating must be 1 or -1."))
+    if not isinstance(comment, str) or len(comment) > 2000:
+        raise ChatError("invalid", _("The comment must be text of at most 2000 characters."))
+    answer = (
+        Message.objects.select_related("conversation").filter(pk=message_id, role=Message.Role.ASSISTANT).first()
+        if isinstance(message_id, int) or (isinstance(message_id, str) and message_id.isdigit())
+        else None
+    )
+    if answer is None or not answer.conversation.belongs_to(session_key=session_key, user=user):
+        raise ChatError("not_found", _("No such answer."))
+    answer.rating = rating
+    answer.feedback_comment = comment.strip()
+    answer.save(update_fields=["rating", "feedback_comment"])
+    return answer

@@ -1,0 +1,67 @@
+"""The process's inference engine, configured from settings and kept on the active adapter.
+
+One engine per process, created on first use (never at import: migrate, tests and the q2
+cluster don't pay for it). Before each new answer `active_engine()` checks which adapter version
+is active and hot-swaps it in, so an activation reaches new chats at their next message, while
+answers already streaming finish on the version they started with.
+"""
+
+import threading
+import time
+
+from django.conf import settings
+
+from chat.engine import Engine, EngineConfig
+from training.models import AdapterVersion
+
+_lock = threading.Lock()
+_engine = None
+_checked_at = 0.0
+# How stale the active-version check may be: activation reaches new chats within this.
+ACTIVE_CHECK_SECONDS = 0.5
+
+
+def engine_config():
+    return EngineConfig(
+        base_dir=str(settings.CSP_BASE_MODEL),
+        device=settings.CSP_CHAT_DEVICE,
+        dtype=settings.CSP_CHAT_DTYPE,
+        trust_remote_code=settings.CSP_TRUST_REMOTE_CODE,
+        system_prompt=settings.CSP_CHAT_SYSTEM_PROMPT,
+        max_input_tokens=settings.CSP_CHAT_MAX_INPUT_TOKENS,
+        max_new_tokens=settings.CSP_CHAT_MAX_NEW_TOKENS,
+        max_seconds=settings.CSP_CHAT_MAX_SECONDS,
+        max_active=settings.CSP_CHAT_MAX_ACTIVE,
+        max_waiting=settings.CSP_CHAT_MAX_WAITING,
+    )
+
+
+def get_engine():
+    global _engine
+    with _lock:
+        if _engine is None:
+            _engine = Engine(engine_config())
+        return _engine
+
+
+def active_engine():
+    """The engine, switched to the active adapter version if that changed (sync: call in a thread)."""
+    global _checked_at
+    engine = get_engine()
+    now = time.monotonic()
+    if now - _checked_at >= ACTIVE_CHECK_SECONDS:
+        active = AdapterVersion.objects.filter(is_active=True).values_list("name", "path").first()
+        name, path = active if active else (None, None)
+        if engine.current_adapter != name:
+            engine.set_adapter(name, path)
+        _checked_at = now
+    return engine
+
+
+def reset_engine():
+    """Close and forget the engine (tests, and a base model change)."""
+    global _engine, _checked_at
+    with _lock:
+        engine, _engine, _checked_at = _engine, None, 0.0
+    if engine is not None:
+        engine.close()

@@ -1,0 +1,168 @@
+"""The chat websocket through the real ASGI application (origin check, sessions, consumer)."""
+
+import asyncio
+import json
+
+import pytest
+from channels.testing import WebsocketCommunicator
+
+from chat.models import Conversation, Message
+from csplatform.asgi import application
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ORIGIN = [(b"origin", b"http://localhost")]
+
+
+async def _connect(headers=ORIGIN):
+    communicator = WebsocketCommunicator(application, "/ws/chat/", headers=headers)
+    connected, _ = await communicator.connect()
+    assert connected
+    return communicator
+
+
+async def _answer(communicator, text, conversation=None):
+    await communicator.send_json_to({"type": "message", "text": text, "conversation": conversation})
+    start = await communicator.receive_json_from(timeout=30)
+    assert start["type"] == "start", start
+    tokens = []
+    while True:
+        frame = await communicator.receive_json_from(timeout=30)
+        if frame["type"] == "token":
+            tokens.append(frame["text"])
+        else:
+            return start, "".join(tokens), frame
+
+
+def test_a_question_streams_the_trained_answer_and_is_stored(serving, faq):
+    async def scenario():
+        communicator = await _connect()
+        start, text, done = await _answer(communicator, faq[0]["instruction"])
+        await communicator.disconnect()
+        return start, text, done
+
+    start, text, done = asyncio.run(scenario())
+    assert start["adapter"] == "v1" and text == faq[0]["output"]
+    assert done["type"] == "done" and done["tokens"] > 0 and done["latency_ms"] >= done["first_token_ms"] > 0
+    answer = Message.objects.get(pk=done["message"])
+    assert answer.text == faq[0]["output"] and answer.adapter_version == serving and answer.latency_ms == done["latency_ms"]
+    assert answer.conversation_id.hex == start["conversation"].replace("-", "")
+
+
+def test_second_turn_continues_the_same_conversation(serving, faq):
+    async def scenario():
+        communicator = await _connect()
+        start, _, _ = await _answer(communicator, faq[0]["instruction"])
+        start2, text2, _ = await _answer(communicator, faq[1]["instruction"], start["conversation"])
+        await communicator.disconnect()
+        return start, start2
+
+    first, second = asyncio.run(scenario())
+    assert first["conversation"] == second["conversation"]
+    assert Message.objects.filter(conversation_id=first["conversation"]).count() == 4
+
+
+def test_feedback_is_stored_on_the_answer(serving, faq):
+    async def scenario():
+        communicator = await _connect()
+        _, _, done = await _answer(communicator, faq[0]["instruction"])
+        await communicator.send_json_to({"type": "feedback", "message": done["message"], "rating": -1, "comment": "不对"})
+        ack = await communicator.receive_json_from(timeout=10)
+        await communicator.disconnect()
+        return done, ack
+
+    done, ack = asyncio.run(scenario())
+    assert ack == {"type": "feedback", "message": done["message"], "rating": -1}
+    answer = Message.objects.get(pk=done["message"])
+    assert answer.rating == -1 and answer.feedback_comment == "不对"
+
+
+@pytest.mark.parametrize(
+    "raw, code",
+    [("not json", "invalid"), ("[1, 2]", "invalid"), ('{"type": "dance"}', "invalid"), ('{"type": "message", "text": ""}', "invalid"),
+     ('{"type": "message", "text": "' + "问" * 3000 + '"}', "too_long"), ('{"type": "feedback", "message": 99999, "rating": 1}', "not_found"),
+     ('{"type": "message", "text": "hi", "conversation": "00000000-0000-0000-0000-000000000000"}', "not_found")],
+)
+def test_malformed_frames_get_an_error_frame_and_the_socket_stays_open(serving, raw, code):
+    async def scenario():
+        communicator = await _connect()
+        await communicator.send_to(text_data=raw)
+        frame = await communicator.receive_json_from(timeout=10)
+        await communicator.send_to(text_data="still there?")
+        again = await communicator.receive_json_from(timeout=10)
+        await communicator.disconnect()
+        return frame, again
+
+    frame, again = asyncio.run(scenario())
+    assert frame["type"] == "error" and frame["code"] == code
+    assert again["type"] == "error"
+
+
+def test_another_sessions_conversation_cannot_be_continued(serving, faq):
+    async def scenario():
+        owner = await _connect()
+        start, _, _ = await _answer(owner, faq[0]["instruction"])
+        await owner.disconnect()
+        stranger = await _connect()
+        await stranger.send_json_to({"type": "message", "text": "我的订单呢？", "conversation": start["conversation"]})
+        frame = await stranger.receive_json_from(timeout=10)
+        await stranger.disconnect()
+        return frame
+
+    assert asyncio.run(scenario())["code"] == "not_found"
+
+
+def test_foreign_origin_is_refused(serving):
+    async def scenario():
+        communicator = WebsocketCommunicator(application, "/ws/chat/", headers=[(b"origin", b"http://evil.example")])
+        connected, _ = await communicator.connect()
+        return connected
+
+    assert asyncio.run(scenario()) is False
+
+
+def test_cancel_stops_the_answer_and_keeps_the_partial_text(serving, faq, settings):
+    async def scenario():
+        communicator = await _connect()
+        await communicator.send_json_to({"type": "message", "text": faq[2]["instruction"]})
+        start = await communicator.receive_json_from(timeout=30)
+        await communicator.receive_json_from(timeout=30)  # the first token
+        await communicator.send_json_to({"type": "cancel"})
+        await asyncio.sleep(0.5)
+        await communicator.disconnect()
+        return start
+
+    start = asyncio.run(scenario())
+    answer = Message.objects.get(pk=start["message"])
+    assert answer.finish_reason == "cancelled" and len(answer.text) < len(faq[2]["output"])
+
+
+def test_flooding_client_is_told_then_closed(serving, settings):
+    settings.CSP_CHAT_FRAMES_PER_10S = 3
+
+    async def scenario():
+        communicator = await _connect()
+        for _ in range(3):
+            await communicator.send_to(text_data="{}")
+            await communicator.receive_json_from(timeout=5)
+        await communicator.send_to(text_data="{}")
+        limited = await communicator.receive_json_from(timeout=5)
+        for _ in range(3):
+            await communicator.send_to(text_data="{}")
+        closed = await communicator.receive_output(timeout=5)
+        while closed["type"] != "websocket.close":
+            closed = await communicator.receive_output(timeout=5)
+        return limited, closed
+
+    limited, closed = asyncio.run(scenario())
+    assert limited["code"] == "rate_limited" and closed["code"] == 1008
+
+
+def test_conversations_are_owned_by_the_browser_session(serving, faq):
+    async def scenario():
+        communicator = await _connect()
+        await _answer(communicator, faq[0]["instruction"])
+        await communicator.disconnect()
+
+    asyncio.run(scenario())
+    conversation = Conversation.objects.get()
+    assert conversation.session_key and conversation.channel == "web" and conversation.title == faq[0]["instruction"]
