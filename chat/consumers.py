@@ -62,8 +62,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def send_json(self, data):
         await self.send(text_data=json.dumps(data, ensure_ascii=False))
 
-    async def error(self, code, detail):
-        await self.send_json({"type": "error", "code": code, "detail": str(detail)})
+    async def error(self, code, detail, *, reply_to=None):
+        frame = {"type": "error", "code": code, "detail": str(detail)}
+        if reply_to:
+            frame["reply_to"] = reply_to  # the type of the client frame this answers
+        await self.send_json(frame)
 
     # --- receiving ---
 
@@ -91,7 +94,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         try:
             await handler(frame)
         except services.ChatError as exc:
-            await self.error(exc.code, exc.detail)
+            await self.error(exc.code, exc.detail, reply_to=frame["type"])
 
     async def _within_rate(self):
         now = time.monotonic()
@@ -106,7 +109,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         return True
 
     async def on_cancel(self, frame):
-        await self._stop_generation()
+        answer = await self._stop_generation()
+        if answer is not None:  # the stopped answer ends like any other, marked cancelled
+            await self.send_json(self._done_frame(answer, answer.tokens, answer.adapter_name or None))
 
     async def on_feedback(self, frame):
         answer = await database_sync_to_async(services.message_rate)(
@@ -122,32 +127,39 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.generation is not None and not self.generation.done():
             raise services.ChatError("busy_conversation", _("Wait for the answer, or cancel it, before sending again."))
         text = services.check_message_text(frame.get("text"))
-        conversation = await database_sync_to_async(services.conversation_for)(
-            conversation_id=frame.get("conversation"), session_key=self.session_key, user=self.user
-        )
-        history, _question = await database_sync_to_async(services.message_add_question)(conversation=conversation, text=text)
+        # The request is queued from a worker thread: its events come back to this loop through here.
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
         try:
             engine = await database_sync_to_async(active_engine)()
-            request = await engine.asubmit(history)
+            await engine.aload()
+            conversation, request, answer = await database_sync_to_async(services.answer_start)(
+                engine=engine,
+                text=text,
+                conversation_id=frame.get("conversation"),
+                session_key=self.session_key,
+                user=self.user,
+                on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            )
         except EngineBusy as exc:
             await self.send_json({"type": "busy", "retry_after": exc.retry_after})
             return
         except InputTooLong as exc:
             raise services.ChatError("too_long", str(exc)) from None
-        except EngineError as exc:
+        except (EngineError, OSError) as exc:  # OSError: the base model or adapter files are missing
             raise services.ChatError("unavailable", str(exc)) from None
-        answer = await database_sync_to_async(services.message_start_answer)(conversation=conversation, adapter_name=request.adapter)
         await self.send_json({"type": "start", "conversation": str(conversation.pk), "message": answer.pk, "adapter": request.adapter})
         self.streaming = (request, answer)
-        self.generation = asyncio.create_task(self._stream(request, answer))
+        self.generation = asyncio.create_task(self._stream(request, answer, events))
 
-    async def _stream(self, request, answer):
+    async def _stream(self, request, answer, events):
         try:
-            async for event in request:
+            while True:
+                event = await events.get()
                 if isinstance(event, Token):
                     await self.send_json({"type": "token", "text": event.text})
                 elif isinstance(event, Done):
                     await self._done(request, answer, event.stats)
+                    return
         finally:
             request.cancel()  # no-op when finished; stops the decode when we were cancelled
 
@@ -155,22 +167,25 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await database_sync_to_async(services.message_finish_answer)(answer=answer, text=request.text, stats=stats)
         if stats.finish_reason in ("timeout", "error"):
             await self.error(stats.finish_reason, _("The answer was cut short (%(reason)s).") % {"reason": stats.finish_reason})
-        await self.send_json(
-            {
-                "type": "done",
-                "message": answer.pk,
-                "latency_ms": answer.latency_ms,
-                "first_token_ms": answer.first_token_ms,
-                "tokens": stats.tokens,
-                "adapter": stats.adapter,
-                "finish_reason": stats.finish_reason,
-            }
-        )
+        await self.send_json(self._done_frame(answer, stats.tokens, stats.adapter))
+
+    @staticmethod
+    def _done_frame(answer, tokens, adapter):
+        return {
+            "type": "done",
+            "message": answer.pk,
+            "latency_ms": answer.latency_ms,
+            "first_token_ms": answer.first_token_ms,
+            "tokens": tokens,
+            "adapter": adapter,
+            "finish_reason": answer.finish_reason,
+        }
 
     async def _stop_generation(self):
+        """Cancel the answer being generated; returns its stored row, or None when there was none."""
         task, self.generation = self.generation, None
         if task is None or task.done():
-            return
+            return None
         task.cancel()
         try:
             await task
@@ -180,3 +195,4 @@ class ChatConsumer(AsyncWebsocketConsumer):
         request, answer = self.streaming
         await asyncio.to_thread(_wait_until_done, request, 2.0)
         await database_sync_to_async(services.message_finish_answer)(answer=answer, text=request.text, stats=request.stats)
+        return answer

@@ -4,6 +4,7 @@ callers wrap them in database_sync_to_async)."""
 import uuid
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -66,6 +67,27 @@ def message_add_question(*, conversation, text):
     )
     history = [Turn("user" if m.role == Message.Role.USER else "assistant", m.text) for m in reversed(recent)]
     return history, question
+
+
+def answer_start(*, engine, text, conversation_id=None, session_key="", user=None, channel=Conversation.Channel.WEB, **options):
+    """Store the question, queue its answer on the (loaded) engine and create the answer row.
+
+    Returns (conversation, request, answer). One transaction: when the engine refuses (EngineBusy,
+    InputTooLong) or the conversation is not the caller's, nothing is stored, so a client that
+    retries leaves no duplicate question and no orphan conversation behind.
+    """
+    request = None
+    try:
+        with transaction.atomic():
+            conversation = conversation_for(conversation_id=conversation_id, session_key=session_key, user=user, channel=channel)
+            history, _question = message_add_question(conversation=conversation, text=text)
+            request = engine.submit(history, **options)
+            answer = message_start_answer(conversation=conversation, adapter_name=request.adapter)
+    except BaseException:
+        if request is not None:
+            request.cancel()
+        raise
+    return conversation, request, answer
 
 
 def message_start_answer(*, conversation, adapter_name):

@@ -16,7 +16,7 @@ def test_home_page_defaults_to_simplified_chinese(client):
 def test_language_switch_sets_english(client):
     response = client.post(reverse("set_language"), {"language": "en", "next": "/"}, follow=True)
     body = response.content.decode()
-    assert '<html lang="en">' in body and "Your own customer-service model" in body
+    assert '<html lang="en">' in body and "New conversation" in body
 
 
 def test_admin_import_page_is_translated(staff_client):

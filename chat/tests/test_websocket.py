@@ -127,11 +127,14 @@ def test_cancel_stops_the_answer_and_keeps_the_partial_text(serving, faq, settin
         start = await communicator.receive_json_from(timeout=30)
         await communicator.receive_json_from(timeout=30)  # the first token
         await communicator.send_json_to({"type": "cancel"})
-        await asyncio.sleep(0.5)
+        frame = await communicator.receive_json_from(timeout=10)
+        while frame["type"] == "token":  # tokens already on their way before the cancel
+            frame = await communicator.receive_json_from(timeout=10)
         await communicator.disconnect()
-        return start
+        return start, frame
 
-    start = asyncio.run(scenario())
+    start, done = asyncio.run(scenario())
+    assert done["type"] == "done" and done["finish_reason"] == "cancelled" and done["message"] == start["message"]
     answer = Message.objects.get(pk=start["message"])
     assert answer.finish_reason == "cancelled" and len(answer.text) < len(faq[2]["output"])
 
@@ -166,3 +169,31 @@ def test_conversations_are_owned_by_the_browser_session(serving, faq):
     asyncio.run(scenario())
     conversation = Conversation.objects.get()
     assert conversation.session_key and conversation.channel == "web" and conversation.title == faq[0]["instruction"]
+
+
+def test_busy_engine_answers_busy_and_stores_nothing(serving, faq, settings):
+    import threading
+
+    from chat.serving import active_engine, reset_engine
+
+    settings.CSP_CHAT_MAX_ACTIVE, settings.CSP_CHAT_MAX_WAITING = 1, 0
+    reset_engine()  # the limits are read when the engine is made
+    release = threading.Event()
+    try:
+        engine = active_engine()
+        held = engine.submit("占位问题", on_event=lambda event: release.wait(10))  # holds the only slot
+
+        async def scenario():
+            communicator = await _connect()
+            await communicator.send_json_to({"type": "message", "text": faq[0]["instruction"]})
+            frame = await communicator.receive_json_from(timeout=10)
+            await communicator.disconnect()
+            return frame
+
+        frame = asyncio.run(scenario())
+    finally:
+        release.set()
+        held.cancel()
+        reset_engine()
+    assert frame["type"] == "busy" and frame["retry_after"] >= 1
+    assert not Conversation.objects.exists() and not Message.objects.exists()

@@ -1,0 +1,48 @@
+"""The customer chat page (/ and /chat/). The conversation itself runs over the websocket
+(/ws/chat/, chat/consumers.py); the page only gives the browser its session and, when asked for
+one of its own conversations, that conversation's history."""
+
+from django.conf import settings
+from django.shortcuts import render
+from django.views.decorators.http import require_safe
+
+from chat import services
+from chat.models import Message
+
+# A reloaded page shows at most this many earlier messages of its conversation.
+HISTORY_SHOWN = 100
+
+
+@require_safe
+def chat_page(request):
+    # The websocket handshake cannot set a cookie: without a session made here, every
+    # (re)connection would get a fresh one and lose the right to continue its conversation.
+    if not request.session.session_key:
+        request.session.save()
+        request.session.modified = True
+    conversation_id, history = _own_history(request, request.GET.get("conversation", ""))
+    config = {
+        "wsPath": "/ws/chat/",
+        "conversation": conversation_id,
+        "history": history,
+        "maxChars": settings.CSP_CHAT_MAX_MESSAGE_CHARS,
+    }
+    return render(request, "chat.html", {"chat_config": config, "max_chars": settings.CSP_CHAT_MAX_MESSAGE_CHARS})
+
+
+def _own_history(request, conversation_id):
+    """(id, messages) of the caller's conversation, or (None, []) for anyone else's or none."""
+    if not conversation_id:
+        return None, []
+    try:
+        conversation = services.conversation_for(
+            conversation_id=conversation_id, session_key=request.session.session_key, user=request.user
+        )
+    except services.ChatError:
+        return None, []
+    rows = (
+        conversation.messages.exclude(role=Message.Role.ASSISTANT, text="")
+        .order_by("-created_at", "-id")
+        .values("id", "role", "text", "latency_ms", "first_token_ms", "rating", "finish_reason")[:HISTORY_SHOWN]
+    )
+    return str(conversation.pk), list(reversed(rows))
