@@ -65,3 +65,17 @@ def reset_engine():
         engine, _engine, _checked_at = _engine, None, 0.0
     if engine is not None:
         engine.close()
+
+
+def engine_status():
+    """What this process serves with, for the admin: None when no engine was made yet."""
+    engine = _engine
+    if engine is None:
+        return None
+    return {
+        "loaded": engine.loaded,
+        "dtype": str(engine.dtype).removeprefix("torch.") if engine.loaded else "",
+        "dtype_reason": engine.dtype_reason if engine.loaded else "",
+        "adapter": engine.current_adapter,
+        "metrics": engine.metrics(),
+    }

@@ -191,6 +191,11 @@ class AdapterVersionAdmin(ReadOnlyAdmin):
     exclude = ("metrics",)
     actions = ("activate", "rollback")
 
+    def changelist_view(self, request, extra_context=None):
+        from chat.serving import engine_status
+
+        return super().changelist_view(request, {**(extra_context or {}), "engine": engine_status()})
+
     def has_activate_permission(self, request):
         return request.user.has_perm("training.change_adapterversion")
 
