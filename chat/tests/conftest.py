@@ -25,6 +25,14 @@ def trained_adapter(tiny_model, faq, tmp_path_factory):
     return out / "adapter"
 
 
+@pytest.fixture(scope="session")
+def second_adapter(tiny_model, faq, tmp_path_factory):
+    """A barely trained adapter: its answers differ from the memorised ones."""
+    out = tmp_path_factory.mktemp("chat-adapter-2")
+    finetune.train(finetune.FinetuneConfig(epochs=1, learning_rate=1e-3, bf16="off"), tiny_model, faq, [], out)
+    return out / "adapter"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _engine_closed_at_the_end():
     yield

@@ -197,3 +197,70 @@ def test_busy_engine_answers_busy_and_stores_nothing(serving, faq, settings):
         reset_engine()
     assert frame["type"] == "busy" and frame["retry_after"] >= 1
     assert not Conversation.objects.exists() and not Message.objects.exists()
+
+
+def test_disconnect_mid_stream_stops_the_generation(serving, faq):
+    async def scenario():
+        communicator = await _connect()
+        await communicator.send_json_to({"type": "message", "text": faq[3]["instruction"]})
+        start = await communicator.receive_json_from(timeout=30)
+        await communicator.receive_json_from(timeout=30)  # the first token
+        await communicator.disconnect()
+        return start
+
+    start = asyncio.run(scenario())
+    answer = Message.objects.get(pk=start["message"])
+    assert answer.finish_reason == "cancelled" and answer.tokens < len(faq[3]["output"])
+
+
+def test_multi_turn_history_reaches_the_model(serving, faq, monkeypatch):
+    from chat.serving import active_engine
+
+    engine = active_engine()
+    seen = []
+    real_submit = engine.submit
+
+    def recording_submit(history, **options):  # records what the real engine is asked, then asks it
+        seen.append([(turn.role, turn.text) for turn in history])
+        return real_submit(history, **options)
+
+    monkeypatch.setattr(engine, "submit", recording_submit)
+
+    async def scenario():
+        communicator = await _connect()
+        start, _, _ = await _answer(communicator, faq[0]["instruction"])
+        await _answer(communicator, faq[1]["instruction"], start["conversation"])
+        await communicator.disconnect()
+
+    asyncio.run(scenario())
+    assert seen[1] == [("user", faq[0]["instruction"]), ("assistant", faq[0]["output"]), ("user", faq[1]["instruction"])]
+
+
+def test_activation_during_streaming_finishes_on_the_old_version(serving, faq, second_adapter):
+    from channels.db import database_sync_to_async
+
+    from training.models import AdapterVersion
+    from training.services import adapter_version_activate
+
+    v2 = AdapterVersion.objects.create(
+        name="v2", run=serving.run.__class__.objects.create(base_model=serving.base_model, snapshot=serving.run.snapshot, status="succeeded"),
+        base_model=serving.base_model, path=str(second_adapter),
+    )
+
+    async def scenario():
+        communicator = await _connect()
+        await communicator.send_json_to({"type": "message", "text": faq[0]["instruction"]})
+        start = await communicator.receive_json_from(timeout=30)
+        await database_sync_to_async(adapter_version_activate)(version=v2)  # while v1 streams
+        tokens, frame = [], await communicator.receive_json_from(timeout=30)
+        while frame["type"] == "token":
+            tokens.append(frame["text"])
+            frame = await communicator.receive_json_from(timeout=30)
+        await asyncio.sleep(0.6)  # the active-version check runs at most every 0.5 s
+        next_start, _, next_done = await _answer(communicator, faq[0]["instruction"], start["conversation"])
+        await communicator.disconnect()
+        return start, "".join(tokens), frame, next_start, next_done
+
+    start, text, done, next_start, next_done = asyncio.run(scenario())
+    assert start["adapter"] == "v1" and done["adapter"] == "v1" and text == faq[0]["output"]
+    assert next_start["adapter"] == "v2" and next_done["adapter"] == "v2"
