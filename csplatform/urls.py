@@ -10,6 +10,8 @@ urlpatterns = [
     path("i18n/", include("django.conf.urls.i18n")),
     path("api/v1/", include("knowledge.urls")),
     path("api/v1/", include("training.urls")),
+    path("api/v1/", include("chat.urls")),
+    path("v1/", include("chat.openai_views")),  # the OpenAI-compatible API (base_url=".../v1")
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/redoc/", SpectacularRedocView.as_view(url_name="api-schema"), name="api-redoc"),

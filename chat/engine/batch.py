@@ -134,6 +134,10 @@ def prefill_inputs(ids, start, device):
     }
 
 
+# Below this a temperature is greedy decoding (and would overflow the softmax).
+MIN_TEMPERATURE = 1e-3
+
+
 def greedy(logits):
     """Argmax of every row of [rows, vocab] logits, as a list of ids (one device sync)."""
     return torch.argmax(logits, dim=-1).tolist()
@@ -141,7 +145,10 @@ def greedy(logits):
 
 def sample(logits, temperature, top_p, generator):
     """Next token id from one row of logits by nucleus sampling (on the CPU, where the generator is)."""
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if temperature < MIN_TEMPERATURE:
+        # Dividing by a vanishing temperature overflows to inf/NaN; the limit is the argmax anyway.
+        return int(torch.argmax(logits))
+    probs = torch.softmax((logits.float().cpu() - logits.max().float().cpu()) / temperature, dim=-1)
     if top_p < 1:
         # A full sort of a 262k vocabulary costs more than a decode step; the nucleus almost
         # always lies in the top few dozen, so look there first and sort everything only if not.

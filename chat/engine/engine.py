@@ -174,6 +174,7 @@ class Engine:
         self.tokenizer = None
         self._model = None  # the transformers model (LoRA layers injected once an adapter is loaded)
         self._peft = None  # the PeftModel around it, from the first adapter on
+        self._peft_selected = None  # the adapter this engine last selected in PEFT for a whole batch
         self._stop_ids = frozenset()
         self._prompt_budget = config.max_input_tokens
         self._keep_logits = False
@@ -320,6 +321,7 @@ class Engine:
         else:
             self._peft.load_adapter(adapter.path, adapter_name=name, is_trainable=False)
         self._peft.eval()
+        self._peft_selected = None  # loading may change PEFT's active adapter
         adapter.loaded = True
         logger.info("adapter %s loaded from %s", name, adapter.path)
 
@@ -334,6 +336,7 @@ class Engine:
                     with warnings.catch_warnings():  # "... was active, setting active adapter to ...": expected
                         warnings.simplefilter("ignore", UserWarning)
                         self._peft.delete_adapter(name)
+                    self._peft_selected = None
                     logger.info("adapter %s deleted", name)
 
     @property
@@ -542,8 +545,11 @@ class Engine:
             if self._peft is None or not self._peft.peft_config:
                 output = self._model(**inputs)
             elif len(set(adapters)) == 1 and adapters[0] is not None:
-                if self._peft.active_adapter != adapters[0]:
+                # Our own record, not PEFT's: after delete_adapter PEFT can still report a name as
+                # active, and a version reloaded under that name would then be skipped.
+                if self._peft_selected != adapters[0]:
                     self._peft.set_adapter(adapters[0], inference_mode=True)
+                    self._peft_selected = adapters[0]
                 output = self._peft(**inputs)
             else:
                 output = self._peft(**inputs, adapter_names=[a if a is not None else BASE for a in adapters])

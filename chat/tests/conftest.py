@@ -5,7 +5,7 @@ import json
 import pytest
 from django.conf import settings
 
-from chat.serving import reset_engine
+from chat.serving import engine_config, get_engine, reset_engine
 from training import finetune
 from training.models import AdapterVersion, BaseModel, DatasetSnapshot, TrainingRun
 
@@ -45,6 +45,8 @@ def serving(settings, training_env, tiny_model, trained_adapter):
     tests (loading it is the slow part); it only reloads what changed."""
     settings.CSP_CHAT_DEVICE = "cpu"
     settings.CSP_CHAT_DTYPE = "float32"
+    if get_engine().config != engine_config():  # made earlier (e.g. by the schema test) with other settings
+        reset_engine()
     base = BaseModel.objects.create(name="tiny", path=str(tiny_model))
     snapshot = DatasetSnapshot.objects.create(sha256="0" * 64, path="/x", train_count=6, dev_count=0)
     run = TrainingRun.objects.create(base_model=base, snapshot=snapshot, status="succeeded")

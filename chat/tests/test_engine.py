@@ -381,3 +381,22 @@ def test_a_closed_engine_takes_no_requests(make_engine, records):
     engine.close()
     with pytest.raises(EngineClosed):
         engine.submit(_question(records[0]))
+
+
+def test_a_version_swapped_out_and_back_in_answers_with_its_adapter_again(make_engine, records, adapters):
+    engine = make_engine()
+    (v1_path, _v2_path) = adapters if isinstance(adapters, tuple) else (adapters["v1"], adapters["v2"])
+    engine.set_adapter("v1", v1_path)
+    first, _ = engine.generate(_question(records[0]))
+    engine.set_adapter(None)
+    engine.generate(_question(records[0]))  # lets the engine delete v1
+    engine.set_adapter("v1", v1_path)
+    again, stats = engine.generate(_question(records[0]))
+    assert stats.adapter == "v1" and again == first
+
+
+def test_a_vanishing_temperature_is_greedy_and_does_not_break_the_engine(make_engine, records, adapters):
+    engine = make_engine()
+    greedy, _ = engine.generate(_question(records[0]))
+    tiny, stats = engine.generate(_question(records[0]), temperature=1.3e-185)
+    assert tiny == greedy and stats.finish_reason in ("stop", "length")

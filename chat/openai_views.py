@@ -1,0 +1,413 @@
+"""The OpenAI-compatible API: POST /v1/chat/completions and GET /v1/models.
+
+Any OpenAI client works against it:
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://localhost:8000/v1", api_key="<a DRF token key>")
+    client.chat.completions.create(model="v3", messages=[{"role": "user", "content": "如何退货？"}])
+
+Stateless, as OpenAI's API is: the conversation is exactly the request's `messages` (system
+or developer, user and assistant turns; the last one the user's). Each request is also stored as a
+Conversation with channel "openai" for analytics and feedback. `model` is accepted whatever it
+names: the ACTIVE adapter version answers, and the response's `model` says which ("base" when
+no version is active). The API key is a DRF token (`Authorization: Bearer <key>`).
+
+These are async views: generation runs on the engine's decode thread and events arrive through
+an asyncio queue, so neither waiting nor streaming (`stream: true`, Server-Sent Events ending
+with `data: [DONE]`) blocks the event loop. When the client goes away Django cancels the view
+(or closes the stream), and the engine request is cancelled with it. Errors use OpenAI's shape,
+{"error": {"message", "type", "param", "code"}}, so its clients raise their usual exceptions.
+"""
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.db import transaction
+from django.http import JsonResponse, StreamingHttpResponse
+from django.urls import path
+from django.utils.translation import gettext as _
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework.authtoken.models import Token
+
+from chat import services
+from chat.api_views import WAIT_GRACE_SECONDS
+from chat.engine import (
+    ERROR,
+    LENGTH,
+    STOP,
+    TIMEOUT,
+    EngineBusy,
+    EngineClosed,
+    InputTooLong,
+    Turn,
+)
+from chat.engine import Token as TextToken
+from chat.models import Conversation, Message
+from chat.serializers import MAX_CLIENT_TEMPERATURE, sampling_temperature
+from chat.serving import active_engine
+from training.finetune import BaseModelError
+from training.models import AdapterVersion
+
+# Any one message longer than this many characters per prompt token cannot fit the prompt, so it
+# is refused before tokenising (the rule of EngineConfig.chars_per_token).
+CHARS_PER_TOKEN = 4
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# The engine's reasons in OpenAI's words: a time cap cut the answer short, as a length cap does.
+FINISH_REASONS = {STOP: "stop", LENGTH: "length", TIMEOUT: "length"}
+
+
+def error_response(status, message, *, type="invalid_request_error", code=None, param=None, headers=None):
+    body = {"error": {"message": str(message), "type": type, "param": param, "code": code}}
+    return JsonResponse(body, status=status, headers=headers, json_dumps_params={"ensure_ascii": False})
+
+
+async def bearer_user(request):
+    """The active user whose DRF token is the request's bearer key, else None."""
+    scheme, _sep, key = request.headers.get("Authorization", "").partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        return None
+    token = await Token.objects.select_related("user").filter(key=key).afirst()
+    if token is None or not token.user.is_active:
+        return None
+    return token.user
+
+
+def unauthorized():
+    return error_response(
+        401, _("Incorrect or missing API key: send a token key as 'Authorization: Bearer <key>'."), code="invalid_api_key"
+    )
+
+
+def method_not_allowed(allowed):
+    return error_response(405, _("Method not allowed; use %(method)s.") % {"method": allowed}, code="method_not_allowed",
+                          headers={"Allow": allowed})
+
+
+# --- the request ---
+
+
+class InvalidRequest(Exception):
+    def __init__(self, message, *, param=None, code=None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+@dataclass
+class CompletionRequest:
+    model: str
+    turns: list  # Turn(user|assistant, text), ending with the user's
+    system: str | None  # the client's system prompt; None keeps the adapter's trained one
+    stream: bool
+    include_usage: bool
+    max_new_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+
+
+def _whole_number(body, name, minimum, maximum=2**63 - 1):
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise InvalidRequest(
+            _("%(name)s must be a whole number from %(min)s to %(max)s.") % {"name": name, "min": minimum, "max": maximum},
+            param=name,
+        )
+    return value
+
+
+def _number(body, name, low, high):
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise InvalidRequest(_("%(name)s must be a number from %(low)s to %(high)s.") % {"name": name, "low": low, "high": high},
+                             param=name)
+    return float(value)
+
+
+def _content(message, index):
+    """A message's text: a string, or a list of text parts (as newer clients send)."""
+    content = message.get("content")
+    if isinstance(content, list) and all(
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content
+    ):
+        content = "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise InvalidRequest(_("messages[%(i)s].content must be text.") % {"i": index}, param=f"messages[{index}].content")
+    limit = CHARS_PER_TOKEN * settings.CSP_CHAT_MAX_INPUT_TOKENS
+    if len(content) > limit:
+        raise InvalidRequest(
+            _("messages[%(i)s] has %(size)s characters; the limit is %(max)s.") % {"i": index, "size": len(content), "max": limit},
+            param=f"messages[{index}].content", code="context_length_exceeded",
+        )
+    return content
+
+
+def parse_completion_request(body):
+    """Check a chat.completions body against the server's caps; raises InvalidRequest."""
+    if not isinstance(body, dict):
+        raise InvalidRequest(_("The body must be a JSON object."))
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest(_("model is required (any name: the active version answers)."), param="model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest(_("messages must be a non-empty list."), param="messages")
+    system, turns = [], []
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        role = ROLES.get(role) if isinstance(role, str) else None
+        if role is None:
+            raise InvalidRequest(
+                _("messages[%(i)s].role must be system, user or assistant.") % {"i": index}, param=f"messages[{index}].role"
+            )
+        text = _content(message, index)
+        if role == "system":
+            system.append(text.strip())
+        else:
+            turns.append(Turn(role, text))
+    if not turns or turns[-1].role != "user" or not turns[-1].text.strip():
+        raise InvalidRequest(_("The last message must be the user's, and not empty."), param="messages")
+    question = turns[-1].text.strip()
+    if len(question) > settings.CSP_CHAT_MAX_MESSAGE_CHARS:
+        raise InvalidRequest(
+            _("The message is %(size)s characters; the limit is %(max)s.")
+            % {"size": len(question), "max": settings.CSP_CHAT_MAX_MESSAGE_CHARS},
+            param="messages", code="context_length_exceeded",
+        )
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest(_("stream must be true or false."), param="stream")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)):
+        raise InvalidRequest(_("stream_options must be an object with a boolean include_usage."), param="stream_options")
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise InvalidRequest(_("Only n=1 is supported."), param="n")
+    max_tokens = _whole_number(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _whole_number(body, "max_tokens", 1)
+    temperature = _number(body, "temperature", 0, MAX_CLIENT_TEMPERATURE)
+    top_p = _number(body, "top_p", 0, 1)
+    if temperature is not None:
+        temperature = sampling_temperature(temperature)
+    if top_p == 0:  # a nucleus of no mass is the single likeliest token: greedy
+        top_p, temperature = None, 0.0
+    return CompletionRequest(
+        model=model,
+        # As in the other channels: the most recent CSP_CHAT_HISTORY_MESSAGES turns at most
+        # (the engine drops more of the oldest ones if they don't fit the prompt budget).
+        turns=turns[-settings.CSP_CHAT_HISTORY_MESSAGES :],
+        system="\n\n".join(system) if system else None,
+        stream=bool(stream),
+        include_usage=bool(options and options.get("include_usage")),
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=_whole_number(body, "seed", 0),
+    )
+
+
+# --- the conversation record ---
+
+
+def conversation_record(*, user, turns, adapter_name):
+    """Store the request's turns as an "openai" conversation; returns the empty answer row."""
+    with transaction.atomic():
+        conversation = Conversation.objects.create(
+            channel=Conversation.Channel.OPENAI, user=user, title=turns[-1].text.strip()[:200]
+        )
+        Message.objects.bulk_create(
+            Message(conversation=conversation, role=turn.role, text=turn.text.strip()) for turn in turns
+        )
+        return services.message_start_answer(conversation=conversation, adapter_name=adapter_name)
+
+
+def answer_deadline():
+    """Seconds to wait for an answer: the engine ends each one by CSP_CHAT_MAX_SECONDS; one that
+    runs past that (and a grace) means the decode loop is gone, and the client is told."""
+    return settings.CSP_CHAT_MAX_SECONDS + WAIT_GRACE_SECONDS
+
+
+async def record_finish(pending, answer):
+    """Store the answer as it ended (cancelled ones keep their partial text)."""
+    if not pending.done:
+        try:  # a cancel takes effect within one decode step
+            await asyncio.to_thread(pending.result, 5)
+        except TimeoutError:
+            pass
+    await sync_to_async(services.message_finish_answer)(answer=answer, text=pending.text, stats=pending.stats)
+
+
+# --- views ---
+
+
+@csrf_exempt
+async def chat_completions(request):
+    user = await bearer_user(request)
+    if user is None:
+        return unauthorized()
+    if request.method != "POST":
+        return method_not_allowed("POST")
+    try:
+        body = json.loads(request.body)
+        params = parse_completion_request(body)
+    except RequestDataTooBig:
+        return error_response(413, _("The request body is too large."), code="request_too_large")
+    except ValueError:
+        return error_response(400, _("The body is not valid JSON."), code="invalid_json")
+    except InvalidRequest as exc:
+        return error_response(400, exc, param=exc.param, code=exc.code)
+
+    try:
+        engine = await sync_to_async(active_engine)()
+        pending = await engine.asubmit(
+            params.turns,
+            system=params.system,
+            max_new_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+        )
+    except EngineBusy as exc:
+        return error_response(
+            429, _("The assistant is busy; retry in %(seconds)s s.") % {"seconds": exc.retry_after},
+            type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after)},
+        )
+    except InputTooLong as exc:
+        return error_response(400, exc, param="messages", code="context_length_exceeded")
+    except (BaseModelError, FileNotFoundError, EngineClosed):
+        return error_response(503, _("The assistant is not available: its model cannot be loaded."),
+                              type="server_error", code="model_unavailable")
+    try:
+        answer = await sync_to_async(conversation_record)(user=user, turns=params.turns, adapter_name=pending.adapter)
+    except BaseException:
+        pending.cancel()
+        raise
+
+    completion = {"id": f"chatcmpl-{pending.id}", "created": int(time.time()), "model": pending.adapter or "base"}
+    if params.stream:
+        response = StreamingHttpResponse(
+            stream_completion(pending, answer, completion, params.include_usage), content_type="text/event-stream"
+        )
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+        return response
+
+    try:
+        async with asyncio.timeout(answer_deadline()):
+            async for _event in pending:
+                pass
+    except TimeoutError:
+        pass  # reported below: the stats have no finish reason
+    finally:
+        pending.cancel()  # no-op when it finished; the client went away otherwise
+        await record_finish(pending, answer)
+    stats = pending.stats
+    if stats.finish_reason not in FINISH_REASONS:
+        reason = stats.finish_reason or "unavailable"
+        return error_response(500 if reason == ERROR else 503,
+                              _("The answer could not be generated (%(reason)s).") % {"reason": reason},
+                              type="server_error", code=reason)
+    return JsonResponse(
+        {
+            **completion,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": pending.text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": FINISH_REASONS[stats.finish_reason],
+                }
+            ],
+            "usage": usage(stats),
+        },
+        json_dumps_params={"ensure_ascii": False},
+    )
+
+
+def usage(stats):
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.tokens,
+        "total_tokens": stats.prompt_tokens + stats.tokens,
+    }
+
+
+def event(data):
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def stream_completion(pending, answer, completion, include_usage):
+    """Server-Sent Events: chat.completion.chunk deltas, then data: [DONE]."""
+
+    def chunk(delta, finish_reason=None):
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return event({**completion, "object": "chat.completion.chunk", "choices": [choice]})
+
+    recorded = False
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        events = aiter(pending)
+        deadline = asyncio.get_running_loop().time() + answer_deadline()
+        while True:
+            try:
+                # The deadline covers the waits only, never a yield (it would cancel the sender).
+                async with asyncio.timeout_at(deadline):
+                    item = await anext(events)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                pending.cancel()  # reported below: the stats have no finish reason
+                break
+            if isinstance(item, TextToken):
+                yield chunk({"content": item.text})
+        # Stored before the last events: a client that has read [DONE] finds the answer stored.
+        await record_finish(pending, answer)
+        recorded = True
+        stats = pending.stats
+        if stats.finish_reason in FINISH_REASONS:
+            yield chunk({}, FINISH_REASONS[stats.finish_reason])
+        else:  # the status line is sent already: say it in the stream, as OpenAI does
+            reason = stats.finish_reason or "unavailable"
+            message = _("The answer could not be generated (%(reason)s).") % {"reason": reason}
+            yield event({"error": {"message": message, "type": "server_error", "param": None, "code": reason}})
+        if include_usage:
+            yield event({**completion, "object": "chat.completion.chunk", "choices": [], "usage": usage(stats)})
+        yield "data: [DONE]\n\n"
+    finally:
+        if not recorded:  # the client went away: stop the decode, keep what was said
+            pending.cancel()
+            await record_finish(pending, answer)
+
+
+@csrf_exempt
+async def models(request):
+    user = await bearer_user(request)
+    if user is None:
+        return unauthorized()
+    if request.method != "GET":
+        return method_not_allowed("GET")
+    active = await AdapterVersion.objects.filter(is_active=True).afirst()
+    if active is None:
+        entry = {"id": "base", "created": 0}
+    else:
+        entry = {"id": active.name, "created": int((active.activated_at or active.created_at).timestamp())}
+    return JsonResponse({"object": "list", "data": [{**entry, "object": "model", "owned_by": "csplatform"}]})
+
+
+# Mounted at /v1/ by csplatform/urls.py, where OpenAI clients expect it (base_url=".../v1").
+urlpatterns = [
+    path("chat/completions", chat_completions, name="openai-chat-completions"),
+    path("models", models, name="openai-models"),
+]

@@ -1,0 +1,163 @@
+"""REST representations of chat: a question and its answer, conversations, feedback.
+
+Request fields are strict JSON types (a message is text, never a number; a conversation id is a
+UUID string, never the integer DRF's UUIDField would also take). Limits are read from settings
+when a request is checked, so a changed CSP_CHAT_* setting applies without a restart.
+"""
+
+import math
+
+from django.conf import settings
+from django.utils.translation import gettext_lazy as _
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from chat import services
+from chat.engine import FINISH_REASONS
+from chat.models import Conversation, Message
+from csplatform.api_fields import NumberField, TextField, WholeNumberField
+
+# Above OpenAI's documented range nothing is meaningful; the engine clamps further to its own cap.
+MAX_CLIENT_TEMPERATURE = 2.0
+# Sampling this cold is greedy decoding in all but name, and a temperature near zero (1e-185 is
+# a valid JSON number) overflows the logits it divides into inf/NaN: send those as 0 (greedy).
+GREEDY_BELOW = 1e-3
+
+
+def sampling_temperature(value):
+    """The temperature to ask the engine for: 0 (greedy) for anything colder than GREEDY_BELOW."""
+    return 0.0 if value < GREEDY_BELOW else float(value)
+
+
+class ConversationIdField(serializers.UUIDField):
+    """A conversation id: a UUID string. DRF's UUIDField also turns the integer 5 into a UUID."""
+
+    default_error_messages = {"not_text": _("Must be a UUID string, not {type}.")}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("not_text", type=type(data).__name__)
+        return super().to_internal_value(data)
+
+
+@extend_schema_field({"type": "integer", "enum": [1, -1]})
+class RatingField(WholeNumberField):
+    """👍 is 1, 👎 is -1; nothing else (not "1", not true)."""
+
+    default_error_messages = {"not_a_rating": _("Must be 1 or -1.")}
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        if value not in (1, -1):
+            self.fail("not_a_rating")
+        return value
+
+
+class ChatRequestSerializer(serializers.Serializer):
+    conversation = ConversationIdField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text=_("Continue this conversation of yours; null or absent starts a new one."),
+    )
+    max_new_tokens = WholeNumberField(
+        required=False,
+        min_value=1,
+        help_text=_("At most this many tokens in the answer; capped by the server (CSP_CHAT_MAX_NEW_TOKENS)."),
+    )
+    temperature = NumberField(
+        required=False,
+        min_value=0,
+        max_value=MAX_CLIENT_TEMPERATURE,
+        help_text=_(
+            "0 (the default) answers greedily: the trained answer; below 0.001 counts as 0. Capped by the server."
+        ),
+    )
+
+    def get_fields(self):
+        fields = super().get_fields()
+        # Built per request: the cap is CSP_CHAT_MAX_MESSAGE_CHARS as it is now, and a longer
+        # message is refused here, before the engine spends a tokenizer call on it.
+        fields["message"] = TextField(
+            max_length=settings.CSP_CHAT_MAX_MESSAGE_CHARS,
+            help_text=_("The customer's question."),
+        )
+        return {"message": fields.pop("message"), **fields}
+
+    def validate_message(self, value):
+        # The same check the websocket makes (the field has already stripped and measured it).
+        try:
+            return services.check_message_text(value)
+        except services.ChatError as exc:
+            raise serializers.ValidationError(exc.detail) from None
+
+    def validate_temperature(self, value):
+        if not math.isfinite(value):
+            raise serializers.ValidationError(_("Must be a finite number."))
+        return sampling_temperature(value)
+
+
+class ChatAnswerSerializer(serializers.Serializer):
+    conversation = serializers.UUIDField(help_text=_("Send it back to continue the conversation."))
+    message = serializers.IntegerField(help_text=_("The answer's id, for feedback."))
+    answer = serializers.CharField(allow_blank=True)
+    adapter = serializers.CharField(allow_null=True, help_text=_("The adapter version that answered; null: the base model."))
+    latency_ms = serializers.IntegerField(allow_null=True)
+    first_token_ms = serializers.IntegerField(allow_null=True, help_text=_("null when no token was generated."))
+    tokens = serializers.IntegerField()
+    finish_reason = serializers.ChoiceField(
+        choices=FINISH_REASONS,
+        help_text=_("stop: the model ended its answer; length: max_new_tokens reached; timeout: CSP_CHAT_MAX_SECONDS "
+                    "passed; error: the model failed (the text is what came before)."),
+    )
+
+
+class ChatErrorSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+    code = serializers.CharField(help_text=_("not_found, busy or unavailable."))
+
+
+class MessageSerializer(serializers.ModelSerializer):
+    adapter = serializers.SerializerMethodField()
+    rating = serializers.IntegerField(allow_null=True, read_only=True, help_text=_("1 (👍), -1 (👎) or null."))
+
+    class Meta:
+        model = Message
+        fields = [
+            "id", "role", "text", "adapter", "tokens", "latency_ms", "first_token_ms", "finish_reason", "rating",
+            "feedback_comment", "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_adapter(self, message) -> str | None:
+        if message.role != Message.Role.ASSISTANT:
+            return None
+        return message.adapter_name or None
+
+
+class ConversationSerializer(serializers.ModelSerializer):
+    message_count = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = Conversation
+        fields = ["id", "channel", "title", "created_at", "updated_at", "message_count"]
+        read_only_fields = fields
+
+
+class ConversationDetailSerializer(ConversationSerializer):
+    messages = MessageSerializer(many=True, read_only=True)
+
+    class Meta(ConversationSerializer.Meta):
+        fields = [*ConversationSerializer.Meta.fields, "messages"]
+        read_only_fields = fields
+
+
+class FeedbackSerializer(serializers.Serializer):
+    rating = RatingField(help_text=_("1 for 👍, -1 for 👎."))
+    comment = TextField(required=False, allow_blank=True, default="", max_length=2000)
+
+
+class FeedbackResultSerializer(serializers.Serializer):
+    message = serializers.IntegerField()
+    rating = serializers.IntegerField()
+    comment = serializers.CharField(allow_blank=True)

@@ -1,0 +1,216 @@
+"""The OpenAI-compatible API, driven by the official `openai` client against a live daphne.
+
+The server is a real `daphne csplatform.asgi:application` subprocess on the pytest test database
+(as training/tests/test_training_run.py runs its q2 worker), started once for the module; each
+test commits its own rows (transaction=True), which the server reads.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from django.conf import settings as django_settings
+from django.db import connection
+from django.test import Client
+from rest_framework.authtoken.models import Token
+
+from chat.engine import Token as TextToken
+from chat.models import Conversation, Message
+from chat.serving import active_engine, reset_engine
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(django_db_setup, tiny_model, tmp_path_factory):
+    """The base URL of a daphne serving the project on the test database."""
+    data_dir = tmp_path_factory.mktemp("openai-server")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+        "SECRET_KEY": django_settings.SECRET_KEY,
+        "CSP_DATA_DIR": str(data_dir),
+        "CSP_BASE_MODEL": str(tiny_model),
+        "CSP_CHAT_DEVICE": "cpu",
+        "CSP_CHAT_DTYPE": "float32",
+    }
+    log = data_dir / "daphne.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "csplatform.asgi:application"],
+        cwd=ROOT, env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "daphne did not start listening:\n" + log.read_text()[-3000:]
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture
+def client(server, serving, customer):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=Token.objects.create(user=customer).key, max_retries=0, timeout=60)
+
+
+def test_a_completion_is_the_trained_answer_and_is_stored(client, faq, customer):
+    completion = client.chat.completions.create(model="v1", messages=[{"role": "user", "content": faq[0]["instruction"]}])
+
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == faq[0]["output"]
+    assert choice.finish_reason == "stop" and completion.model == "v1" and completion.object == "chat.completion"
+    usage = completion.usage
+    assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    conversation = Conversation.objects.get()
+    assert conversation.channel == "openai" and conversation.user == customer
+    assert [(m.role, m.text, m.finish_reason) for m in conversation.messages.all()] == [
+        ("user", faq[0]["instruction"], ""), ("assistant", faq[0]["output"], "stop")
+    ]
+
+
+def test_streamed_chunks_join_into_the_trained_answer(client, faq):
+    stream = client.chat.completions.create(
+        model="anything", messages=[{"role": "user", "content": faq[1]["instruction"]}], stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == faq[1]["output"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].usage.completion_tokens > 0 and all(c.model == "v1" for c in chunks)
+    assert Message.objects.get(role="assistant").text == faq[1]["output"]
+
+
+def test_the_request_messages_are_the_whole_conversation(client, faq):
+    # The same question after a system prompt and an earlier exchange: a different prompt, so
+    # (the tiny adapter having memorised single questions) not the memorised answer.
+    messages = [
+        {"role": "system", "content": "你是客服。"},
+        {"role": "user", "content": faq[0]["instruction"]},
+        {"role": "assistant", "content": faq[0]["output"]},
+        {"role": "user", "content": faq[1]["instruction"]},
+    ]
+    completion = client.chat.completions.create(model="v1", messages=messages, max_tokens=3)
+
+    alone = client.chat.completions.create(model="v1", messages=messages[-1:], max_tokens=1)
+
+    assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 3
+    assert completion.usage.prompt_tokens > alone.usage.prompt_tokens + 30  # the history was in the prompt
+    stored = [(m.role, m.text) for m in Conversation.objects.order_by("created_at").first().messages.all()]
+    assert stored[:3] == [("user", faq[0]["instruction"]), ("assistant", faq[0]["output"]), ("user", faq[1]["instruction"])]
+
+
+def test_a_temperature_near_zero_is_greedy(client, faq):
+    completion = client.chat.completions.create(
+        model="v1", messages=[{"role": "user", "content": faq[0]["instruction"]}], temperature=1e-300
+    )
+
+    assert completion.choices[0].message.content == faq[0]["output"]
+
+
+def test_a_bad_key_is_an_authentication_error(server, serving):
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="not-a-token", max_retries=0)
+
+    with pytest.raises(openai.AuthenticationError) as caught:
+        bad.chat.completions.create(model="v1", messages=[{"role": "user", "content": "如何退货？"}])
+
+    assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
+    assert not Conversation.objects.exists()
+
+
+def test_invalid_requests_are_bad_request_errors_naming_the_parameter(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="v1", messages=[{"role": "assistant", "content": "你好"}])
+    assert caught.value.param == "messages"
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="v1", messages=[{"role": "user", "content": "问" * 3000}])
+    assert caught.value.code == "context_length_exceeded"
+
+
+def test_models_lists_the_active_version(client):
+    assert [model.id for model in client.models.list()] == ["v1"]
+
+
+def test_a_client_that_goes_away_cancels_its_answer(client, faq):
+    # Sampled hot, the adapter wanders off its memorised answer and runs to max_new_tokens
+    # (about a second here): time enough to leave after the first piece of text.
+    stream = client.chat.completions.create(
+        model="v1", messages=[{"role": "user", "content": faq[0]["instruction"]}], stream=True, temperature=1.5, seed=0
+    )
+    first = next(chunk for chunk in stream if chunk.choices[0].delta.content)
+    stream.close()
+
+    deadline = time.monotonic() + 10
+    while (answer := Message.objects.get(role="assistant")).finish_reason == "" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert answer.finish_reason == "cancelled" and answer.text.startswith(first.choices[0].delta.content)
+    assert answer.tokens < django_settings.CSP_CHAT_MAX_NEW_TOKENS
+
+
+def test_a_raw_stream_ends_with_done(server, client, faq):
+    import httpx2 as httpx  # the transport the openai client uses
+
+    body = {"model": "v1", "stream": True, "messages": [{"role": "user", "content": faq[0]["instruction"]}]}
+    response = httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {client.api_key}"}, timeout=60)
+
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]) == faq[0]["output"]
+
+
+@pytest.fixture
+def one_slot(settings, serving):
+    """An in-process engine that runs one answer and queues none (limits are fixed at its creation)."""
+    reset_engine()
+    settings.CSP_CHAT_MAX_ACTIVE, settings.CSP_CHAT_MAX_WAITING = 1, 0
+    yield
+    reset_engine()
+
+
+@pytest.mark.django_db
+def test_a_busy_engine_is_a_429_with_retry_after_in_openai_shape(one_slot, customer, faq):
+    release = threading.Event()
+    # The decode thread waits in this callback, so the held request keeps the only slot.
+    held = active_engine().submit(faq[0]["instruction"], on_event=lambda event: isinstance(event, TextToken) and release.wait(30))
+    key = Token.objects.create(user=customer).key
+    body = {"model": "v1", "messages": [{"role": "user", "content": faq[1]["instruction"]}]}
+    try:
+        response = Client().post("/v1/chat/completions", body, content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {key}")
+    finally:
+        release.set()
+        held.result(30)
+
+    assert response.status_code == 429 and int(response["Retry-After"]) >= 1
+    assert response.json()["error"]["code"] == "rate_limit_exceeded"
+    assert not Conversation.objects.exists()

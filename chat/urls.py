@@ -1,0 +1,13 @@
+"""REST chat routes (mounted under /api/v1/). The OpenAI-compatible routes are in chat.openai_urls."""
+
+from django.urls import path
+from rest_framework.routers import DefaultRouter
+
+from chat import api_views
+
+router = DefaultRouter(trailing_slash=True)
+router.include_root_view = False
+router.register("chat/conversations", api_views.ConversationViewSet, basename="conversation")
+router.register("chat/messages", api_views.MessageViewSet, basename="message")
+
+urlpatterns = [path("chat/", api_views.ChatView.as_view(), name="chat"), *router.urls]
