@@ -23,7 +23,9 @@ inference engine uses, and the loss is taken on the answer tokens only, which en
 end-of-turn token so that the model learns to stop (Gemma base otherwise rambles on).
 """
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -66,6 +68,9 @@ class FinetuneConfig:
     # model loading and numerics
     quantization: str = "none"  # "none" or "4bit" (QLoRA: nf4 + double quantisation via bitsandbytes)
     bf16: str = "auto"  # bf16 autocast: "auto" (where the hardware has it), "on", "off"
+    # Frozen base weights while training: "auto" (bf16 when bf16 autocast is on), "bf16", "fp32".
+    # The LoRA weights and the optimizer state stay fp32 either way; 4-bit bases ignore it.
+    base_dtype: str = "auto"
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     trust_remote_code: bool = False  # only for models like ChatGLM3 that ship their own code
     # prompt
@@ -76,6 +81,8 @@ class FinetuneConfig:
             raise ValueError(f"quantization must be 'none' or '4bit', not {self.quantization!r}")
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16 must be 'auto', 'on' or 'off', not {self.bf16!r}")
+        if self.base_dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"base_dtype must be 'auto', 'bf16' or 'fp32', not {self.base_dtype!r}")
         for name in ("lora_r", "batch_size", "grad_accum", "epochs", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
@@ -124,8 +131,28 @@ def use_bf16(config, device):
     return bool(check and check())
 
 
-def load_base(model_dir, config=None):
-    """Load a local base checkpoint directory as (model, tokenizer). Never downloads."""
+def base_weights_dtype(config, device):
+    """The dtype the frozen base weights are held in while training.
+
+    In bf16 every matmul reads half the bytes, and autocast no longer re-casts each frozen fp32
+    weight on every forward and backward (it caches casts only of weights that require grad).
+    Frozen weights lose nothing by it: what is trained, the fp32 LoRA weights, is never rounded.
+    """
+    import torch
+
+    if config.quantization == "4bit":
+        return torch.float32  # bitsandbytes keeps its own compute dtype
+    if config.base_dtype == "auto":
+        return torch.bfloat16 if use_bf16(config, device) else torch.float32
+    return torch.bfloat16 if config.base_dtype == "bf16" else torch.float32
+
+
+def load_base(model_dir, config=None, *, dtype=None):
+    """Load a local base checkpoint directory as (model, tokenizer). Never downloads.
+
+    Non-quantised weights load in `dtype` (fp32 unless told otherwise: inference and evaluation
+    load through here too; training asks for `base_weights_dtype`).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -153,8 +180,8 @@ def load_base(model_dir, config=None):
                 model_dir, quantization_config=quantization, device_map={"": device}, dtype=torch.float32, **kwargs
             )
         else:
-            # fp32 master weights; bf16 happens in autocast, so small LoRA updates are not lost.
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs).to(device)
+            dtype = dtype or torch.float32
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).to(device)
     except (OSError, ValueError) as error:
         raise BaseModelError(f"cannot load the base model from {str(model_dir)!r}: {error}") from error
     if tokenizer.pad_token_id is None:
@@ -256,6 +283,7 @@ def length_grouped_batches(lengths, batch_size, seed):
 
 
 def add_lora(model, config):
+    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.quantization == "4bit":
@@ -274,7 +302,68 @@ def add_lora(model, config):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    # peft already upcasts adapters on a bf16 base (autocast_adapter_dtype); make it a guarantee:
+    # updates of lr x grad are far below a bf16 weight's resolution and would round to nothing.
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
+@functools.cache
+def _fast_dropout_class():
+    """The Dropout subclass behind `use_fast_lora_dropout` (built on first use: torch loads lazily)."""
+    import torch
+
+    class FastDropout(torch.nn.Dropout):
+        """Dropout whose mask takes 16 random bits per element, four per 64-bit draw.
+
+        torch's CPU bernoulli_ draws a 32-bit number per element on one thread (~5 ns each):
+        on the seven LoRA inputs of every layer that was a tenth of a Gemma-270M step. The drop
+        probability is rounded to a multiple of 1/32768 (0.05 -> 0.04999) and the scale follows.
+        The RNG is torch's default generator, so seeding and checkpointed RNG state still apply.
+        """
+
+        def __init__(self, p):
+            super().__init__(p)
+            self.threshold = round(p * 32768)
+            self.scale = 1 / (1 - self.threshold / 32768)
+
+        def forward(self, x):
+            import torch
+
+            if not self.training or self.threshold == 0:
+                return x
+            n = x.numel()
+            words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()  # 63 random bits
+            bits = words.view(torch.int16)[:n].view(x.shape) & 0x7FFF  # 15 uniform bits each
+            return torch.where(bits >= self.threshold, x * self.scale, 0)
+
+    return FastDropout
+
+
+def use_fast_lora_dropout(model):
+    """Swap the nn.Dropout on the LoRA inputs for FastDropout (same p; CPU training only)."""
+    import torch
+
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, dropout in dropouts.items():
+                if type(dropout) is torch.nn.Dropout and dropout.p > 0:
+                    dropouts[name] = _fast_dropout_class()(dropout.p)
+
+
+def lora_input_casts_off(model, active):
+    """Under bf16 autocast, keep peft from casting each LoRA input to fp32 (the LoRA weights' dtype).
+
+    Autocast casts it straight back to bf16 for the LoRA matmuls: two copies of every LoRA
+    input, forward and backward, for nothing. Without autocast the cast is needed and stays.
+    """
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model, active=active)
 
 
 def linear_schedule(optimizer, warmup_steps, total_steps):
@@ -289,27 +378,191 @@ def linear_schedule(optimizer, warmup_steps, total_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def dev_loss(model, examples, batch_size, pad_id, device, bf16):
+@contextlib.contextmanager
+def dropout_off(model):
+    """Switch dropout off for a loss-only forward, leaving every other module in its mode.
+
+    model.eval() would do it too, but bitsandbytes repacks 4-bit weights for CPU inference on an
+    eval-mode forward (with AVX-512 bf16), after which those layers cannot train any more.
+    """
+    import torch
+
+    switched = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training]
+    for module in switched:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.train()
+
+
+def answer_head_parts(model):
+    """(decoder, lm_head, softcap) of a causal LM, PEFT-wrapped or not, or None where not found.
+
+    For the usual `*ForCausalLM` (Llama, Qwen2, Gemma, Mistral, ...) the logits are
+    lm_head(decoder(...).last_hidden_state), soft-capped by Gemma 2/3 configs that say so.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is base or not callable(head):
+        return None
+    return decoder, head, getattr(base.config, "final_logit_softcapping", None)
+
+
+@functools.cache
+def _head_cross_entropy():
+    """The autograd Function behind `head_cross_entropy` (built on first use: torch loads lazily)."""
+    import torch
+
+    class HeadCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, labels, need_grad, row_chunk, vocab_chunk):
+            n, vocab = hidden.shape[0], weight.shape[0]
+            losses = hidden.new_empty(n, dtype=torch.float32)
+            grad = hidden.new_empty(hidden.shape, dtype=torch.float32) if need_grad else None
+            row_chunk = math.ceil(n / math.ceil(n / row_chunk))  # even chunks: each streams all of W
+            for r0 in range(0, n, row_chunk):
+                h, y = hidden[r0 : r0 + row_chunk], labels[r0 : r0 + row_chunk]
+                rows = h.shape[0]
+                top = h.new_full((rows,), -math.inf, dtype=torch.float32)  # running max logit
+                total = h.new_zeros(rows, dtype=torch.float32)  # running sum of exp(logit - top)
+                target = h.new_zeros(rows, dtype=torch.float32)
+                acc = h.new_zeros(hidden.shape[1:], dtype=torch.float32).expand(rows, -1).clone() if need_grad else None
+                for v0 in range(0, vocab, vocab_chunk):
+                    w = weight[v0 : v0 + vocab_chunk]
+                    z = torch.nn.functional.linear(h, w).float()  # rounded like the plain head's logits
+                    offset = y - v0
+                    inside = (offset >= 0) & (offset < w.shape[0])
+                    picked = z.gather(1, offset.clamp(0, w.shape[0] - 1)[:, None]).squeeze(1)
+                    target = torch.where(inside, picked, target)
+                    new_top = torch.maximum(top, z.amax(dim=1))
+                    rescale = torch.exp(top - new_top)
+                    z.sub_(new_top[:, None]).exp_()
+                    total = total * rescale + z.sum(dim=1)
+                    if need_grad:
+                        acc.mul_(rescale[:, None]).add_(torch.mm(z.to(w.dtype), w))
+                    top = new_top
+                losses[r0 : r0 + rows] = top + torch.log(total) - target
+                if need_grad:
+                    # d loss / d h = softmax(logits) @ W - W[y]
+                    grad[r0 : r0 + rows] = acc / total[:, None] - weight[y].float()
+            ctx.save_for_backward(grad)
+            ctx.hidden_dtype = hidden.dtype
+            return losses
+
+        @staticmethod
+        def backward(ctx, grad_losses):
+            (grad,) = ctx.saved_tensors
+            return (grad * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None, None, None
+
+    return HeadCrossEntropy
+
+
+def head_cross_entropy(hidden, head, labels, *, softcap=None, reduction="mean", row_chunk=512, vocab_chunk=4096):
+    """cross_entropy(head(hidden), labels) for the rows of `hidden`, without storing the logits.
+
+    The logits of a 262k vocabulary are 1 MB per row in fp32: materialised, then cast, normalised,
+    zero-filled for the gradient and cast back, they cost as much time as the head's matmuls. Here
+    the vocabulary is walked in cache-sized chunks with an online softmax, as flash attention walks
+    its keys (a running max and sum per row), and the gradient w.r.t. the hidden rows,
+    softmax @ W - W[y], is accumulated in the same pass, rescaled whenever the running max moves.
+    Same FLOPs, same numbers up to rounding. Used for a frozen bias-free linear head without
+    soft-capping; anything else takes the plain head and cross-entropy.
+    """
+    import torch
+
+    weight = getattr(head, "weight", None)
+    plain = (
+        softcap
+        or not isinstance(head, torch.nn.Linear)
+        or head.bias is not None
+        or weight.requires_grad
+        or hidden.shape[0] == 0
+    )
+    if plain:
+        logits = head(hidden)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction=reduction)
+    need_grad = torch.is_grad_enabled() and hidden.requires_grad
+    losses = _head_cross_entropy().apply(hidden, weight, labels, need_grad, row_chunk, vocab_chunk)
+    return losses.mean() if reduction == "mean" else losses.sum()
+
+
+def answer_loss(model, batch, parts=None, *, reduction="mean"):
+    """Cross-entropy of a collated batch on its labelled (answer) tokens only.
+
+    The logits at position t predict the token at t + 1. With `parts` (see answer_head_parts),
+    the LM head runs only at the positions whose next token is labelled: the loss reads nothing
+    else, so it is exact, and for a 262k vocabulary the head is most of the model's FLOPs and
+    its logits most of the memory traffic. Without parts, the model's own forward gives logits
+    everywhere and the same rows are picked afterwards.
+    """
+    import torch
+
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    if parts is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
+    else:
+        decoder, head, softcap = parts
+        hidden = decoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, return_dict=True
+        ).last_hidden_state
+        return head_cross_entropy(hidden[:, :-1][keep], head, labels[keep], softcap=softcap, reduction=reduction)
+    return torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction=reduction)
+
+
+def checked_answer_head(model, example, pad_id, device, bf16):
+    """answer_head_parts(model) if they give the model's own loss on `example`, else None.
+
+    Some architectures scale or post-process their logits in ways this module does not know
+    (logit_scale, logits_scaling, remote code, ...); one comparison on a short example catches
+    that, and training then falls back to the plain full-logits forward.
+    """
+    import torch
+
+    parts = answer_head_parts(model)
+    if parts is None:
+        return None
+    batch = {key: value.to(device) for key, value in collate([example], pad_id).items()}
+    # Without dropout: no noise between the two, and no RNG draws that would shift the run's masks.
+    try:
+        with (
+            torch.no_grad(),
+            dropout_off(model),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+            lora_input_casts_off(model, bf16),
+        ):
+            fast = answer_loss(model, batch, parts).item()
+            full = answer_loss(model, batch).item()
+    except (TypeError, AttributeError, RuntimeError, ValueError):
+        return None  # the decoder does not take the usual arguments
+    # Same computation up to the head's row blocking: equal to float noise (bf16: ~1e-3).
+    return parts if math.isclose(fast, full, rel_tol=5e-3, abs_tol=1e-5) else None
+
+
+def dev_loss(model, examples, batch_size, pad_id, device, bf16, parts=None):
     """Mean loss per answer token over the dev examples."""
     import torch
 
-    was_training = model.training
-    model.eval()
     total, tokens = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     for start in range(0, len(order), batch_size):
         batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
         batch = {key: value.to(device) for key, value in batch.items()}
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # Shift: the logits at position t predict the token at t + 1.
-        logits = logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        ).item()
-        tokens += int((labels != IGNORE_INDEX).sum())
-    model.train(was_training)
+        with (
+            torch.no_grad(),
+            dropout_off(model),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+            lora_input_casts_off(model, bf16),
+        ):
+            total += answer_loss(model, batch, parts, reduction="sum").item()
+        tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return total / max(1, tokens)
 
 
@@ -439,7 +692,11 @@ def train(config, base_dir, train_records, dev_records, out_dir, *, on_progress=
 def train_model(
     config, base_dir, train_records, dev_records, out_dir, *, on_progress=None, should_stop=None, resume=True
 ):
-    """`train`, returning (model, tokenizer, metrics): evaluate in the same process without reloading."""
+    """`train`, returning (model, tokenizer, metrics): evaluate in the same process without reloading.
+
+    The model comes back with its base weights in the training dtype (bf16 where bf16 is used,
+    as the chat engine serves them on such hardware).
+    """
     import torch
 
     started = time.monotonic()
@@ -456,8 +713,10 @@ def train_model(
     torch.manual_seed(config.seed)  # LoRA A matrices and dropout masks
     device = resolve_device(config)
     bf16 = use_bf16(config, device)
-    model, tokenizer = load_base(base_dir, config)
+    model, tokenizer = load_base(base_dir, config, dtype=base_weights_dtype(config, device))
     model = add_lora(model, config)
+    if device.type == "cpu":
+        use_fast_lora_dropout(model)
     model.config.use_cache = False  # the cache only costs memory while training
 
     encoded = [encode_example(tokenizer, r, config) for r in train_records]
@@ -501,6 +760,8 @@ def train_model(
             raise TrainingCancelled(f"training cancelled at step {step} of {total_steps}")
 
     model.train()
+    shortest = train_examples[lengths.index(min(lengths))]
+    parts = checked_answer_head(model, shortest, pad_id, device, bf16)  # None: full logits everywhere
     session_start, session_first_step = time.monotonic(), step
     for epoch in range(step // steps_per_epoch, config.epochs):
         batches = length_grouped_batches(lengths, config.batch_size, config.seed + epoch)
@@ -512,8 +773,8 @@ def train_model(
                 check_stop()
                 batch = collate([train_examples[i] for i in indices], pad_id)
                 batch = {key: value.to(device) for key, value in batch.items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = model(**batch).loss / len(group)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), lora_input_casts_off(model, bf16):
+                    loss = answer_loss(model, batch, parts) / len(group)
                 loss.backward()
                 step_loss += loss.item()
                 step_tokens += int(batch["attention_mask"].sum())
@@ -530,7 +791,7 @@ def train_model(
 
             info = {"step": step, "total_steps": total_steps, "epoch": epoch + 1, "loss": step_loss, "lr": lr}
             if step % steps_per_epoch == 0 and dev_examples:
-                info["dev_loss"] = dev_loss(model, dev_examples, config.batch_size, pad_id, device, bf16)
+                info["dev_loss"] = dev_loss(model, dev_examples, config.batch_size, pad_id, device, bf16, parts)
                 history["dev_loss"].append(info["dev_loss"])
             elapsed = time.monotonic() - session_start
             per_step = elapsed / (step - session_first_step)
@@ -561,6 +822,8 @@ def train_model(
         "wall_seconds": time.monotonic() - started,
         "trainable_params": sum(p.numel() for p in trainable),
         "bf16": bf16,
+        "base_dtype": str(base_weights_dtype(config, device)).removeprefix("torch."),
+        "answer_only_head": parts is not None,
         "device": str(device),
         "resumed_from_step": resumed_from,
     }

@@ -15,6 +15,10 @@ from training.finetune import (
     BaseModelError,
     FinetuneConfig,
     TrainingCancelled,
+    add_lora,
+    answer_head_parts,
+    answer_loss,
+    checked_answer_head,
     collate,
     encode_example,
     end_of_turn_id,
@@ -24,6 +28,7 @@ from training.finetune import (
     load_base,
     train,
     train_model,
+    use_fast_lora_dropout,
 )
 from training.prompting import END, Turn, question_text, render_conversation
 
@@ -149,6 +154,79 @@ def test_loss_is_on_answer_tokens_only(tiny_model, records):
     assert abs(everything.item() - expected.item()) > 1e-3  # so the prompt really would have counted
 
 
+def _lora_batch(tiny_model, records):
+    """A LoRA-wrapped tiny model (fp32, adapters non-zero) and a padded two-example batch."""
+    model, tokenizer = load_base(tiny_model, FinetuneConfig())
+    torch.manual_seed(0)
+    model = add_lora(model, FinetuneConfig(lora_dropout=0.0))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # zero at init, so the adapters would not yet change the logits
+            torch.nn.init.normal_(param, std=0.05)
+    config = FinetuneConfig()
+    examples = [encode_example(tokenizer, r, config) for r in records[:3]]
+    return model, tokenizer, collate(examples, tokenizer.pad_token_id)
+
+
+def test_answer_only_head_gives_the_full_models_loss_and_gradients(tiny_model, records):
+    model, _, batch = _lora_batch(tiny_model, records)
+    assert batch["attention_mask"].eq(0).any()  # padding is in the batch
+    parts = answer_head_parts(model)
+    assert parts is not None
+
+    fast = answer_loss(model, batch, parts)
+    fast.backward()
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    full = model(**batch).loss  # transformers' own loss over the logits at every position
+    full.backward()
+
+    assert fast.item() == pytest.approx(full.item(), rel=1e-6)
+    full_grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert len(fast_grads) == len(full_grads) > 0
+    for name, grad in full_grads.items():  # gradients up to 0.2; fp32 summation order differs
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert answer_loss(model, batch).item() == pytest.approx(full.item(), rel=1e-6)  # the fallback path too
+
+
+def test_answer_only_head_is_refused_for_logits_it_does_not_know(tiny_model, records):
+    model, tokenizer, batch = _lora_batch(tiny_model, records)
+    example = encode_example(tokenizer, records[0], FinetuneConfig())
+    device = torch.device("cpu")
+    assert checked_answer_head(model, example, tokenizer.pad_token_id, device, False) is not None
+
+    # Like Granite's logits_scaling: the model post-processes logits after its head.
+    base = model.get_base_model()
+    forward = base.forward
+
+    def scaled_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits / 4
+        return out
+
+    base.forward = scaled_forward
+    assert checked_answer_head(model, example, tokenizer.pad_token_id, device, False) is None
+
+
+def test_fast_lora_dropout_drops_p_of_the_inputs_and_keeps_the_mean(tiny_model):
+    model, _ = load_base(tiny_model, FinetuneConfig())
+    model = add_lora(model, FinetuneConfig(lora_dropout=0.1))
+    use_fast_lora_dropout(model)
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(type(m).__name__ == "FastDropout" and m.p == 0.1 for m in dropouts)
+
+    dropout = dropouts[0].train()
+    x = torch.ones(1000, 1000)
+    torch.manual_seed(1)
+    y = dropout(x)
+    assert (y == 0).float().mean().item() == pytest.approx(0.1, abs=0.002)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.005)
+    kept = y.unique().tolist()
+    assert len(kept) == 2 and kept[0] == 0.0 and kept[1] == pytest.approx(1 / 0.9, rel=1e-3)  # kept ones scaled up
+    torch.manual_seed(1)
+    assert torch.equal(dropout(x), y)  # the seed decides the mask
+    assert torch.equal(dropout.eval()(x), x)
+
+
 def test_training_prompt_is_token_for_token_the_generation_prompt(tiny_model, records):
     _, tokenizer = load_base(tiny_model, FinetuneConfig())
     record = records[1]
@@ -218,9 +296,12 @@ def test_resume_refuses_a_checkpoint_from_other_data(tiny_model, records, tmp_pa
 
 def test_qlora_4bit_trains_on_cpu_and_the_loss_falls(tiny_model, records, tmp_path):
     config = FinetuneConfig(quantization="4bit", lora_r=16, learning_rate=1e-2, epochs=3, lora_dropout=0.0)
-    model, tokenizer, metrics = train_model(config, tiny_model, records[:8], [], tmp_path)
+    model, tokenizer, metrics = train_model(config, tiny_model, records[:8], records[8:10], tmp_path)
     assert any(isinstance(module, bnb.nn.Linear4bit) for module in model.modules())
     assert metrics["steps"] == 6
+    # The dev loss between epochs must not put the 4-bit layers in inference form (bitsandbytes
+    # repacks them on an eval-mode forward, after which they cannot train).
+    assert len(metrics["dev_loss"]) == 3
     assert metrics["train_loss"][-1] < metrics["train_loss"][0] - 0.5
     assert isinstance(generate_answer(model, tokenizer, records[0]["instruction"], max_new_tokens=5), str)
 
@@ -240,4 +321,6 @@ def test_config_refuses_unknown_choices():
         FinetuneConfig(quantization="8bit")
     with pytest.raises(ValueError):
         FinetuneConfig(bf16="maybe")
+    with pytest.raises(ValueError):
+        FinetuneConfig(base_dtype="fp16")
     assert FinetuneConfig.from_dict({"lora_r": 4, "unknown": 1}).lora_r == 4
