@@ -1,0 +1,226 @@
+"""Shared pieces of the serving benchmarks (not a script: the others import it).
+
+    from common import add_arguments, quick_adapter, questions, hf_generate, engine_stream   # in benchmarks/*.py
+
+What they share: the embedded Gemma-3-270M base, quick LoRA adapters trained once on a few pairs
+of data/train.json and reused from /tmp (decode speed does not depend on how well an adapter is
+trained, only on the LoRA layers being in the forward), Chinese questions from the same file,
+a timed fp32 `model.generate` baseline and a timed engine stream, and a table printer.
+
+Every benchmark measures everything it compares in one run and prints ratios: the machines are
+shared and noisy, so numbers from another run are never comparable.
+"""
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/, not the root, on the path
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_BASE = ROOT / "var" / "models" / "gemma-3-270m"
+DEFAULT_WORK = Path("/tmp/csp-bench")
+TRAIN_JSON = ROOT / "data" / "train.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, new_tokens=96):
+    parser.add_argument("--base", type=Path, default=DEFAULT_BASE, help="base model directory (default: %(default)s)")
+    parser.add_argument(
+        "--work", type=Path, default=DEFAULT_WORK, help="where quick adapters are trained and reused (default: %(default)s)"
+    )
+    parser.add_argument("--new-tokens", type=int, default=new_tokens, help="tokens generated per answer (default: %(default)s)")
+    return parser
+
+
+def load_average():
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
+# ---------------------------------------------------------------------------------------------
+# data and adapters
+
+
+def records():
+    return json.loads(TRAIN_JSON.read_text(encoding="utf-8"))
+
+
+def questions(count, *, offset=0):
+    """`count` customer questions (instruction + input) from data/train.json, cycling if needed."""
+    from training.prompting import question_text
+
+    pairs = records()
+    return [question_text(r["instruction"], r.get("input", "")) for r in (pairs[(offset + i) % len(pairs)] for i in range(count))]
+
+
+def quick_adapter(base_dir, work_dir, *, name="a", pairs=8, offset=0, seed=1):
+    """Path of a LoRA adapter (all linear layers, the default config) trained one epoch on `pairs`
+    records of data/train.json; trained once (tens of seconds on 2 cores), then reused.
+
+    It is deliberately under-trained: enough to give non-zero LoRA weights and run PEFT's LoRA
+    path in every forward, little enough that the model still answers at length, so that answers
+    of a fixed number of tokens can be timed.
+    """
+    from training.finetune import FinetuneConfig, train
+
+    chosen = records()[offset : offset + pairs]
+    config = FinetuneConfig(epochs=1, batch_size=4, seed=seed, checkpoint_every=0)
+    key = hashlib.sha256(
+        json.dumps([str(Path(base_dir).resolve()), chosen, config.to_dict()], ensure_ascii=False).encode()
+    ).hexdigest()[:12]
+    out_dir = Path(work_dir) / "adapters" / f"{name}-{key}"
+    adapter = out_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        started = time.monotonic()
+        print(f"training quick adapter {name!r} on {len(chosen)} pairs into {out_dir} ...", flush=True)
+        train(config, base_dir, chosen, [], out_dir, resume=False)
+        print(f"  done in {time.monotonic() - started:.0f} s", flush=True)
+    return adapter
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+@dataclass
+class Timed:
+    """One generated answer: tokens and when each arrived (seconds after the call started)."""
+
+    tokens: int = 0
+    first_s: float | None = None
+    total_s: float = 0.0
+    arrivals: list = field(default_factory=list)
+    finish_reason: str = ""
+    adapter: str | None = None  # the engine's answers: the adapter version that answered
+
+    @property
+    def tokens_per_s(self):
+        """End to end: tokens / (call to last token), prefill included."""
+        return self.tokens / self.total_s if self.total_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self):
+        """Steady decode: tokens after the first / (first token to last token)."""
+        if self.tokens < 2 or self.first_s is None:
+            return 0.0
+        return (self.tokens - 1) / (self.total_s - self.first_s)
+
+
+def hf_model(base_dir, adapter_dir):
+    """The plain baseline: base + adapter through PEFT in fp32, on the CPU, as `load_adapter` gives it."""
+    from training.finetune import FinetuneConfig, load_adapter
+
+    model, tokenizer = load_adapter(base_dir, adapter_dir, FinetuneConfig(device="cpu"))
+    return model, tokenizer
+
+
+def hf_generate(model, tokenizer, ids, new_tokens):
+    """Greedy `model.generate`, batch 1, exactly `new_tokens` tokens (EOS ignored via min_new_tokens)."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.calls = 0
+            self.times = []
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls > 1:  # the first put() is the prompt
+                self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    clock = Clock()
+    input_ids = torch.tensor([ids])
+    started = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=clock,
+            use_cache=True,
+        )
+    ended = time.perf_counter()
+    count = output.shape[1] - len(ids)
+    arrivals = [t - started for t in clock.times]
+    return Timed(tokens=count, first_s=arrivals[0] if arrivals else None, total_s=ended - started, arrivals=arrivals, finish_reason="length")
+
+
+async def engine_stream(engine, question, new_tokens, **options):
+    """Stream one answer from the engine; Timed with the Token arrival times (a Token may carry
+    more than one token id when a character spans several: counts come from Done's stats)."""
+    from chat.engine import Done, Token
+
+    started = time.perf_counter()
+    arrivals, stats = [], None
+    async for event in engine.stream(question, max_new_tokens=new_tokens, **options):
+        if isinstance(event, Token):
+            arrivals.append(time.perf_counter() - started)
+        elif isinstance(event, Done):
+            stats = event.stats
+    total = time.perf_counter() - started
+    first = stats.first_token_ms / 1000 if stats.first_token_ms is not None else (arrivals[0] if arrivals else None)
+    return Timed(tokens=stats.tokens, first_s=first, total_s=total, arrivals=arrivals, finish_reason=stats.finish_reason, adapter=stats.adapter)
+
+
+def engine_generate(engine, question, new_tokens, **options):
+    """engine_stream from synchronous code."""
+    return asyncio.run(engine_stream(engine, question, new_tokens, **options))
+
+
+def profiled(run, *, rows=14):
+    """Call run() under the torch profiler (all threads: the engine decodes on its own) and print
+    the ops that took the most self CPU time, by input shape; returns run()'s result."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, experimental_config=config) as prof:
+        result = run()
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=36, max_shapes_column_width=56
+    )
+    # Keep the name, self CPU %, self CPU, calls and shapes columns: the full table is too wide.
+    for line in table.splitlines():
+        print(line[:66] + line[108:] if len(line) > 108 else line)
+    sys.stdout.flush()
+    return result
+
+
+def percentile(values, q):
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.4999)))
+    return ordered[rank - 1]
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def print_table(headers, rows):
+    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row):
+        return "| " + " | ".join(cell.rjust(widths[i]) for i, cell in enumerate(row)) + " |"
+
+    print(line(cells[0]))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells[1:]:
+        print(line(row))
+    sys.stdout.flush()
