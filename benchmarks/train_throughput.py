@@ -55,20 +55,20 @@ DEFAULT_DATA = ROOT / "data" / "train.json"
 # the machine
 
 
-class CpuShare:
-    """Share of all CPUs that other processes used while the block ran (from /proc; Linux only)."""
+class OtherCpu:
+    """Share of all CPUs that other processes took between marks (from /proc; Linux only).
 
-    def __enter__(self):
-        self.start = self._sample()
-        return self
+    The machines are shared; a step during which someone else ran a test suite is not a
+    measurement of this code. Each step gets its share, so that noisy steps can be set aside.
+    """
 
-    def __exit__(self, *exc):
-        end = self._sample()
-        if self.start and end:
-            busy, total, mine = (b - a for a, b in zip(self.start, end))
-            self.other = max(0.0, (busy - mine) / total) if total else 0.0
-        else:
-            self.other = float("nan")
+    def __init__(self):
+        self.last = self._sample()
+
+    def mark(self):
+        now = self._sample()
+        share, self.last = self._share(self.last, now), now
+        return share
 
     @staticmethod
     def _sample():
@@ -79,6 +79,13 @@ class CpuShare:
             return None
         idle = fields[3] + fields[4]
         return sum(fields) - idle, sum(fields), int(stat[11]) + int(stat[12])  # busy, all, this process
+
+    @staticmethod
+    def _share(before, after):
+        if not before or not after or after[1] == before[1]:
+            return 0.0
+        busy, total, mine = (b - a for a, b in zip(before, after))
+        return max(0.0, (busy - mine) / total)
 
 
 def matmul_peak(dtype, n=2048, repeats=5, rounds=3):
@@ -163,9 +170,14 @@ def platform_run(args, records, work):
         seed=args.seed,
         device="cpu",
     )
-    events = []
-    with CpuShare() as share:
-        model, _, metrics = train_model(config, args.model, records, [], work, on_progress=events.append, resume=False)
+    events, others = [], []
+    meter = OtherCpu()
+
+    def on_progress(info):
+        others.append(meter.mark())
+        events.append(info)
+
+    model, _, metrics = train_model(config, args.model, records, [], work, on_progress=on_progress, resume=False)
     elapsed = [e["elapsed_s"] for e in events]
     shape = model_shape(model)
     del model
@@ -173,9 +185,9 @@ def platform_run(args, records, work):
     return {
         "losses": [e["loss"] for e in events],
         "seconds": [b - a for a, b in zip([0.0] + elapsed, elapsed)],
+        "other_cpu": others,  # the first also covers loading: it is not used
         "metrics": metrics,
         "shape": shape,
-        "other_cpu": share.other,
     }
 
 
@@ -202,13 +214,14 @@ def baseline_run(args, examples, tokenizer, work, order):
 
     class Recorder(TrainerCallback):
         def __init__(self):
-            self.ends, self.losses = [], []
+            self.ends, self.losses, self.others = [], [], []
 
         def on_train_begin(self, *_, **__):
-            self.start = time.perf_counter()
+            self.start, self.meter = time.perf_counter(), OtherCpu()
 
         def on_step_end(self, *_, **__):
             self.ends.append(time.perf_counter())
+            self.others.append(self.meter.mark())
 
         def on_log(self, _args, _state, _control, logs=None, **__):
             if logs and "loss" in logs:
@@ -238,8 +251,7 @@ def baseline_run(args, examples, tokenizer, work, order):
     dataset = [{"input_ids": e["input_ids"], "attention_mask": [1] * len(e["input_ids"]), "labels": e["labels"]} for e in examples]
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=counting_collator, callbacks=[recorder])
     trainer.remove_callback(PrinterCallback)  # the per-step dicts; the table below has them
-    with CpuShare() as share:
-        trainer.train()
+    trainer.train()
     ends = recorder.ends
     del trainer, model
     gc.collect()
@@ -247,7 +259,7 @@ def baseline_run(args, examples, tokenizer, work, order):
         "losses": recorder.losses,
         "seconds": [b - a for a, b in zip([recorder.start] + ends, ends)],
         "batches": batches[: len(ends)],
-        "other_cpu": share.other,
+        "other_cpu": recorder.others,
     }
 
 
@@ -290,6 +302,9 @@ def main():
         help="baseline batches: the platform's in its order, Trainer's random sampler, or a run of each (default)",
     )
     parser.add_argument("--baseline-bf16", action="store_true", help="give the baseline bf16 autocast (TrainingArguments.bf16)")
+    parser.add_argument(
+        "--quiet", type=float, default=0.1, help="a step is quiet when others took less than this share of the CPUs (default: %(default)s)"
+    )
     parser.add_argument("--json", type=Path, help="also write every number to this file")
     args = parser.parse_args()
     if args.threads:
@@ -337,51 +352,67 @@ def main():
     if "same" in baselines and [b[0] for b in baselines["same"]["batches"]] != real:
         sys.exit("the baseline did not get the platform's batches; the per-step comparison would be meaningless")
 
-    p_sec = platform["seconds"]
-    p_steady, p_all = rate(real[1:], p_sec[1:]), rate(real, p_sec)
-    columns = [("platform", p_steady, p_all, p_sec, real, padded, platform)]
+    # One column per run: per-step real and padded tokens, seconds, others' CPU share, losses.
+    columns = [{"name": "platform", "real": real, "padded": padded, **platform}]
     for order, run in baselines.items():
-        b_real, b_padded = [b[0] for b in run["batches"]], [b[1] for b in run["batches"]]
-        b_sec = run["seconds"]
-        label = "HF, same batches" if order == "same" else "HF, random batches"
-        columns.append((label, rate(b_real[1:], b_sec[1:]), rate(b_real, b_sec), b_sec, b_real, b_padded, run))
+        name = "HF, same batches" if order == "same" else "HF, random batches"
+        columns.append({"name": name, "real": [b[0] for b in run["batches"]], "padded": [b[1] for b in run["batches"]], **run})
+    steady = range(1, steps)  # the first step builds kernels and caches: warm-up, not throughput
+    for c in columns:
+        c["quiet"] = [i for i in steady if c["other_cpu"][i] < args.quiet]
+        c["rate"] = rate([c["real"][i] for i in steady], [c["seconds"][i] for i in steady])
+        c["rate_all"] = rate(c["real"], c["seconds"])
+        c["rate_quiet"] = rate([c["real"][i] for i in c["quiet"]], [c["seconds"][i] for i in c["quiet"]])
+    first = columns[0]
+
+    def quiet_ratio(c):
+        """platform / c on quiet steps; for the same batches only steps quiet in both runs, pairwise."""
+        if c["name"] == "HF, same batches":
+            both = sorted(set(first["quiet"]) & set(c["quiet"]))
+            if not both:
+                return "no quiet steps"
+            return f"{sum(c['seconds'][i] for i in both) / sum(first['seconds'][i] for i in both):.2f}x ({len(both)} paired)"
+        return f"{first['rate_quiet'] / c['rate_quiet']:.2f}x" if c["rate_quiet"] and first["rate_quiet"] else "no quiet steps"
 
     def row(title, cell, ratio=None):
-        cells = [cell(c) for c in columns]
-        ratios = [ratio(columns[0], c) if ratio else "" for c in columns[1:]]
-        return [title, *cells, *ratios]
+        return [title, *(cell(c) for c in columns), *((ratio(c) if ratio else "") for c in columns[1:])]
 
     shape = platform["shape"]
     flops = [training_flops(shape, [lengths[i] for i in b], [answer_counts[i] for i in b]) for b in batches]
-    achieved = sum(flops[1:]) / sum(p_sec[1:]) / 1e9
-    convention = six_n_flops(shape, sum(real[1:])) / sum(p_sec[1:]) / 1e9
+    achieved = sum(flops[i] for i in steady) / sum(first["seconds"][i] for i in steady) / 1e9
+    achieved_quiet = (
+        sum(flops[i] for i in first["quiet"]) / sum(first["seconds"][i] for i in first["quiet"]) / 1e9 if first["quiet"] else 0.0
+    )
+    convention = six_n_flops(shape, sum(real[i] for i in steady)) / sum(first["seconds"][i] for i in steady) / 1e9
     metrics = platform["metrics"]
     tail = min(5, steps)
-    baseline_numerics = "fp32 weights, bf16 autocast " + ("on" if args.baseline_bf16 else "off") + ", head everywhere"
-    platform_numerics = (
-        f"{metrics['base_dtype']} base + fp32 LoRA, bf16 autocast {'on' if metrics['bf16'] else 'off'}, "
-        + ("fused head on answer rows" if metrics["answer_only_head"] else "head everywhere")
-    )
+    quiet_title = f"real tokens/s, quiet steps (others < {args.quiet:.0%} CPU)"
 
     print()
     print_table(
-        ["", *(c[0] for c in columns), *(f"platform / {c[0]}" for c in columns[1:])],
+        ["", *(c["name"] for c in columns), *(f"platform / {c['name']}" for c in columns[1:])],
         [
-            row(f"real tokens/s, steps 2-{steps}", lambda c: f"{c[1]:.1f}", lambda p, b: f"{p[1] / b[1]:.2f}x"),
-            row("real tokens/s, all steps", lambda c: f"{c[2]:.1f}", lambda p, b: f"{p[2] / b[2]:.2f}x"),
-            row("median step (s)", lambda c: f"{statistics.median(c[3]):.2f}"),
-            row("padding (share of batch tokens)", lambda c: f"{1 - sum(c[4]) / sum(c[5]):.1%}"),
-            row(f"loss at step {steps}", lambda c: f"{c[6]['losses'][-1]:.4f}"),
-            row(f"mean loss, last {tail} steps", lambda c: f"{statistics.mean(c[6]['losses'][-tail:]):.4f}"),
-            row("mean loss, all steps", lambda c: f"{statistics.mean(c[6]['losses']):.4f}"),
-            row("CPU taken by other processes", lambda c: f"{c[6]['other_cpu']:.0%}"),
+            row(f"real tokens/s, steps 2-{steps}", lambda c: f"{c['rate']:.1f}", lambda c: f"{first['rate'] / c['rate']:.2f}x"),
+            row(quiet_title, lambda c: f"{c['rate_quiet']:.1f} ({len(c['quiet'])} steps)", quiet_ratio),
+            row("real tokens/s, all steps", lambda c: f"{c['rate_all']:.1f}", lambda c: f"{first['rate_all'] / c['rate_all']:.2f}x"),
+            row("median step (s)", lambda c: f"{statistics.median(c['seconds']):.2f}"),
+            row("padding (share of batch tokens)", lambda c: f"{1 - sum(c['real']) / sum(c['padded']):.1%}"),
+            row(f"loss at step {steps}", lambda c: f"{c['losses'][-1]:.4f}"),
+            row(f"mean loss, last {tail} steps", lambda c: f"{statistics.mean(c['losses'][-tail:]):.4f}"),
+            row("mean loss, all steps", lambda c: f"{statistics.mean(c['losses']):.4f}"),
+            row("CPU others took, mean over steps 2-" + str(steps), lambda c: f"{statistics.mean(c['other_cpu'][1:]):.0%}"),
         ],
     )
-    print(f"\nplatform: {platform_numerics}\nbaseline: {baseline_numerics}")
     print(
-        f"\nplatform FLOP rate, steps 2-{steps}: {achieved:.0f} GFLOP/s = {achieved / peak_bf16:.0%} of the bf16 matmul "
-        f"peak measured above ({peak_bf16:.0f}); {sum(flops) / steps / 1e9:.0f} GFLOP per step (see training_flops)"
+        f"\nplatform: {metrics['base_dtype']} base weights + fp32 LoRA, bf16 autocast {'on' if metrics['bf16'] else 'off'}, "
+        + ("LM head on answer rows only, fused with the loss" if metrics["answer_only_head"] else "LM head at every position")
     )
+    print("baseline: fp32 weights, bf16 autocast " + ("on" if args.baseline_bf16 else "off") + ", LM head at every position")
+    print(
+        f"\nplatform FLOP rate, steps 2-{steps}: {achieved:.0f} GFLOP/s = {achieved / peak_bf16:.0%} of the bf16 matmul peak "
+        f"measured above ({peak_bf16:.0f}); on its quiet steps {achieved_quiet:.0f} GFLOP/s = {achieved_quiet / peak_bf16:.0%}"
+    )
+    print(f"  {sum(flops) / steps / 1e9:.0f} GFLOP per step on average, counted by training_flops() in this script")
     print(
         f"  the 6 x params x tokens rule of thumb would say {convention:.0f} GFLOP/s = {convention / peak_bf16:.0%}: it counts "
         "weight gradients the frozen base never computes, and the LM head at every token"
@@ -397,7 +428,7 @@ def main():
         headers += ["HF loss, same batches", "diff"]
     if "shuffled" in baselines:
         headers += ["HF loss, random batches"]
-    headers += [f"{c[0]} s" for c in columns]
+    headers += [f"{c['name']}: s (others' CPU)" for c in columns]
     rows = []
     for i in range(steps):
         cells = [i + 1, real[i], answers[i], f"{platform['losses'][i]:.4f}"]
@@ -406,21 +437,19 @@ def main():
             cells += [f"{same:.4f}", f"{platform['losses'][i] - same:+.4f}"]
         if "shuffled" in baselines:
             cells += [f"{baselines['shuffled']['losses'][i]:.4f}"]
-        rows.append(cells + [f"{c[3][i]:.2f}" for c in columns])
+        rows.append(cells + [f"{c['seconds'][i]:.2f} ({c['other_cpu'][i]:.0%})" for c in columns])
     print_table(headers, rows)
-    others = max(c[6]["other_cpu"] for c in columns)
-    if others > 0.1:
-        print(f"\nnote: other processes took up to {others:.0%} of the CPUs during a run; repeat when the machine is quieter")
+    noisy = [c["name"] for c in columns if len(c["quiet"]) < len(steady) / 2]
+    if noisy:
+        print(f"\nnote: other processes were busy during most steps of {', '.join(noisy)}; repeat when the machine is quieter")
 
     if args.json:
         summary = {
             "args": {k: str(v) for k, v in vars(args).items()},
             "peak_gflops": {"bf16": peak_bf16, "fp32": peak_fp32},
             "batches": {"real": real, "padded": padded, "answers": answers},
-            "platform": {**{k: v for k, v in platform.items() if k != "metrics"}, "metrics": metrics},
-            "baselines": baselines,
-            "tokens_per_s": {c[0]: {"steady": c[1], "all_steps": c[2]} for c in columns},
-            "gflops": {"platform_achieved": achieved, "six_n_rule_of_thumb": convention, "per_step": flops},
+            "runs": columns,
+            "gflops": {"platform": achieved, "platform_quiet": achieved_quiet, "six_n_rule_of_thumb": convention, "per_step": flops},
         }
         args.json.write_text(json.dumps(summary, indent=2, default=str))
 

@@ -19,6 +19,7 @@ from training.finetune import (
     answer_head_parts,
     answer_loss,
     checked_answer_head,
+    head_cross_entropy,
     collate,
     encode_example,
     end_of_turn_id,
@@ -155,7 +156,7 @@ def test_loss_is_on_answer_tokens_only(tiny_model, records):
 
 
 def _lora_batch(tiny_model, records):
-    """A LoRA-wrapped tiny model (fp32, adapters non-zero) and a padded two-example batch."""
+    """A LoRA-wrapped tiny model (fp32, adapters non-zero) and a padded three-example batch."""
     model, tokenizer = load_base(tiny_model, FinetuneConfig())
     torch.manual_seed(0)
     model = add_lora(model, FinetuneConfig(lora_dropout=0.0))
@@ -184,8 +185,25 @@ def test_answer_only_head_gives_the_full_models_loss_and_gradients(tiny_model, r
     full_grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert len(fast_grads) == len(full_grads) > 0
     for name, grad in full_grads.items():  # gradients up to 0.2; fp32 summation order differs
-        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6)
     assert answer_loss(model, batch).item() == pytest.approx(full.item(), rel=1e-6)  # the fallback path too
+
+
+def test_fused_head_cross_entropy_is_exact_across_vocabulary_and_row_chunks():
+    # The tiny model's vocabulary fits one chunk; here the online softmax has to rescale.
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 1000, bias=False).requires_grad_(False)
+    hidden = (torch.randn(20, 32) * 3).requires_grad_()
+    labels = torch.randint(0, 1000, (20,))
+    expected = torch.nn.functional.cross_entropy(head(hidden), labels, reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+
+    fused = head_cross_entropy(hidden, head, labels, reduction="sum", row_chunk=7, vocab_chunk=128)
+    (grad,) = torch.autograd.grad(fused, hidden)
+    assert fused.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # loss only: no gradient pass
+        assert head_cross_entropy(hidden, head, labels, vocab_chunk=128).item() == pytest.approx(expected.item() / 20, rel=1e-6)
 
 
 def test_answer_only_head_is_refused_for_logits_it_does_not_know(tiny_model, records):
