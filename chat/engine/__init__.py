@@ -7,7 +7,7 @@ adapters. Importing this package does not import torch; `Engine.load()` (or the 
 """
 
 from chat.engine.config import EngineConfig
-from chat.engine.engine import Engine, Request
+from chat.engine.engine import CURRENT, Engine, Request
 from chat.engine.events import (
     CANCELLED,
     ERROR,
@@ -28,6 +28,7 @@ from training.prompting import Turn
 
 __all__ = [
     "CANCELLED",
+    "CURRENT",
     "ERROR",
     "FINISH_REASONS",
     "LENGTH",

@@ -400,3 +400,51 @@ def test_a_vanishing_temperature_is_greedy_and_does_not_break_the_engine(make_en
     greedy, _ = engine.generate(_question(records[0]))
     tiny, stats = engine.generate(_question(records[0]), temperature=1.3e-185)
     assert tiny == greedy and stats.finish_reason in ("stop", "length")
+
+
+def test_a_pinned_adapter_answers_beside_the_current_one_and_is_unloaded_after(make_engine, records, rotated, adapters):
+    engine = make_engine()
+    engine.set_adapter("v2", adapters["v2"])
+    with pytest.raises(ValueError, match="give its path"):
+        engine.submit(_question(records[0]), adapter="v1")
+    started = threading.Event()
+    pinned = engine.submit(_question(records[1]), adapter="v1", adapter_path=adapters["v1"], on_event=_slow(0.01, started))
+    assert started.wait(5)
+    current = engine.submit(_question(rotated[0]))
+    base = engine.submit(_question(records[1]), adapter=None, max_new_tokens=3)
+    assert (pinned.adapter, current.adapter, base.adapter) == ("v1", "v2", None)
+    assert pinned.result(20)[0] == _answer(records[1])  # v1's memorised answer
+    assert current.result(20)[0] == _answer(rotated[0])  # the current version is untouched
+    assert base.result(20)[1].adapter is None
+    assert engine.current_adapter == "v2"
+    assert _wait_for(lambda: engine.loaded_adapters == ["v2"])  # v1 unloaded once its request ended
+    with pytest.raises(ValueError, match="immutable"):
+        engine.submit(_question(records[0]), adapter="v2", adapter_path=adapters["v1"])
+    with pytest.raises(FileNotFoundError):
+        engine.submit(_question(records[0]), adapter="v9", adapter_path=adapters["v1"].parent / "missing")
+    assert engine.loaded_adapters == ["v2"] and engine.metrics()["running"] == 0
+
+
+def test_a_pinned_adapter_from_async_code_loads_off_the_event_loop(make_engine, records, adapters):
+    engine = make_engine()
+    engine.load()
+
+    async def ask():
+        request = await engine.asubmit(_question(records[2]), adapter="v1", adapter_path=adapters["v1"])
+        return "".join([event.text async for event in request if isinstance(event, Token)]), request.adapter
+
+    text, adapter = asyncio.run(ask())
+    assert (text, adapter) == (_answer(records[2]), "v1")
+
+
+def test_the_lm_head_gets_a_fresh_contiguous_input(make_engine, records):
+    engine = make_engine()
+    engine.load()
+    seen = []
+    head = engine._model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, output: seen.append((args[0].is_contiguous(), args[0]._base is None)))
+    try:
+        engine.generate(_question(records[0]), max_new_tokens=2)
+    finally:
+        handle.remove()
+    assert seen and all(contiguous and own for contiguous, own in seen)
