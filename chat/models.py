@@ -37,7 +37,15 @@ class Conversation(models.Model):
         return bool(session_key) and self.user_id is None and self.session_key == session_key
 
 
+class ReviewStatus(models.TextChoices):
+    PENDING = "", _("Waiting for review")
+    DRAFTED = "drafted", _("Turned into a draft Q&A pair")
+    DISMISSED = "dismissed", _("Dismissed")
+
+
 class Message(models.Model):
+    ReviewStatus = ReviewStatus
+
     class Role(models.TextChoices):
         USER = "user", _("Customer")
         ASSISTANT = "assistant", _("Assistant")
@@ -55,6 +63,19 @@ class Message(models.Model):
     finish_reason = models.CharField(_("finish reason"), max_length=20, blank=True)
     rating = models.SmallIntegerField(_("rating"), null=True, blank=True, choices=[(1, "👍"), (-1, "👎")])
     feedback_comment = models.TextField(_("feedback comment"), blank=True, max_length=2000)
+    # Curation: an answer rated 👎 or flagged by staff waits in the review queue until it is
+    # turned into a draft Q&A pair or dismissed.
+    flagged = models.BooleanField(
+        _("flagged for review"), default=False, help_text=_("Staff flagged this answer for the review queue.")
+    )
+    review_status = models.CharField(
+        _("review"), max_length=10, choices=ReviewStatus.choices, default=ReviewStatus.PENDING, blank=True
+    )
+    reviewed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, verbose_name=_("reviewed by"), null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    reviewed_at = models.DateTimeField(_("reviewed at"), null=True, blank=True)
     created_at = models.DateTimeField(_("created at"), auto_now_add=True, db_index=True)
 
     class Meta:
@@ -65,3 +86,11 @@ class Message(models.Model):
     def __str__(self):
         text = self.text.replace("\n", " ")
         return text if len(text) <= 60 else f"{text[:59]}…"
+
+    def question(self):
+        """For an answer: the customer's message it answers (the latest one before it), or None."""
+        return (
+            Message.objects.filter(conversation_id=self.conversation_id, role=Message.Role.USER, id__lt=self.id)
+            .order_by("-id")
+            .first()
+        )

@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
+from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.utils import timezone
 from django.utils.translation import gettext as _
 
+from chat.models import Message
 from knowledge import formats
 from knowledge.models import (
     INPUT_MAX_LENGTH,
@@ -335,3 +338,61 @@ def qa_set_status(*, pairs, status, user):
 def qa_move_to_category(*, pairs, category, user):
     """Move many pairs into one category; returns how many changed."""
     return _bulk_update(pairs, user, _("Moved to category %(name)s.") % {"name": category.name}, category=category)
+
+
+# --- Curation from chat: the review queue ---
+
+
+def review_draft_pair(*, answer, output, instruction=None, input="", category=None, user=None, source=None):
+    """Turn a chat answer into a draft QAPair: the customer's question, a corrected answer.
+
+    `instruction` defaults to the customer's message the answer replied to. The pair keeps a link
+    to the answer (`source_message`), which leaves the review queue as "drafted". Raises
+    ValidationError (by field: instruction, input, output) and stores nothing when the pair is not
+    acceptable, e.g. when the same question is already stored (the error names that pair).
+    """
+    if instruction is None:
+        question = answer.question()
+        instruction = question.text if question is not None else ""
+    pair = QAPair(
+        instruction=(instruction or "").strip(),
+        input=(input or "").strip(),
+        output=(output or "").strip(),
+        category=category,
+        status=QAPair.Status.DRAFT,
+        source=source or QAPair.Source.FEEDBACK,
+        source_message=answer,
+        created_by=user,
+        updated_by=user,
+    )
+    errors = {}
+    for check in (lambda: pair.clean_fields(exclude=["question_hash", "created_by", "updated_by"]), pair.clean):
+        try:
+            check()
+        except ValidationError as exc:
+            for name, messages in exc.message_dict.items():
+                errors.setdefault(name, messages)  # a field's own error first; clean() repeats "blank"
+    if errors:
+        raise ValidationError(errors)
+    with transaction.atomic():
+        pair.save()
+        answer.review_status = Message.ReviewStatus.DRAFTED
+        answer.reviewed_by = user
+        answer.reviewed_at = timezone.now()
+        answer.save(update_fields=["review_status", "reviewed_by", "reviewed_at"])
+        _log(user, [pair], ADDITION, _("Drafted from chat answer #%(id)s.") % {"id": answer.pk})
+    return pair
+
+
+def review_dismiss(*, answers, user=None):
+    """Take answers out of the review queue without a pair; returns how many changed."""
+    return answers.filter(review_status=Message.ReviewStatus.PENDING).update(
+        review_status=Message.ReviewStatus.DISMISSED, reviewed_by=user, reviewed_at=timezone.now()
+    )
+
+
+def review_flag(*, answers, user=None):
+    """Put answers into the review queue (staff's own judgement, whatever the customer rated)."""
+    return answers.filter(role=Message.Role.ASSISTANT).exclude(flagged=True).update(
+        flagged=True, review_status=Message.ReviewStatus.PENDING
+    )
