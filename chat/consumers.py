@@ -1,9 +1,18 @@
 """The customer chat websocket (/ws/chat/), speaking the protocol in DESIGN.md.
 
 Client → server: {"type": "message", "text", "conversation"}, {"type": "cancel"},
-{"type": "feedback", "message", "rating", "comment"}.
-Server → client: start, token…, done; or error / busy. Every malformed frame gets an error
-frame and the socket stays open; a client that floods is closed.
+{"type": "feedback", "message", "rating", "comment"}, and for the human handoff
+{"type": "handoff", "conversation"} (ask for a person), {"type": "join", "conversation"} (follow a
+conversation again after a reconnect: answered with its state) and {"type": "rate",
+"conversation", "rating": 1-5} (satisfaction once it is closed).
+Server → client: start, token…, done; or error / busy. In a handoff: {"type": "handoff",
+"state"} on every state change, {"type": "agent", "text", "message"} for each staff reply, and
+{"type": "received", "conversation", "message"} for a message stored for the agent (the
+assistant does not answer it). Every malformed frame gets an error frame and the socket stays
+open; a client that floods is closed.
+
+Each socket follows one conversation's channel-layer group (chat.handoff.group_name), which is
+how staff replies and state changes reach it from any process.
 
 The consumer stays small: it parses, checks limits, calls chat.services, and owns the one
 generation task of its connection (cancelled on `cancel` and on disconnect).
@@ -18,7 +27,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils.translation import gettext as _
 
-from chat import services
+from chat import handoff, services
 from chat.engine import Done, EngineBusy, EngineError, InputTooLong, Token
 from chat.serving import active_engine
 
@@ -38,6 +47,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.generation = None
         self.streaming = None  # (request, answer row) of the answer being generated
         self.frame_times = []
+        self.following = None  # the conversation whose group this socket is in
         await database_sync_to_async(self._ensure_session)()
         await self.accept()
 
@@ -58,6 +68,26 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code):
         await self._stop_generation()
+        if self.following is not None:
+            await self.channel_layer.group_discard(handoff.group_name(self.following), self.channel_name)
+
+    async def _follow(self, conversation_id):
+        """Join the conversation's group (leaving the previous one): staff replies reach us there."""
+        conversation_id = str(conversation_id)
+        if self.channel_layer is None or self.following == conversation_id:
+            return
+        if self.following is not None:
+            await self.channel_layer.group_discard(handoff.group_name(self.following), self.channel_name)
+        await self.channel_layer.group_add(handoff.group_name(conversation_id), self.channel_name)
+        self.following = conversation_id
+
+    # --- from the channel layer (chat.handoff.broadcast) ---
+
+    async def handoff_state(self, event):
+        await self.send_json({"type": "handoff", "state": event["state"]})
+
+    async def handoff_agent(self, event):
+        await self.send_json({"type": "agent", "text": event["text"], "message": event["message"]})
 
     async def send_json(self, data):
         await self.send(text_data=json.dumps(data, ensure_ascii=False))
@@ -87,9 +117,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if not isinstance(frame, dict):
             await self.error("invalid", _("A frame must be a JSON object with a type."))
             return
-        handler = {"message": self.on_message, "cancel": self.on_cancel, "feedback": self.on_feedback}.get(frame.get("type"))
+        handler = {
+            "message": self.on_message,
+            "cancel": self.on_cancel,
+            "feedback": self.on_feedback,
+            "handoff": self.on_handoff,
+            "join": self.on_join,
+            "rate": self.on_rate,
+        }.get(frame.get("type"))
         if handler is None:
-            await self.error("invalid", _("Unknown frame type; use message, cancel or feedback."))
+            await self.error("invalid", _("Unknown frame type; use message, cancel, feedback, handoff, join or rate."))
             return
         try:
             await handler(frame)
@@ -123,10 +160,52 @@ class ChatConsumer(AsyncWebsocketConsumer):
         )
         await self.send_json({"type": "feedback", "message": answer.pk, "rating": answer.rating})
 
+    def _own_conversation(self, conversation_id, *, create=False):
+        if not conversation_id and not create:
+            raise services.ChatError("invalid", _("Say which conversation."))
+        return services.conversation_for(conversation_id=conversation_id, session_key=self.session_key, user=self.user)
+
+    async def on_handoff(self, frame):
+        """The customer asks for a person (the page's button)."""
+        if self.generation is not None and not self.generation.done():
+            await self._stop_generation()
+
+        def request():
+            conversation = self._own_conversation(frame.get("conversation"), create=True)
+            try:
+                return handoff.handoff_request(conversation=conversation)
+            except handoff.HandoffRefused:
+                if conversation.state in (conversation.State.WAITING, conversation.State.AGENT):
+                    return conversation  # asked twice: still waiting, or with an agent already
+                raise
+
+        conversation = await database_sync_to_async(request)()
+        await self._follow(conversation.pk)
+        await self.send_json({"type": "handoff", "state": conversation.state, "conversation": str(conversation.pk)})
+
+    async def on_join(self, frame):
+        conversation = await database_sync_to_async(self._own_conversation)(frame.get("conversation"))
+        await self._follow(conversation.pk)
+        await self.send_json({"type": "handoff", "state": conversation.state, "conversation": str(conversation.pk)})
+
+    async def on_rate(self, frame):
+        conversation = await database_sync_to_async(self._own_conversation)(frame.get("conversation"))
+        rated = await database_sync_to_async(handoff.conversation_rate)(conversation=conversation, rating=frame.get("rating"))
+        await self.send_json({"type": "rated", "conversation": str(rated.pk), "rating": rated.csat})
+
     async def on_message(self, frame):
         if self.generation is not None and not self.generation.done():
             raise services.ChatError("busy_conversation", _("Wait for the answer, or cancel it, before sending again."))
         text = services.check_message_text(frame.get("text"))
+        routed = await database_sync_to_async(handoff.route_customer_message)(
+            text=text, conversation_id=frame.get("conversation"), session_key=self.session_key, user=self.user
+        )
+        if routed is not None:  # a person answers this conversation, not the assistant
+            conversation, message = routed
+            await self._follow(conversation.pk)
+            await self.send_json({"type": "received", "conversation": str(conversation.pk), "message": message.pk})
+            await self.send_json({"type": "handoff", "state": conversation.state, "conversation": str(conversation.pk)})
+            return
         # The request is queued from a worker thread: its events come back to this loop through here.
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         try:
@@ -147,6 +226,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise services.ChatError("too_long", str(exc)) from None
         except (EngineError, OSError) as exc:  # OSError: the base model or adapter files are missing
             raise services.ChatError("unavailable", str(exc)) from None
+        await self._follow(conversation.pk)
         await self.send_json({"type": "start", "conversation": str(conversation.pk), "message": answer.pk, "adapter": request.adapter})
         self.streaming = (request, answer)
         self.generation = asyncio.create_task(self._stream(request, answer, events))

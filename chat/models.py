@@ -6,6 +6,12 @@ from django.utils.translation import gettext_lazy as _
 
 
 class Conversation(models.Model):
+    class State(models.TextChoices):
+        BOT = "bot", _("Answered by the assistant")
+        WAITING = "waiting", _("Waiting for an agent")
+        AGENT = "agent", _("With an agent")
+        CLOSED = "closed", _("Closed")
+
     class Channel(models.TextChoices):
         WEB = "web", _("Web chat")
         API = "api", _("REST API")
@@ -19,6 +25,17 @@ class Conversation(models.Model):
         settings.AUTH_USER_MODEL, verbose_name=_("user"), null=True, blank=True, on_delete=models.SET_NULL
     )
     title = models.CharField(_("title"), max_length=200, blank=True)
+    # Human handoff, one state machine (chat.handoff): bot → waiting → agent → closed.
+    state = models.CharField(_("state"), max_length=10, choices=State.choices, default=State.BOT, db_index=True)
+    agent = models.ForeignKey(
+        settings.AUTH_USER_MODEL, verbose_name=_("agent"), null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="+", help_text=_("The staff member who took the conversation over."),
+    )
+    handoff_requested_at = models.DateTimeField(_("person asked for at"), null=True, blank=True)
+    closed_at = models.DateTimeField(_("closed at"), null=True, blank=True)
+    csat = models.PositiveSmallIntegerField(
+        _("satisfaction (1-5)"), null=True, blank=True, help_text=_("The customer's rating of the conversation after it closed.")
+    )
     created_at = models.DateTimeField(_("started at"), auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(_("last message at"), auto_now=True)
 
@@ -49,12 +66,17 @@ class Message(models.Model):
     class Role(models.TextChoices):
         USER = "user", _("Customer")
         ASSISTANT = "assistant", _("Assistant")
+        AGENT = "agent", _("Agent (staff)")
 
     conversation = models.ForeignKey(Conversation, verbose_name=_("conversation"), on_delete=models.CASCADE, related_name="messages")
     role = models.CharField(_("role"), max_length=10, choices=Role.choices)
     text = models.TextField(_("text"), blank=True)
     adapter_version = models.ForeignKey(
         "training.AdapterVersion", verbose_name=_("adapter version"), null=True, blank=True, on_delete=models.SET_NULL
+    )
+    sent_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, verbose_name=_("sent by"), null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="+", help_text=_("The staff member who wrote an agent reply."),
     )
     adapter_name = models.CharField(_("adapter"), max_length=50, blank=True, help_text=_("Empty: the base model."))
     latency_ms = models.PositiveIntegerField(_("response time (ms)"), null=True, blank=True)

@@ -20,29 +20,31 @@ def chat_page(request):
     if not request.session.session_key:
         request.session.save()
         request.session.modified = True
-    conversation_id, history = _own_history(request, request.GET.get("conversation", ""))
+    conversation_id, history, state = _own_history(request, request.GET.get("conversation", ""))
     config = {
         "wsPath": "/ws/chat/",
         "conversation": conversation_id,
         "history": history,
+        "state": state,
         "maxChars": settings.CSP_CHAT_MAX_MESSAGE_CHARS,
     }
     return render(request, "chat.html", {"chat_config": config, "max_chars": settings.CSP_CHAT_MAX_MESSAGE_CHARS})
 
 
 def _own_history(request, conversation_id):
-    """(id, messages) of the caller's conversation, or (None, []) for anyone else's or none."""
+    """(id, messages, handoff state) of the caller's conversation, or (None, [], "bot") for anyone
+    else's or none."""
     if not conversation_id:
-        return None, []
+        return None, [], "bot"
     try:
         conversation = services.conversation_for(
             conversation_id=conversation_id, session_key=request.session.session_key, user=request.user
         )
     except services.ChatError:
-        return None, []
+        return None, [], "bot"
     rows = (
         conversation.messages.exclude(role=Message.Role.ASSISTANT, text="")
         .order_by("-created_at", "-id")
         .values("id", "role", "text", "latency_ms", "first_token_ms", "rating", "finish_reason")[:HISTORY_SHOWN]
     )
-    return str(conversation.pk), list(reversed(rows))
+    return str(conversation.pk), list(reversed(rows)), conversation.state

@@ -43,3 +43,58 @@ def loss_chart_svg(train_points, dev_points=(), *, width=640, height=220, title=
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="#ea580c"/>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+PALETTE = ("#2563eb", "#ea580c", "#16a34a", "#9333ea", "#dc2626", "#0891b2", "#ca8a04", "#4b5563")
+
+
+def series_chart_svg(labels, series, *, width=640, height=220, title="", percent=False):
+    """Lines over categorical x labels (e.g. days): series is {name: [value or None per label]}.
+
+    A None leaves a gap. Each series gets a colour of PALETTE and a legend entry; `percent` shows
+    values in [0, 1] as percentages on the axis.
+    """
+    values = [v for points in series.values() for v in points if v is not None]
+    if not labels or not values:
+        return ""
+    pad_left, pad_right, pad_top, pad_bottom = 48, 12, 16 + 14 * ((len(series) + 3) // 4), 28
+    low, high = (0.0, 1.0) if percent else (0.0, max(values) or 1.0)
+    plot_w, plot_h = width - pad_left - pad_right, height - pad_top - pad_bottom
+    step = plot_w / max(1, len(labels) - 1)
+
+    def xy(index, value):
+        return pad_left + step * index, pad_top + plot_h * (1 - (value - low) / (high - low))
+
+    def axis(value):
+        return f"{value:.0%}" if percent else f"{value:.4g}"
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="series-chart" viewBox="0 0 {width} {height}" '
+        f'width="100%" style="max-width:{width}px" role="img" aria-label="{escape(title)}">',
+        f'<rect x="{pad_left}" y="{pad_top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#ccc"/>',
+    ]
+    for fraction in (0, 0.5, 1):
+        value = low + (high - low) * fraction
+        _, y = xy(0, value)
+        parts.append(f'<text x="{pad_left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{axis(value)}</text>')
+    parts.append(f'<text x="{pad_left}" y="{height - 8}" font-size="10">{escape(str(labels[0]))}</text>')
+    if len(labels) > 1:
+        parts.append(f'<text x="{width - pad_right}" y="{height - 8}" font-size="10" text-anchor="end">{escape(str(labels[-1]))}</text>')
+    for number, (name, points) in enumerate(series.items()):
+        colour = PALETTE[number % len(PALETTE)]
+        x_legend, y_legend = pad_left + (number % 4) * (plot_w / 4), 12 + 14 * (number // 4)
+        parts.append(f'<rect x="{x_legend:.1f}" y="{y_legend - 8}" width="10" height="10" fill="{colour}"/>')
+        parts.append(f'<text x="{x_legend + 14:.1f}" y="{y_legend + 1}" font-size="10">{escape(str(name))}</text>')
+        run = []  # consecutive points without a gap
+        for index, value in enumerate(list(points) + [None]):
+            if value is not None:
+                run.append(xy(index, value))
+                continue
+            if len(run) > 1:
+                coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in run)
+                parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>')
+            for x, y in run:
+                parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"/>')
+            run = []
+    parts.append("</svg>")
+    return "".join(parts)

@@ -23,6 +23,10 @@
     send: document.getElementById("chat-send"),
     stop: document.getElementById("chat-stop"),
     newConversation: document.getElementById("chat-new"),
+    person: document.getElementById("chat-person"),
+    handoff: document.getElementById("chat-handoff"),
+    handoffText: document.getElementById("chat-handoff-text"),
+    csat: document.getElementById("chat-csat"),
   };
 
   var socket = null;
@@ -33,6 +37,7 @@
   var reconnectTimer = null;
   var countdownTimer = null;
   var busyTimer = null;
+  var handoffState = config.state || "bot"; // bot, waiting, agent or closed (chat.handoff)
 
   function format(template, values) {
     return template.replace(/%\((\w+)\)s/g, function (match, key) {
@@ -118,6 +123,25 @@
     return { id: id, row: row, textNode: text, text: "" };
   }
 
+  function appendAgent(text) {
+    var row = element("div", "msg msg-agent");
+    row.appendChild(element("span", "msg-author", strings.agent));
+    row.appendChild(element("div", "msg-bubble", text));
+    return appendRow(row);
+  }
+
+  /* The handoff banner: who answers now; after closing, the 1-5 satisfaction buttons. */
+  function showHandoff(state) {
+    handoffState = state || "bot";
+    var key = { waiting: "stateWaiting", agent: "stateAgent", closed: "stateClosed", bot: "stateBot" }[handoffState];
+    ui.handoff.dataset.state = handoffState;
+    ui.handoffText.textContent = key ? strings[key] : "";
+    ui.handoff.hidden = !key || (handoffState === "bot" && !ui.handoff.dataset.shown);
+    if (handoffState !== "bot") ui.handoff.dataset.shown = "1";
+    ui.csat.hidden = handoffState !== "closed";
+    ui.person.hidden = handoffState === "waiting" || handoffState === "agent";
+  }
+
   function renderToken(answer, piece) {
     var follow = nearBottom();
     answer.text += piece;
@@ -189,6 +213,10 @@
         appendQuestion(message.text);
         return;
       }
+      if (message.role === "agent") {
+        appendAgent(message.text);
+        return;
+      }
       var answer = appendAnswer(message.id);
       renderToken(answer, message.text);
       finishAnswer(answer, {
@@ -233,6 +261,12 @@
       return;
     }
     showNotice("");
+    if (handoffState === "closed") {
+      // A closed conversation takes no more messages: this one starts a new conversation.
+      rememberConversation(null);
+      ui.handoff.dataset.shown = "";
+      showHandoff("bot");
+    }
     pending = { text: text, bubble: appendQuestion(text), retried: false, stopRequested: false };
     scrollDown(true);
     send({ type: "message", text: text, conversation: conversation });
@@ -280,6 +314,8 @@
     clearInterval(busyTimer);
     busyTimer = null;
     rememberConversation(null);
+    ui.handoff.dataset.shown = "";
+    showHandoff("bot");
     Array.prototype.slice.call(ui.log.querySelectorAll(".msg")).forEach(function (row) {
       row.remove();
     });
@@ -307,9 +343,15 @@
     timeout: "errorCutShort",
     error: "errorCutShort",
     busy_conversation: "errorWait",
+    closed: "errorClosed",
   };
 
   function onError(frame) {
+    if (frame.reply_to === "join") {
+      rememberConversation(null); // gone, or not this session's: the next message starts afresh
+      return;
+    }
+    if (frame.code === "closed") showHandoff("closed");
     if (frame.code === "not_found" && pending) {
       // The stored conversation is gone or not ours (another browser session): start afresh.
       rememberConversation(null);
@@ -377,6 +419,21 @@
       case "feedback":
         showRating(frame.message, frame.rating);
         break;
+      case "received": // stored for the agent; the assistant does not answer it
+        pending = null;
+        if (frame.conversation) rememberConversation(frame.conversation);
+        break;
+      case "handoff":
+        if (frame.conversation) rememberConversation(frame.conversation);
+        showHandoff(frame.state);
+        break;
+      case "agent":
+        if (typeof frame.text === "string") appendAgent(frame.text);
+        break;
+      case "rated":
+        ui.csat.hidden = true;
+        ui.handoffText.textContent = strings.rated;
+        break;
       case "busy":
         onBusy(frame);
         break;
@@ -412,6 +469,8 @@
       reconnectAttempts = 0;
       setStatus("online", strings.online);
       showNotice("");
+      // Follow the conversation again: staff replies and state changes reach this socket.
+      if (conversation) send({ type: "join", conversation: conversation });
       updateControls();
     });
     ws.addEventListener("message", function (event) {
@@ -476,6 +535,14 @@
   ui.input.addEventListener("input", fitInput);
   ui.stop.addEventListener("click", stop);
   ui.newConversation.addEventListener("click", newConversation);
+  ui.person.addEventListener("click", function () {
+    if (!send({ type: "handoff", conversation: conversation })) showNotice(strings.offlineSend);
+  });
+  Array.prototype.forEach.call(ui.csat.querySelectorAll("button.csat"), function (button) {
+    button.addEventListener("click", function () {
+      send({ type: "rate", conversation: conversation, rating: Number(button.dataset.score) });
+    });
+  });
   ui.status.addEventListener("click", reconnectNow);
   window.addEventListener("online", reconnectNow);
 
@@ -496,6 +563,7 @@
   // For debugging from the console and for the browser test: feed a frame as if the server sent it.
   window.csplatformChat = Object.freeze({ handleFrame: handleFrame });
 
+  showHandoff(handoffState);
   updateControls();
   connect();
 })();

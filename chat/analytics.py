@@ -1,0 +1,167 @@
+"""Per-version analytics of the chat: what each adapter version did, per day and in total.
+
+    report(since=date(2026, 11, 1), until=date(2026, 11, 29))
+      -> {"since", "until", "versions": [row...], "days": [row...], "top_questions": [group...]}
+
+A row counts the answers one adapter version gave ("" = the base model) in the period (or on one
+day): conversations it answered in, answers, 👍 and 👎 and the 👍 rate among rated answers, the
+handoff rate (its conversations in which the customer asked for a person), median and p95
+response time and first-token time, and tokens per second (generated tokens over generation
+time). Percentiles are nearest-rank. Counting happens in Python over one query of the period's
+answers, so it is the same on SQLite and PostgreSQL; the period defaults to the last 30 days.
+
+Top questions: the customer questions whose answers were rated 👎, cut short (error, timeout)
+or that were followed by a request for a person, grouped when their normalised text is similar
+(character-bigram Jaccard ≥ SIMILAR), biggest groups first.
+"""
+
+import datetime
+import math
+from collections import defaultdict
+
+from django.db.models import OuterRef, Q, Subquery
+from django.db.models.functions import TruncDate
+from django.utils import timezone
+
+from chat.handoff import asks_for_a_person
+from chat.models import Conversation, Message
+from knowledge.models import normalise_question
+
+DEFAULT_DAYS = 30
+SIMILAR = 0.5
+TOP_GROUPS = 10
+
+
+def percentile(values, fraction):
+    """Nearest-rank percentile of a list of numbers; None for an empty list."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def _summary(answers):
+    """One row's numbers from a list of answer dicts (see _answers)."""
+    up = sum(1 for a in answers if a["rating"] == 1)
+    down = sum(1 for a in answers if a["rating"] == -1)
+    conversations = {a["conversation_id"] for a in answers}
+    handed_off = {a["conversation_id"] for a in answers if a["handoff"]}
+    latencies = [a["latency_ms"] for a in answers if a["latency_ms"] is not None]
+    first_tokens = [a["first_token_ms"] for a in answers if a["first_token_ms"] is not None]
+    timed = [a for a in answers if a["latency_ms"] and a["tokens"]]
+    seconds = sum(a["latency_ms"] for a in timed) / 1000
+    return {
+        "conversations": len(conversations),
+        "answers": len(answers),
+        "thumbs_up": up,
+        "thumbs_down": down,
+        "thumbs_up_rate": round(up / (up + down), 4) if up + down else None,
+        "handoff_rate": round(len(handed_off) / len(conversations), 4) if conversations else None,
+        "latency_ms_median": percentile(latencies, 0.5),
+        "latency_ms_p95": percentile(latencies, 0.95),
+        "first_token_ms_median": percentile(first_tokens, 0.5),
+        "first_token_ms_p95": percentile(first_tokens, 0.95),
+        "tokens_per_second": round(sum(a["tokens"] for a in timed) / seconds, 2) if seconds else None,
+    }
+
+
+def _answers(since, until, version=None):
+    answers = (
+        Message.objects.filter(role=Message.Role.ASSISTANT, created_at__date__gte=since, created_at__date__lte=until)
+        .exclude(finish_reason="")  # still streaming
+        .annotate(day=TruncDate("created_at"), handoff_at=Subquery(
+            Conversation.objects.filter(pk=OuterRef("conversation_id")).values("handoff_requested_at")[:1]
+        ))
+    )
+    if version is not None:
+        answers = answers.filter(adapter_name=version)
+    rows = answers.values(
+        "id", "conversation_id", "adapter_name", "day", "latency_ms", "first_token_ms", "tokens", "rating",
+        "finish_reason", "handoff_at",
+    )
+    return [{**row, "handoff": row["handoff_at"] is not None} for row in rows]
+
+
+def period(since=None, until=None):
+    until = until or timezone.localdate()
+    since = since or until - datetime.timedelta(days=DEFAULT_DAYS - 1)
+    if since > until:
+        raise ValueError("since is after until")
+    return since, until
+
+
+def report(*, since=None, until=None, version=None):
+    since, until = period(since, until)
+    answers = _answers(since, until, version)
+    by_version, by_day = defaultdict(list), defaultdict(list)
+    for answer in answers:
+        by_version[answer["adapter_name"]].append(answer)
+        by_day[(answer["day"], answer["adapter_name"])].append(answer)
+    return {
+        "since": since.isoformat(),
+        "until": until.isoformat(),
+        "versions": [{"version": name, **_summary(rows)} for name, rows in sorted(by_version.items())],
+        "days": [
+            {"day": day.isoformat(), "version": name, **_summary(rows)} for (day, name), rows in sorted(by_day.items())
+        ],
+        "top_questions": top_questions(since, until, version),
+    }
+
+
+def _bigrams(text):
+    return {text[i : i + 2] for i in range(len(text) - 1)} or {text}
+
+
+def similarity(a, b):
+    """Jaccard similarity of two normalised texts' character bigrams (works for Chinese and English)."""
+    x, y = _bigrams(a), _bigrams(b)
+    return len(x & y) / len(x | y) if x | y else 1.0
+
+
+def top_questions(since, until, version=None, *, limit=TOP_GROUPS):
+    """Questions the assistant did not answer well, grouped by similar text, biggest groups first."""
+    problems = Message.objects.filter(
+        Q(rating=-1) | Q(finish_reason__in=("error", "timeout")),
+        role=Message.Role.ASSISTANT, created_at__date__gte=since, created_at__date__lte=until,
+    )
+    if version is not None:
+        problems = problems.filter(adapter_name=version)
+    question = (
+        Message.objects.filter(conversation=OuterRef("conversation"), role=Message.Role.USER, id__lt=OuterRef("id"))
+        .order_by("-id")
+        .values("text")[:1]
+    )
+    texts = [
+        (text, "disliked" if rating == -1 else "cut_short")
+        for text, rating in problems.annotate(question=Subquery(question)).values_list("question", "rating")
+        if text
+    ]
+    # A handoff: the customer's last question before asking for a person is what the assistant
+    # did not answer (the request itself, "转人工", is not a question).
+    if version is None:
+        asked = Conversation.objects.filter(handoff_requested_at__date__gte=since, handoff_requested_at__date__lte=until)
+        for conversation in asked.only("id", "handoff_requested_at"):
+            before = Message.objects.filter(
+                conversation=conversation, role=Message.Role.USER, created_at__lte=conversation.handoff_requested_at
+            ).order_by("-created_at", "-id").values_list("text", flat=True)
+            last = next((text for text in before[:10] if not asks_for_a_person(text)), None)
+            if last:
+                texts.append((last, "handoff"))
+    groups = []  # [{"question": first text, "key": normalised, "count", "reasons": {...}, "examples": [...]}]
+    for text, reason in texts:
+        key = normalise_question(text, "")
+        for group in groups:
+            if similarity(key, group["key"]) >= SIMILAR:
+                break
+        else:
+            group = {"question": text, "key": key, "count": 0, "reasons": defaultdict(int), "examples": []}
+            groups.append(group)
+        group["count"] += 1
+        group["reasons"][reason] += 1
+        if text not in group["examples"] and len(group["examples"]) < 5:
+            group["examples"].append(text)
+    groups.sort(key=lambda g: (-g["count"], g["question"]))
+    return [
+        {"question": g["question"], "count": g["count"], "reasons": dict(g["reasons"]), "examples": g["examples"]}
+        for g in groups[:limit]
+    ]

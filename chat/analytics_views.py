@@ -1,0 +1,157 @@
+"""The analytics dashboard (/admin/analytics/) and its numbers as JSON (/api/v1/analytics/)."""
+
+import datetime
+
+from django.contrib import admin
+from django.core.exceptions import PermissionDenied
+from django.template.response import TemplateResponse
+from django.utils.translation import gettext as _
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import permissions, serializers
+from rest_framework.exceptions import ValidationError
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from chat import analytics
+from training.charts import series_chart_svg
+
+PERMISSION = "chat.view_conversation"
+
+
+def _dates(params):
+    """(since, until, errors) from ?since=YYYY-MM-DD&until=YYYY-MM-DD."""
+    values, errors = {}, {}
+    for name in ("since", "until"):
+        raw = (params.get(name) or "").strip()
+        if not raw:
+            values[name] = None
+            continue
+        try:
+            values[name] = datetime.date.fromisoformat(raw)
+        except ValueError:
+            errors[name] = [_("Enter a date as YYYY-MM-DD.")]
+    if not errors:
+        try:
+            values["since"], values["until"] = analytics.period(values["since"], values["until"])
+        except ValueError:
+            errors["since"] = [_("The start is after the end.")]
+    return values.get("since"), values.get("until"), errors
+
+
+def _charts(data):
+    days = sorted({row["day"] for row in data["days"]})
+    versions = [row["version"] for row in data["versions"]]
+
+    def series(metric):
+        cells = {(row["day"], row["version"]): row[metric] for row in data["days"]}
+        return {version or _("base model"): [cells.get((day, version)) for day in days] for version in versions}
+
+    return [
+        (_("Answers per day"), series_chart_svg(days, series("answers"), title=_("Answers per day"))),
+        (_("👍 rate per day"), series_chart_svg(days, series("thumbs_up_rate"), title=_("👍 rate per day"), percent=True)),
+        (_("p95 response time per day (ms)"), series_chart_svg(days, series("latency_ms_p95"), title=_("p95 response time per day (ms)"))),
+    ]
+
+
+METRICS = [
+    ("conversations", _("conversations")),
+    ("answers", _("answers")),
+    ("thumbs_up", "👍"),
+    ("thumbs_down", "👎"),
+    ("thumbs_up_rate", _("👍 rate")),
+    ("handoff_rate", _("handoff rate")),
+    ("latency_ms_median", _("median response time (ms)")),
+    ("latency_ms_p95", _("p95 response time (ms)")),
+    ("first_token_ms_median", _("median first token (ms)")),
+    ("first_token_ms_p95", _("p95 first token (ms)")),
+    ("tokens_per_second", _("tokens/s")),
+]
+
+
+def analytics_page(request):
+    if not request.user.has_perm(PERMISSION):
+        raise PermissionDenied
+    since, until, errors = _dates(request.GET)
+    data = analytics.report(since=since, until=until) if not errors else None
+    table = []
+    if data:
+        for key, label in METRICS:
+            cells = []
+            for row in data["versions"]:
+                value = row[key]
+                if value is not None and key.endswith("_rate"):
+                    value = f"{value:.1%}"
+                cells.append("—" if value is None else value)
+            table.append((label, cells))
+    context = {
+        **admin.site.each_context(request),
+        "title": _("Analytics by adapter version"),
+        "data": data,
+        "errors": errors,
+        "since": request.GET.get("since", since.isoformat() if since else ""),
+        "until": request.GET.get("until", until.isoformat() if until else ""),
+        "table": table,
+        "charts": _charts(data) if data else [],
+    }
+    return TemplateResponse(request, "admin/chat/analytics.html", context)
+
+
+class AnalyticsPermission(permissions.BasePermission):
+    def has_permission(self, request, view):
+        user = request.user
+        return bool(user and user.is_authenticated and user.is_staff and user.has_perm(PERMISSION))
+
+
+class VersionStatsSerializer(serializers.Serializer):
+    version = serializers.CharField(help_text="Adapter version name; empty for the base model.")
+    conversations = serializers.IntegerField()
+    answers = serializers.IntegerField()
+    thumbs_up = serializers.IntegerField()
+    thumbs_down = serializers.IntegerField()
+    thumbs_up_rate = serializers.FloatField(allow_null=True, help_text="👍 / rated answers.")
+    handoff_rate = serializers.FloatField(allow_null=True, help_text="Conversations that asked for a person / conversations.")
+    latency_ms_median = serializers.IntegerField(allow_null=True)
+    latency_ms_p95 = serializers.IntegerField(allow_null=True)
+    first_token_ms_median = serializers.IntegerField(allow_null=True)
+    first_token_ms_p95 = serializers.IntegerField(allow_null=True)
+    tokens_per_second = serializers.FloatField(allow_null=True)
+
+
+class DayStatsSerializer(VersionStatsSerializer):
+    day = serializers.DateField()
+
+
+class QuestionGroupSerializer(serializers.Serializer):
+    question = serializers.CharField()
+    count = serializers.IntegerField()
+    reasons = serializers.DictField(child=serializers.IntegerField(), help_text="disliked, cut_short, handoff: counts.")
+    examples = serializers.ListField(child=serializers.CharField())
+
+
+class AnalyticsSerializer(serializers.Serializer):
+    since = serializers.DateField()
+    until = serializers.DateField()
+    versions = VersionStatsSerializer(many=True)
+    days = DayStatsSerializer(many=True)
+    top_questions = QuestionGroupSerializer(many=True)
+
+
+class AnalyticsView(APIView):
+    permission_classes = [AnalyticsPermission]
+
+    @extend_schema(
+        tags=["analytics"],
+        summary="Per-version chat analytics",
+        description="The numbers of the admin's analytics page: per adapter version, per day and in total, "
+        "and the questions answered worst. The period defaults to the last 30 days.",
+        parameters=[
+            OpenApiParameter("since", datetime.date, description="First day (YYYY-MM-DD)."),
+            OpenApiParameter("until", datetime.date, description="Last day (YYYY-MM-DD), default today."),
+        ],
+        responses={200: AnalyticsSerializer},
+    )
+    def get(self, request):
+        since, until, errors = _dates(request.query_params)
+        if errors:
+            raise ValidationError(errors)
+        return Response(AnalyticsSerializer(analytics.report(since=since, until=until)).data)
