@@ -5,7 +5,7 @@ from django.db.models import Count, OuterRef, Subquery
 from django.http import HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
@@ -14,6 +14,7 @@ from knowledge import formats, services
 from chat.models import Message
 from knowledge.forms import DraftFromAnswerForm, ImportForm, MoveToCategoryForm
 from knowledge.models import Category, QAPair, ReviewItem
+from training.lineage import versions_trained_on
 
 
 @admin.register(Category)
@@ -38,7 +39,10 @@ class QAPairAdmin(admin.ModelAdmin):
     search_fields = ("instruction", "output")
     date_hierarchy = "created_at"
     list_per_page = 50
-    readonly_fields = ("training_preview", "question_hash", "source", "created_by", "created_at", "updated_by", "updated_at")
+    readonly_fields = (
+        "training_preview", "trained_into", "source_answer", "question_hash", "source", "created_by", "created_at",
+        "updated_by", "updated_at",
+    )
     fieldsets = (
         (None, {"fields": ("instruction", "input", "output")}),
         (_("Curation"), {"fields": ("category", "status", "split")}),
@@ -53,6 +57,7 @@ class QAPairAdmin(admin.ModelAdmin):
                 ),
             },
         ),
+        (_("Lineage"), {"fields": ("trained_into", "source_answer")}),
         (_("Record"), {"classes": ("collapse",), "fields": ("question_hash", "source", "created_by", "created_at", "updated_by", "updated_at")}),
     )
     actions = ("approve", "archive", "move_to_category", "export_json", "export_jsonl", "export_csv", "train_adapter")
@@ -66,6 +71,28 @@ class QAPairAdmin(admin.ModelAdmin):
         if obj.pk is None:
             return _("Save the pair to see its training text.")
         return format_html('<pre style="white-space: pre-wrap; margin: 0">{}</pre>', obj.training_text())
+
+    @admin.display(description=_("adapter versions trained on it"))
+    def trained_into(self, obj):
+        if obj.pk is None:
+            return "—"
+        versions = versions_trained_on(obj)
+        if not versions:
+            return _("None yet: approved pairs join the next training run's snapshot.")
+        return format_html_join(
+            ", ", '<a href="{}">{}</a>', ((reverse("admin:training_adapterversion_change", args=[v.pk]), v.name) for v in versions)
+        )
+
+    @admin.display(description=_("drafted from"))
+    def source_answer(self, obj):
+        answer = obj.source_message
+        if answer is None:
+            return "—"
+        return format_html(
+            '<a href="{}">{}</a> ({})', reverse("admin:knowledge_reviewitem_change", args=[answer.pk])
+            if answer.role == Message.Role.ASSISTANT else reverse("admin:chat_conversation_handoff", args=[answer.conversation_id]),
+            answer, answer.get_role_display(),
+        )
 
     def save_model(self, request, obj, form, change):
         if not change:

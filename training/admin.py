@@ -4,11 +4,11 @@ from django.shortcuts import get_object_or_404
 from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
 from knowledge.models import QAPair
-from training import services
+from training import lineage, services
 from training.charts import loss_chart_svg
 from training.evaluation import METRIC_HELP
 from training.forms import TrainingRunForm
@@ -45,8 +45,25 @@ class BaseModelAdmin(ReadOnlyAdmin):
 @admin.register(DatasetSnapshot)
 class DatasetSnapshotAdmin(ReadOnlyAdmin):
     list_display = ("short_hash", "train_count", "dev_count", "checks_ok", "created_at")
-    readonly_fields = ("sha256", "path", "train_count", "dev_count", "check_report", "created_at", "manifest")
+    readonly_fields = ("sha256", "path", "train_count", "dev_count", "versions", "check_report", "rows", "created_at", "manifest")
     exclude = ("checks",)
+
+    @admin.display(description=_("adapter versions trained on it"))
+    def versions(self, obj):
+        versions = AdapterVersion.objects.filter(run__snapshot=obj).order_by("-created_at")
+        if not versions:
+            return "—"
+        return format_html_join(
+            ", ", '<a href="{}">{}</a>', ((reverse("admin:training_adapterversion_change", args=[v.pk]), v.name) for v in versions)
+        )
+
+    @admin.display(description=_("Q&A rows as trained"))
+    def rows(self, obj):
+        try:
+            rows = lineage.snapshot_rows(obj)
+        except OSError as exc:
+            return _("The snapshot's files cannot be read (%(error)s).") % {"error": exc}
+        return render_to_string("admin/training/snapshot_rows.html", {"rows": rows})
 
     @admin.display(description=_("hash"))
     def short_hash(self, obj):
