@@ -12,7 +12,7 @@ from training import lineage, services
 from training.charts import loss_chart_svg
 from training.evaluation import METRIC_HELP
 from training.forms import TrainingRunForm
-from training.models import AdapterVersion, BaseModel, DatasetSnapshot, TrainingRun
+from training.models import AdapterVersion, BaseModel, DatasetSnapshot, RetrainingPolicy, TrainingRun
 
 
 def evaluation_html(results):
@@ -80,17 +80,17 @@ class DatasetSnapshotAdmin(ReadOnlyAdmin):
 
 @admin.register(TrainingRun)
 class TrainingRunAdmin(ReadOnlyAdmin):
-    list_display = ("id", "status", "progress", "loss_display", "base_model", "snapshot", "created_by", "created_at")
-    list_filter = ("status", "base_model")
+    list_display = ("id", "status", "progress", "loss_display", "base_model", "snapshot", "trigger", "created_by", "created_at")
+    list_filter = ("status", "trigger", "base_model")
     list_select_related = ("base_model", "snapshot", "created_by")
     readonly_fields = (
         "status", "live_progress", "hyperparameters", "base_model", "snapshot", "evaluation", "log_text", "error_text",
-        "created_by", "created_at", "started_at", "finished_at", "heartbeat_at",
+        "created_by", "created_at", "started_at", "finished_at", "heartbeat_at", "trigger", "activation_decision",
     )
     fieldsets = (
         (None, {"fields": ("status", "live_progress")}),
-        (_("Evaluation"), {"fields": ("evaluation",)}),
-        (_("Set-up"), {"fields": ("hyperparameters", "base_model", "snapshot", "created_by")}),
+        (_("Evaluation"), {"fields": ("evaluation", "activation_decision")}),
+        (_("Set-up"), {"fields": ("hyperparameters", "base_model", "snapshot", "trigger", "created_by")}),
         (_("Timeline and log"), {"fields": ("created_at", "started_at", "finished_at", "heartbeat_at", "log_text", "error_text")}),
     )
     actions = ("cancel_runs", "resume_runs")
@@ -256,3 +256,37 @@ class AdapterVersionAdmin(ReadOnlyAdmin):
             self.message_user(request, _("There is no previously active version."), messages.ERROR)
         else:
             self.message_user(request, _("Rolled back: %(v)s is active again.") % {"v": previous.name}, messages.SUCCESS)
+
+
+@admin.register(RetrainingPolicy)
+class RetrainingPolicyAdmin(admin.ModelAdmin):
+    """One policy: the list page opens it directly."""
+
+    fields = ("enabled", "min_new_pairs", "activation", "schedule", "last_checked_at", "last_decision")
+    readonly_fields = ("schedule", "last_checked_at", "last_decision")
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def changelist_view(self, request, extra_context=None):
+        policy = RetrainingPolicy.load()
+        return HttpResponseRedirect(reverse("admin:training_retrainingpolicy_change", args=[policy.pk]))
+
+    @admin.display(description=_("schedule"))
+    def schedule(self, obj):
+        from django_q.models import Schedule
+
+        schedule = Schedule.objects.filter(func="training.tasks.scheduled_retraining").first()
+        if schedule is None:
+            return _("No django-q2 schedule calls training.tasks.scheduled_retraining: add one under Django Q.")
+        return format_html(
+            '<a href="{}">{}</a> · {} · {}: {}',
+            reverse("admin:django_q_schedule_change", args=[schedule.pk]),
+            schedule.name,
+            schedule.get_schedule_type_display(),
+            _("next run"),
+            schedule.next_run,
+        )

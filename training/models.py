@@ -55,6 +55,10 @@ class TrainingRun(models.Model):
 
     ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
 
+    class Trigger(models.TextChoices):
+        MANUAL = "manual", _("Staff")
+        SCHEDULE = "schedule", _("Retraining schedule")
+
     status = models.CharField(_("status"), max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     base_model = models.ForeignKey(BaseModel, verbose_name=_("base model"), on_delete=models.PROTECT, related_name="runs")
     snapshot = models.ForeignKey(
@@ -77,6 +81,14 @@ class TrainingRun(models.Model):
     created_at = models.DateTimeField(_("created at"), auto_now_add=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, verbose_name=_("started by"), null=True, blank=True, on_delete=models.SET_NULL
+    )
+    trigger = models.CharField(
+        _("trigger"), max_length=10, choices=Trigger.choices, default=Trigger.MANUAL,
+        help_text=_("Scheduled runs are compared with the active version and may activate themselves."),
+    )
+    activation_decision = models.TextField(
+        _("activation decision"), blank=True,
+        help_text=_("For a scheduled run: whether its version was activated, and why."),
     )
 
     class Meta:
@@ -125,3 +137,33 @@ class AdapterVersion(models.Model):
 
     def __str__(self):
         return self.name
+
+
+class RetrainingPolicy(models.Model):
+    """Scheduled retraining: one row, edited in the admin. The django-q2 schedule "Scheduled
+    retraining" (its frequency is edited under Django Q → Scheduled tasks) calls the check."""
+
+    class Activation(models.TextChoices):
+        AUTO = "auto", _("Activate automatically when not worse than the active version")
+        MANUAL = "manual", _("Leave activation to staff")
+
+    enabled = models.BooleanField(_("enabled"), default=False)
+    min_new_pairs = models.PositiveIntegerField(
+        _("new approved pairs needed"), default=20,
+        help_text=_("A run starts when at least this many approved pairs are not in the last snapshot."),
+    )
+    activation = models.CharField(_("activation"), max_length=10, choices=Activation.choices, default=Activation.AUTO)
+    last_checked_at = models.DateTimeField(_("last checked at"), null=True, blank=True)
+    last_decision = models.TextField(_("last decision"), blank=True)
+
+    class Meta:
+        verbose_name = _("retraining policy")
+        verbose_name_plural = _("retraining policy")
+
+    def __str__(self):
+        return str(_("Retraining policy"))
+
+    @classmethod
+    def load(cls):
+        policy, _created = cls.objects.get_or_create(pk=1)
+        return policy

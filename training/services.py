@@ -128,7 +128,7 @@ def adapters_root():
     return Path(settings.DATA_DIR) / "adapters"
 
 
-def training_run_start(*, user=None, hyperparameters=None, enqueue=True):
+def training_run_start(*, user=None, hyperparameters=None, enqueue=True, trigger=TrainingRun.Trigger.MANUAL):
     """Freeze the approved pairs, check them, and queue a run. Raises TrainingRefused.
 
     enqueue=False leaves the queued run for the caller to execute (`manage.py train --wait`).
@@ -148,7 +148,8 @@ def training_run_start(*, user=None, hyperparameters=None, enqueue=True):
     try:
         with transaction.atomic():
             run = TrainingRun.objects.create(
-                base_model=base, snapshot=snapshot, hyperparameters=params, created_by=user, status=TrainingRun.Status.QUEUED
+                base_model=base, snapshot=snapshot, hyperparameters=params, created_by=user, status=TrainingRun.Status.QUEUED,
+                trigger=trigger,
             )
             run_id = run.pk
             if enqueue:

@@ -13,10 +13,10 @@ import time
 import traceback
 
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.utils import timezone
 
-from training import evaluation, finetune, services
+from training import evaluation, finetune, gguf_export, retraining, services
 from training.models import TrainingRun
 from training.snapshots import read_records
 
@@ -35,9 +35,14 @@ class Heartbeat(threading.Thread):
     def run(self):
         try:
             while not self.stopped.wait(settings.CSP_HEARTBEAT_SECONDS):
-                TrainingRun.objects.filter(pk=self.run_id, status=TrainingRun.Status.RUNNING).update(
-                    heartbeat_at=timezone.now()
-                )
+                try:
+                    TrainingRun.objects.filter(pk=self.run_id, status=TrainingRun.Status.RUNNING).update(
+                        heartbeat_at=timezone.now()
+                    )
+                except DatabaseError:
+                    # A busy database (SQLite locked by the training thread's write) skips one beat;
+                    # the reconciler's limit is several beats, so only a dead worker looks dead.
+                    log.warning("heartbeat of training run %s skipped: the database is busy", self.run_id, exc_info=True)
         finally:
             connection.close()
 
@@ -115,6 +120,7 @@ def run_training(run_id):
         results = evaluate_adapter(run, model, tokenizer, config, dev_records, reporter)
         del model
         metrics["eval"] = results
+        export_gguf(run, work / "adapter", reporter)
         version = services.adapter_version_create(run=run, adapter_dir=work / "adapter", metrics=metrics)
         run.eval_results = results
         run.status = TrainingRun.Status.SUCCEEDED
@@ -122,6 +128,11 @@ def run_training(run_id):
         run.eta_seconds = 0
         run.save(update_fields=["eval_results", "status", "finished_at", "eta_seconds"])
         reporter.log(f"adapter version {version.name} saved{' and activated' if version.is_active else ''}")
+        if run.trigger == TrainingRun.Trigger.SCHEDULE:
+            decision = retraining.scheduled_activation(
+                run, version, results, lambda active: evaluate_version(active, config, dev_records, reporter)
+            )
+            reporter.log(decision)
         outcome = version.name
     except finetune.TrainingCancelled as exc:
         _finish(run, TrainingRun.Status.CANCELLED, str(exc))
@@ -138,6 +149,21 @@ def run_training(run_id):
     return outcome
 
 
+def export_gguf(run, adapter_dir, reporter):
+    """Write the adapter's llama.cpp LoRA beside it, before the folder becomes a version.
+
+    A version without it still serves through transformers, so a failure is logged, not raised.
+    """
+    try:
+        path = gguf_export.write_lora_gguf(adapter_dir, base_dir=run.base_model.path)
+    except Exception as exc:  # whatever broke the export, the trained adapter must still be kept
+        log.warning("GGUF export of training run %s failed", run.pk, exc_info=True)
+        reporter.log(f"GGUF export failed, this version has no llama.cpp LoRA file: {type(exc).__name__}: {exc}")
+        return None
+    reporter.log(f"llama.cpp LoRA written: {path.name} ({path.stat().st_size / 1e6:.1f} MB)")
+    return path
+
+
 def _finish(run, status, message):
     run.status = status
     run.error = message if status == TrainingRun.Status.FAILED else ""
@@ -148,6 +174,13 @@ def _finish(run, status, message):
 
 def evaluate_adapter(run, model, tokenizer, config, dev_records, reporter):
     """Greedy answers on the dev pairs (at most CSP_EVAL_MAX_PAIRS) scored against the references."""
+    results = evaluate_answers(model, tokenizer, config, dev_records, reporter)
+    if results and run.dev_loss_history:
+        results["dev_loss"] = run.dev_loss_history[-1][1]
+    return results
+
+
+def evaluate_answers(model, tokenizer, config, dev_records, reporter):
     records = dev_records[: settings.CSP_EVAL_MAX_PAIRS]
     if not records:
         return {}
@@ -166,12 +199,24 @@ def evaluate_adapter(run, model, tokenizer, config, dev_records, reporter):
         if index % 5 == 0:
             reporter.log(f"evaluated {index}/{len(records)} dev pairs")
     results = evaluation.evaluate(predictions, [r["output"] for r in records])
-    if run.dev_loss_history:
-        results["dev_loss"] = run.dev_loss_history[-1][1]
     results["samples"] = [
         {"question": r["instruction"], "reference": r["output"], "prediction": p} for r, p in list(zip(records, predictions))[:5]
     ]
     return results
+
+
+def evaluate_version(version, config, dev_records, reporter):
+    """Another version's metrics on these dev pairs (the scheduled-retraining comparison)."""
+    reporter.log(f"evaluating the active version {version.name} on the same dev pairs")
+    model, tokenizer = finetune.load_adapter(version.base_model.path, version.path, config)
+    results = evaluate_answers(model, tokenizer, config, dev_records, reporter)
+    del model
+    return results
+
+
+def scheduled_retraining():
+    """The django-q2 schedule "Scheduled retraining" (see training.retraining)."""
+    return retraining.retraining_check()
 
 
 def reconcile_training_runs():
