@@ -165,7 +165,8 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # The key prefix: deployments (or test runs) sharing one Redis keep their channels apart.
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": envstr("CSP_CHANNEL_PREFIX", "asgi")},
         }
     }
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
@@ -194,6 +195,13 @@ if CSP_EVAL_GATE not in ("warn", "strict"):
     raise ImproperlyConfigured(f"CSP_EVAL_GATE={CSP_EVAL_GATE!r} must be warn or strict.")
 
 # --- Chat serving (every client-supplied value is capped by these) ---
+# auto: llama.cpp on a CPU-only host when the base model has a GGUF (and llama-cpp-python is
+# installed), else transformers. The admin's adapter-versions page says which serves and why.
+CSP_INFERENCE_BACKEND = envstr("CSP_INFERENCE_BACKEND", "auto")
+if CSP_INFERENCE_BACKEND not in ("auto", "transformers", "llamacpp"):
+    raise ImproperlyConfigured(
+        f"CSP_INFERENCE_BACKEND={CSP_INFERENCE_BACKEND!r} must be auto, transformers or llamacpp."
+    )
 CSP_CHAT_SYSTEM_PROMPT = envstr("CSP_CHAT_SYSTEM_PROMPT", "")
 CSP_CHAT_DEVICE = envstr("CSP_CHAT_DEVICE", "auto")
 CSP_CHAT_DTYPE = envstr("CSP_CHAT_DTYPE", "auto")
@@ -206,6 +214,9 @@ CSP_CHAT_MAX_MESSAGE_CHARS = envint("CSP_CHAT_MAX_MESSAGE_CHARS", 2000, minimum=
 CSP_CHAT_HISTORY_MESSAGES = envint("CSP_CHAT_HISTORY_MESSAGES", 20, minimum=1)
 # Per websocket connection: at most this many frames in 10 seconds; past twice that it is closed.
 CSP_CHAT_FRAMES_PER_10S = envint("CSP_CHAT_FRAMES_PER_10S", 20, minimum=1)
+# A customer message containing one of these (case-insensitive) asks for a person: the
+# conversation waits for an agent instead of getting an answer from the assistant.
+CSP_HANDOFF_KEYWORDS = envlist("CSP_HANDOFF_KEYWORDS", "人工,human agent,real person,talk to a human")
 
 # --- django-q2: training runs are long, so timeout > longest run and retry > timeout,
 # with one attempt: a killed worker must not make q2 redeliver the run (django-q2 #327).

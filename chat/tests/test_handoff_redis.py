@@ -1,0 +1,61 @@
+"""Handoff across processes: a staff reply made in this process reaches a customer's websocket held
+by a daphne subprocess, through channels-redis on the local Redis (the scale-out setting)."""
+
+import json
+import uuid
+
+import pytest
+import websocket
+from channels.layers import channel_layers
+from django.contrib.sessions.backends.db import SessionStore
+
+from chat import handoff
+from chat.models import Conversation, Message
+from csplatform.livetest import live_daphne
+
+pytestmark = pytest.mark.django_db(transaction=True)
+REDIS = "redis://127.0.0.1:6379/14"
+
+
+@pytest.fixture
+def redis_layer(settings):
+    """This process on the same channels-redis layer as the server (a fresh prefix per test)."""
+    prefix = f"csp-test-{uuid.uuid4().hex[:8]}"
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS], "prefix": prefix}}
+    }
+    channel_layers.backends.clear()
+    yield prefix
+    channel_layers.backends.clear()
+
+
+def _receive(socket):
+    return json.loads(socket.recv())
+
+
+def test_a_staff_reply_crosses_processes_to_the_customers_socket(redis_layer, staff_user, tmp_path):
+    # The server reads CSP_CHANNEL_PREFIX so that both processes use this test's prefix.
+    session = SessionStore()
+    session.create()
+    env = {"REDIS_URL": REDIS, "CSP_CHANNEL_PREFIX": redis_layer, "CSP_DATA_DIR": str(tmp_path)}
+    with live_daphne(env=env, log=tmp_path / "daphne.log") as url:
+        host = url.removeprefix("http://")
+        socket = websocket.create_connection(
+            f"ws://{host}/ws/chat/", origin=url, cookie=f"sessionid={session.session_key}", timeout=20
+        )
+        try:
+            socket.send(json.dumps({"type": "handoff", "conversation": None}))
+            waiting = _receive(socket)
+            assert waiting["type"] == "handoff" and waiting["state"] == "waiting"
+            conversation = Conversation.objects.get(pk=waiting["conversation"])
+            assert conversation.session_key == session.session_key
+
+            reply = handoff.handoff_reply(conversation=conversation, agent=staff_user, text="跨进程的回复")
+            assert _receive(socket) == {"type": "handoff", "state": "agent"}
+            assert _receive(socket) == {"type": "agent", "text": "跨进程的回复", "message": reply.pk}
+
+            handoff.handoff_close(conversation=conversation, agent=staff_user)
+            assert _receive(socket) == {"type": "handoff", "state": "closed"}
+        finally:
+            socket.close()
+    assert list(Message.objects.filter(conversation=conversation).values_list("role", "text")) == [("agent", "跨进程的回复")]

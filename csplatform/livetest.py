@@ -1,0 +1,78 @@
+"""A real daphne for tests that need a server in another process (never used in production).
+
+    with live_daphne(env={"CSP_BASE_MODEL": ...}, log=tmp / "daphne.log") as url:
+        ...  # url = "http://127.0.0.1:<free port>"
+
+The server runs the project on the caller's database (DATABASE_URL from the connection's settings:
+the pytest test database file, shared with the subprocess) with the caller's SECRET_KEY, in its own
+process group, and is stopped (SIGTERM, then SIGKILL) on exit.
+"""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port, process, log, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError("the server exited:\n" + log.read_text()[-3000:])
+        if time.monotonic() > deadline:
+            raise RuntimeError("the server did not start listening:\n" + log.read_text()[-3000:])
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def stop(process, timeout=10):
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def database_env():
+    """DATABASE_URL and SECRET_KEY that make a subprocess use this process's (test) database."""
+    from django.conf import settings
+    from django.db import connection
+
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        url = f"sqlite:///{db['NAME']}"
+    else:
+        url = f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    return {"DATABASE_URL": url, "SECRET_KEY": settings.SECRET_KEY}
+
+
+@contextlib.contextmanager
+def live_daphne(*, env, log):
+    port = free_port()
+    full_env = {**os.environ, **database_env(), **env}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "csplatform.asgi:application"],
+        cwd=ROOT, env=full_env, start_new_session=True, stdout=Path(log).open("w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, process, Path(log))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(process)
