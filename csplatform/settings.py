@@ -283,8 +283,13 @@ CSRF_COOKIE_SECURE = CSP_HTTPS
 SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 31536000 if CSP_HTTPS else 0, minimum=0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("SECURE_HSTS_INCLUDE_SUBDOMAINS", "true")
 SECURE_HSTS_PRELOAD = envbool("SECURE_HSTS_PRELOAD", "true")
-if envbool("CSP_BEHIND_PROXY", "false"):
+CSP_BEHIND_PROXY = envbool("CSP_BEHIND_PROXY", "false")
+if CSP_BEHIND_PROXY:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Admin login: this many failed logins per client address or username within the window, and
+# the login form refuses to check passwords until the window has passed.
+CSP_LOGIN_MAX_FAILURES = envint("CSP_LOGIN_MAX_FAILURES", 5, minimum=1)
+CSP_LOGIN_WINDOW_SECONDS = envint("CSP_LOGIN_WINDOW_SECONDS", 300, minimum=1)
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"

@@ -3,8 +3,10 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from chat.analytics_views import AnalyticsView, analytics_page
+from csplatform.login_throttle import ThrottledAdminAuthenticationForm
 
 admin.site.site_header = "csplatform"
+admin.site.login_form = ThrottledAdminAuthenticationForm  # brute force is rate-limited
 admin.site.site_title = "csplatform"
 admin.site.index_title = admin.site.site_header
 
