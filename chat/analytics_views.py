@@ -6,7 +6,7 @@ from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.template.response import TemplateResponse
 from django.utils.translation import gettext as _
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import permissions, serializers
 from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
@@ -148,7 +148,10 @@ class AnalyticsView(APIView):
             OpenApiParameter("since", datetime.date, description="First day (YYYY-MM-DD)."),
             OpenApiParameter("until", datetime.date, description="Last day (YYYY-MM-DD), default today."),
         ],
-        responses={200: AnalyticsSerializer},
+        responses={
+            200: AnalyticsSerializer,
+            400: OpenApiResponse(description="A date is not YYYY-MM-DD, or `since` is after `until`: the field's message."),
+        },
     )
     def get(self, request):
         since, until, errors = _dates(request.query_params)

@@ -8,9 +8,21 @@ Any OpenAI client works against it:
 
 Stateless, as OpenAI's API is: the conversation is exactly the request's `messages` (system
 or developer, user and assistant turns; the last one the user's). Each request is also stored as a
-Conversation with channel "openai" for analytics and feedback. `model` is accepted whatever it
-names: the ACTIVE adapter version answers, and the response's `model` says which ("base" when
-no version is active). The API key is a DRF token (`Authorization: Bearer <key>`).
+Conversation with channel "openai" for analytics and feedback. The API key is a DRF token
+(`Authorization: Bearer <key>`).
+
+`model` (required, as OpenAI requires it) picks who answers:
+
+- an adapter version's name ("v3"): that version, active or not (the engine loads an inactive
+  one for the request and unloads it after);
+- "default" or "csplatform": the ACTIVE version, whichever it is when the request arrives (the
+  base model when none is active);
+- "base": the base model without any adapter;
+- anything else: 404 with code "model_not_found", as OpenAI answers an unknown model.
+
+The response's `model` names the version that answered ("base" for the base model). GET /v1/models
+lists the active version first ("base" when none is), then every other version, newest first,
+then "base".
 
 These are async views: generation runs on the engine's decode thread and events arrive through
 an asyncio queue, so neither waiting nor streaming (`stream: true`, Server-Sent Events ending
@@ -21,6 +33,7 @@ with `data: [DONE]`) blocks the event loop. When the client goes away Django can
 
 import asyncio
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -54,12 +67,18 @@ from chat.serving import active_engine
 from training.finetune import BaseModelError
 from training.models import AdapterVersion
 
+logger = logging.getLogger(__name__)
+
 # Any one message longer than this many characters per prompt token cannot fit the prompt, so it
 # is refused before tokenising (the rule of EngineConfig.chars_per_token).
 CHARS_PER_TOKEN = 4
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # The engine's reasons in OpenAI's words: a time cap cut the answer short, as a length cap does.
 FINISH_REASONS = {STOP: "stop", LENGTH: "length", TIMEOUT: "length"}
+# `model` names that mean "the active version, whichever it is" (a client need not know its name).
+ACTIVE_ALIASES = ("default", "csplatform")
+BASE_MODEL_ID = "base"
+OWNER = "csplatform"
 
 
 def error_response(status, message, *, type="invalid_request_error", code=None, param=None, headers=None):
@@ -158,7 +177,10 @@ def parse_completion_request(body):
         raise InvalidRequest(_("The body must be a JSON object."))
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
-        raise InvalidRequest(_("model is required (any name: the active version answers)."), param="model")
+        raise InvalidRequest(
+            _('model is required: an adapter version\'s name (see /v1/models), "default" for the active one, or "base".'),
+            param="model",
+        )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest(_("messages must be a non-empty list."), param="messages")
@@ -203,7 +225,7 @@ def parse_completion_request(body):
     if top_p == 0:  # a nucleus of no mass is the single likeliest token: greedy
         top_p, temperature = None, 0.0
     return CompletionRequest(
-        model=model,
+        model=model.strip(),
         # As in the other channels: the most recent CSP_CHAT_HISTORY_MESSAGES turns at most
         # (the engine drops more of the oldest ones if they don't fit the prompt budget).
         turns=turns[-settings.CSP_CHAT_HISTORY_MESSAGES :],
@@ -214,6 +236,38 @@ def parse_completion_request(body):
         temperature=temperature,
         top_p=top_p,
         seed=_whole_number(body, "seed", 0),
+    )
+
+
+# --- the model ---
+
+
+class UnknownModel(Exception):
+    pass
+
+
+def pinned_adapter(model):
+    """The engine's pin for `model`: {} (the current adapter), {"adapter": None} (the base model) or
+    {"adapter": name, "adapter_path": path}; raises UnknownModel. Sync: reads the database."""
+    if model in ACTIVE_ALIASES:
+        return {}
+    if model == BASE_MODEL_ID:
+        return {"adapter": None}
+    version = AdapterVersion.objects.filter(name=model).values_list("name", "path").first()
+    if version is None:
+        raise UnknownModel(model)
+    # Pinned by name even when it is the active one: an activation while this request is
+    # queued must not change who answers a client that asked for this version.
+    return {"adapter": version[0], "adapter_path": version[1]}
+
+
+def model_not_found(model):
+    return error_response(
+        404,
+        _("The model %(model)s does not exist: use an adapter version's name (GET /v1/models), \"default\" or \"base\".")
+        % {"model": model},
+        param="model",
+        code="model_not_found",
     )
 
 
@@ -269,6 +323,10 @@ async def chat_completions(request):
         return error_response(400, exc, param=exc.param, code=exc.code)
 
     try:
+        pin = await sync_to_async(pinned_adapter)(params.model)
+    except UnknownModel:
+        return model_not_found(params.model)
+    try:
         engine = await sync_to_async(active_engine)()
         pending = await engine.asubmit(
             params.turns,
@@ -277,6 +335,7 @@ async def chat_completions(request):
             temperature=params.temperature,
             top_p=params.top_p,
             seed=params.seed,
+            **pin,
         )
     except EngineBusy as exc:
         return error_response(
@@ -285,7 +344,10 @@ async def chat_completions(request):
         )
     except InputTooLong as exc:
         return error_response(400, exc, param="messages", code="context_length_exceeded")
-    except (BaseModelError, FileNotFoundError, EngineClosed):
+    except (BaseModelError, FileNotFoundError, EngineClosed, ValueError) as exc:
+        # The operator's problem: CSP_BASE_MODEL or a version's files are missing (ValueError:
+        # the engine holds a version of that name from another path). The log keeps which.
+        logger.error("OpenAI-compatible chat is unavailable (model %s): %s", params.model, exc)
         return error_response(503, _("The assistant is not available: its model cannot be loaded."),
                               type="server_error", code="model_unavailable")
     try:
@@ -294,7 +356,7 @@ async def chat_completions(request):
         pending.cancel()
         raise
 
-    completion = {"id": f"chatcmpl-{pending.id}", "created": int(time.time()), "model": pending.adapter or "base"}
+    completion = {"id": f"chatcmpl-{pending.id}", "created": int(time.time()), "model": pending.adapter or BASE_MODEL_ID}
     if params.stream:
         response = StreamingHttpResponse(
             stream_completion(pending, answer, completion, params.include_usage), content_type="text/event-stream"
@@ -391,6 +453,20 @@ async def stream_completion(pending, answer, completion, include_usage):
             await record_finish(pending, answer)
 
 
+def model_list():
+    """OpenAI model objects: the active version (or "base"), the other versions newest first, "base"."""
+
+    def entry(model_id, when):
+        return {"id": model_id, "object": "model", "created": int(when.timestamp()) if when else 0, "owned_by": OWNER}
+
+    versions = list(AdapterVersion.objects.order_by("-created_at", "-pk"))
+    active = next((v for v in versions if v.is_active), None)
+    listed = [entry(active.name, active.activated_at or active.created_at)] if active else []
+    listed += [entry(v.name, v.created_at) for v in versions if v is not active]
+    base = entry(BASE_MODEL_ID, None)
+    return [base, *listed] if active is None else [*listed, base]
+
+
 @csrf_exempt
 async def models(request):
     user = await bearer_user(request)
@@ -398,12 +474,7 @@ async def models(request):
         return unauthorized()
     if request.method != "GET":
         return method_not_allowed("GET")
-    active = await AdapterVersion.objects.filter(is_active=True).afirst()
-    if active is None:
-        entry = {"id": "base", "created": 0}
-    else:
-        entry = {"id": active.name, "created": int((active.activated_at or active.created_at).timestamp())}
-    return JsonResponse({"object": "list", "data": [{**entry, "object": "model", "owned_by": "csplatform"}]})
+    return JsonResponse({"object": "list", "data": await sync_to_async(model_list)()})
 
 
 # Mounted at /v1/ by csplatform/urls.py, where OpenAI clients expect it (base_url=".../v1").

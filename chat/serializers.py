@@ -1,6 +1,6 @@
 """REST representations of chat: a question and its answer, conversations, feedback.
 
-Request fields are strict JSON types (a message is text, never a number; a conversation id is a
+Request fields are strict JSON types (a question is text, never a number; a conversation id is a
 UUID string, never the integer DRF's UUIDField would also take). Limits are read from settings
 when a request is checked, so a changed CSP_CHAT_* setting applies without a restart.
 """
@@ -9,7 +9,7 @@ import math
 
 from django.conf import settings
 from django.utils.translation import gettext_lazy as _
-from drf_spectacular.utils import extend_schema_field
+from drf_spectacular.utils import extend_schema_field, extend_schema_serializer
 from rest_framework import serializers
 
 from chat import services
@@ -53,7 +53,11 @@ class RatingField(WholeNumberField):
         return value
 
 
+@extend_schema_serializer(deprecate_fields=["message"])
 class ChatRequestSerializer(serializers.Serializer):
+    """A question: `text`, or the deprecated `message` that older clients send (exactly one)."""
+
+    text_field = "text"  # after validation: the name the question came under
     conversation = ConversationIdField(
         required=False,
         allow_null=True,
@@ -77,24 +81,50 @@ class ChatRequestSerializer(serializers.Serializer):
     def get_fields(self):
         fields = super().get_fields()
         # Built per request: the cap is CSP_CHAT_MAX_MESSAGE_CHARS as it is now, and a longer
-        # message is refused here, before the engine spends a tokenizer call on it.
-        fields["message"] = TextField(
-            max_length=settings.CSP_CHAT_MAX_MESSAGE_CHARS,
-            help_text=_("The customer's question."),
+        # question is refused here, before the engine spends a tokenizer call on it. Neither
+        # field is required on its own: validate() requires exactly one of the two.
+        limit = settings.CSP_CHAT_MAX_MESSAGE_CHARS
+        text = TextField(
+            required=False,
+            max_length=limit,
+            help_text=_("The customer's question. Required (unless the deprecated `message` is sent instead)."),
         )
-        return {"message": fields.pop("message"), **fields}
+        message = TextField(
+            required=False,
+            max_length=limit,
+            help_text=_("Deprecated: the former name of `text`, still accepted. Send one of the two, not both."),
+        )
+        return {"text": text, "message": message, **fields}
+
+    def validate_text(self, value):
+        return _checked_question(value)
 
     def validate_message(self, value):
-        # The same check the websocket makes (the field has already stripped and measured it).
-        try:
-            return services.check_message_text(value)
-        except services.ChatError as exc:
-            raise serializers.ValidationError(exc.detail) from None
+        return _checked_question(value)
+
+    def validate(self, attrs):
+        if "text" in attrs and "message" in attrs:
+            raise serializers.ValidationError(
+                {"message": [_("Send the question as `text` only: `message` is its deprecated alias, not a second field.")]}
+            )
+        if "text" not in attrs and "message" not in attrs:
+            raise serializers.ValidationError({"text": [self.fields["text"].error_messages["required"]]})
+        self.text_field = "message" if "message" in attrs else "text"
+        attrs["text"] = attrs.pop(self.text_field)
+        return attrs
 
     def validate_temperature(self, value):
         if not math.isfinite(value):
             raise serializers.ValidationError(_("Must be a finite number."))
         return sampling_temperature(value)
+
+
+def _checked_question(value):
+    # The same check the websocket makes (the field has already stripped and measured it).
+    try:
+        return services.check_message_text(value)
+    except services.ChatError as exc:
+        raise serializers.ValidationError(exc.detail) from None
 
 
 class ChatAnswerSerializer(serializers.Serializer):
@@ -108,7 +138,7 @@ class ChatAnswerSerializer(serializers.Serializer):
     finish_reason = serializers.ChoiceField(
         choices=FINISH_REASONS,
         help_text=_("stop: the model ended its answer; length: max_new_tokens reached; timeout: CSP_CHAT_MAX_SECONDS "
-                    "passed; error: the model failed (the text is what came before)."),
+                    "passed; cancelled: a streaming client went away; error: the model failed (the text is what came before)."),
     )
 
 
@@ -161,3 +191,11 @@ class FeedbackResultSerializer(serializers.Serializer):
     message = serializers.IntegerField()
     rating = serializers.IntegerField()
     comment = serializers.CharField(allow_blank=True)
+
+
+class HandoffRoutedSerializer(serializers.Serializer):
+    conversation = serializers.UUIDField(help_text="The conversation the message was stored in.")
+    message = serializers.IntegerField(help_text="The stored message's id.")
+    state = serializers.ChoiceField(
+        choices=["waiting", "agent"], help_text="waiting: for a person to take it; agent: a person has it."
+    )

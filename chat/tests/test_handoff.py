@@ -198,3 +198,89 @@ def test_a_keyword_in_a_message_asks_for_a_person_and_others_cannot_follow_it(se
     assert refused["type"] == refused_too["type"] == "error" and refused["code"] == refused_too["code"] == "not_found"
     assert twice["state"] == "waiting"  # asking again is not an error
     assert Conversation.objects.get().state == State.WAITING
+
+
+@pytest.mark.django_db
+def test_staff_work_a_handoff_from_the_admin(staff_client, staff_user):
+    from django.urls import reverse
+
+    from knowledge.models import QAPair
+
+    bot = Conversation.objects.create(session_key="b", title="普通会话")
+    conversation = Conversation.objects.create(session_key="s", title="要找人工")
+    Message.objects.create(conversation=conversation, role="user", text="用户问：发票怎么开？")
+    handoff.handoff_request(conversation=conversation)
+
+    changelist = staff_client.get(reverse("admin:chat_conversation_changelist"))
+    html = changelist.content.decode()
+    assert 'id="waiting-banner"' in html  # on every admin page, with the count
+    assert list(changelist.context["cl"].result_list)[0] == conversation  # waiting ones first
+    assert bot in changelist.context["cl"].result_list
+
+    url = reverse("admin:chat_conversation_handoff", args=[conversation.pk])
+    assert "用户问：发票怎么开？" in staff_client.get(url).content.decode()
+    staff_client.post(url, {"reply": "1", "text": "在订单详情页点“申请发票”即可。"})
+    conversation.refresh_from_db()
+    assert conversation.state == "agent" and conversation.agent == staff_user
+    reply = conversation.messages.get(role="agent")
+
+    staff_client.post(url, {"draft": str(reply.pk)})
+    pair = QAPair.objects.get(source_message=reply)
+    assert (pair.instruction, pair.output, pair.source, pair.status) == (
+        "用户问：发票怎么开？", "在订单详情页点“申请发票”即可。", "handoff", "draft"
+    )
+    staff_client.post(url, {"release": "1"})
+    conversation.refresh_from_db()
+    assert conversation.state == "bot"
+    refused = staff_client.post(url, {"release": "1"}, follow=True)  # not possible from bot: said, nothing changes
+    assert any(m.level_tag == "error" for m in refused.context["messages"])
+    staff_client.post(url, {"close": "1"})
+    conversation.refresh_from_db()
+    assert conversation.state == "closed"
+    assert 'id="waiting-banner"' not in staff_client.get(reverse("admin:index")).content.decode()
+
+
+@pytest.mark.django_db
+def test_staff_without_the_change_permission_can_read_but_not_act(staff_client, staff_user):
+    from django.contrib.auth.models import Permission
+    from django.urls import reverse
+
+    staff_user.user_permissions.remove(Permission.objects.get(codename="change_conversation"))
+    conversation = Conversation.objects.create(session_key="s", state=State.WAITING)
+    url = reverse("admin:chat_conversation_handoff", args=[conversation.pk])
+    assert staff_client.get(url).status_code == 200
+    assert staff_client.post(url, {"reply": "1", "text": "hi"}).status_code == 403
+    conversation.refresh_from_db()
+    assert conversation.state == State.WAITING and not conversation.messages.exists()
+
+
+@pytest.mark.django_db
+def test_staff_flag_answers_into_the_review_queue(staff_client):
+    from django.urls import reverse
+
+    from knowledge.models import ReviewItem
+
+    conversation = Conversation.objects.create(session_key="s")
+    question = Message.objects.create(conversation=conversation, role="user", text="用户问：几点发货？")
+    answer = Message.objects.create(conversation=conversation, role="assistant", text="不知道。")
+    staff_client.post(
+        reverse("admin:chat_message_changelist"),
+        {"action": "flag_for_review", "_selected_action": [answer.pk, question.pk]},
+    )
+    assert list(ReviewItem.objects.all()) == [answer]
+
+
+@pytest.mark.django_db
+def test_rest_clients_reach_a_person_too(customer_api, staff_user, settings):
+    settings.CSP_HANDOFF_KEYWORDS = ["人工"]
+    asked = customer_api.post("/api/v1/chat/", {"text": "转人工"}, format="json")
+    assert asked.status_code == 202 and asked.json()["state"] == "waiting"
+    conversation = Conversation.objects.get(pk=asked.json()["conversation"])
+    more = customer_api.post("/api/v1/chat/", {"text": "订单号 123", "conversation": str(conversation.pk)}, format="json")
+    assert more.status_code == 202 and not conversation.messages.filter(role="assistant").exists()
+    handoff.handoff_reply(conversation=conversation, agent=staff_user, text="收到，马上处理。")
+    shown = customer_api.get(f"/api/v1/chat/conversations/{conversation.pk}/").json()
+    assert [m["role"] for m in shown["messages"]] == ["user", "user", "agent"]
+    handoff.handoff_close(conversation=conversation, agent=staff_user)
+    closed = customer_api.post("/api/v1/chat/", {"text": "还在吗", "conversation": str(conversation.pk)}, format="json")
+    assert closed.status_code == 409 and closed.json()["code"] == "closed"

@@ -25,6 +25,7 @@ from rest_framework.authtoken.models import Token
 from chat.engine import Token as TextToken
 from chat.models import Conversation, Message
 from chat.serving import active_engine, reset_engine
+from training.models import AdapterVersion, TrainingRun
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,7 +99,7 @@ def test_a_completion_is_the_trained_answer_and_is_stored(client, faq, customer)
 
 def test_streamed_chunks_join_into_the_trained_answer(client, faq):
     stream = client.chat.completions.create(
-        model="anything", messages=[{"role": "user", "content": faq[1]["instruction"]}], stream=True,
+        model="default", messages=[{"role": "user", "content": faq[1]["instruction"]}], stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -157,8 +158,64 @@ def test_invalid_requests_are_bad_request_errors_naming_the_parameter(client):
     assert caught.value.code == "context_length_exceeded"
 
 
-def test_models_lists_the_active_version(client):
-    assert [model.id for model in client.models.list()] == ["v1"]
+def _version(name, path, active):
+    """Another adapter version beside `active` (the serving fixture's v1), not active itself."""
+    run = TrainingRun.objects.create(base_model=active.base_model, snapshot=active.run.snapshot, status="succeeded")
+    return AdapterVersion.objects.create(name=name, run=run, base_model=active.base_model, path=str(path))
+
+
+def test_models_lists_the_active_version_then_the_others_newest_first_then_base(client, serving, second_adapter):
+    _version("v2", second_adapter, serving)
+    _version("v3", second_adapter, serving)
+
+    models = list(client.models.list())
+
+    assert [model.id for model in models] == ["v1", "v3", "v2", "base"]
+    assert all(model.object == "model" and model.owned_by == "csplatform" for model in models)
+    assert models[0].created == int(serving.created_at.timestamp())
+
+
+def test_models_start_with_base_when_no_version_is_active(client, serving):
+    AdapterVersion.objects.filter(pk=serving.pk).update(is_active=False)
+
+    assert [model.id for model in client.models.list()] == ["base", "v1"]
+
+
+def test_a_model_names_the_version_that_answers(client, faq, serving, second_adapter, customer):
+    v2 = _version("v2", second_adapter, serving)
+    question = [{"role": "user", "content": faq[0]["instruction"]}]
+    # What v2 says, asked in this process (the same tiny model and adapter, greedy).
+    expected, stats = active_engine().generate(faq[0]["instruction"], adapter="v2", adapter_path=str(second_adapter), timeout=60)
+    assert stats.adapter == "v2" and expected != faq[0]["output"]  # a barely trained adapter: not the memorised answer
+
+    pinned = client.chat.completions.create(model="v2", messages=question)
+    active = client.chat.completions.create(model="default", messages=question)
+
+    assert pinned.model == "v2" and pinned.choices[0].message.content == expected
+    assert active.model == "v1" and active.choices[0].message.content == faq[0]["output"]
+    answers = Message.objects.filter(role="assistant").order_by("created_at", "pk")
+    assert [(a.adapter_version, a.adapter_name, a.text) for a in answers] == [
+        (v2, "v2", expected), (serving, "v1", faq[0]["output"])
+    ]
+
+
+def test_the_base_model_answers_without_an_adapter(client, faq):
+    expected, _stats = active_engine().generate(faq[0]["instruction"], adapter=None, timeout=60)
+
+    completion = client.chat.completions.create(model="base", messages=[{"role": "user", "content": faq[0]["instruction"]}])
+
+    assert completion.model == "base" and completion.choices[0].message.content == expected != faq[0]["output"]
+    answer = Message.objects.get(role="assistant")
+    assert answer.adapter_version is None and answer.adapter_name == ""
+
+
+def test_an_unknown_model_is_not_found(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="v99", messages=[{"role": "user", "content": "如何退货？"}])
+
+    assert caught.value.status_code == 404 and caught.value.code == "model_not_found" and caught.value.param == "model"
+    assert caught.value.type == "invalid_request_error" and "v99" in caught.value.message
+    assert not Conversation.objects.exists()
 
 
 def test_a_client_that_goes_away_cancels_its_answer(client, faq):
@@ -213,4 +270,16 @@ def test_a_busy_engine_is_a_429_with_retry_after_in_openai_shape(one_slot, custo
 
     assert response.status_code == 429 and int(response["Retry-After"]) >= 1
     assert response.json()["error"]["code"] == "rate_limit_exceeded"
+    assert not Conversation.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("model", [None, "", 3])
+def test_a_missing_model_is_a_bad_request_naming_it(customer, model):
+    key = Token.objects.create(user=customer).key
+    body = {"messages": [{"role": "user", "content": "如何退货？"}]} | ({} if model is None else {"model": model})
+
+    response = Client().post("/v1/chat/completions", body, content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {key}")
+
+    assert response.status_code == 400 and response.json()["error"]["param"] == "model"
     assert not Conversation.objects.exists()
