@@ -78,7 +78,8 @@ def staff_client(client, staff_user):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """A ~0.85M-parameter random Qwen2 with a tokenizer trained on the sample Q&A (built once)."""
+    """A ~0.85M-parameter random Qwen2 with a tokenizer trained on the sample Q&A (built once),
+    with its f32 GGUF for llama.cpp in gguf/model.gguf."""
     import json
 
     from django.conf import settings
@@ -89,7 +90,7 @@ def tiny_model(tmp_path_factory):
     for path in settings.CSP_SAMPLE_DATA:
         for record in json.loads(path.read_text(encoding="utf-8")):
             texts += [record["instruction"], record["output"]]
-    return build_tiny_model(texts, tmp_path_factory.mktemp("tiny-model"))
+    return build_tiny_model(texts, tmp_path_factory.mktemp("tiny-model"), gguf=True)
 
 
 @pytest.fixture

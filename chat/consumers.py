@@ -33,6 +33,8 @@ from chat.serving import active_engine
 
 # Close code for a client that keeps sending after being told it is too fast.
 CLOSE_POLICY_VIOLATION = 1008
+# Close code for a frame far beyond any message (RFC 6455 "message too big").
+CLOSE_TOO_BIG = 1009
 
 
 def _wait_until_done(request, timeout):
@@ -101,6 +103,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # --- receiving ---
 
     async def receive(self, text_data=None, bytes_data=None):
+        if len(text_data or bytes_data or "") > settings.CSP_WS_MAX_FRAME_BYTES:
+            # Not a customer who typed too much (that gets an error frame below): drop the socket.
+            await self.close(code=CLOSE_TOO_BIG)
+            return
         if not await self._within_rate():
             return
         if text_data is None:

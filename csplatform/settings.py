@@ -214,6 +214,8 @@ CSP_CHAT_MAX_MESSAGE_CHARS = envint("CSP_CHAT_MAX_MESSAGE_CHARS", 2000, minimum=
 CSP_CHAT_HISTORY_MESSAGES = envint("CSP_CHAT_HISTORY_MESSAGES", 20, minimum=1)
 # Per websocket connection: at most this many frames in 10 seconds; past twice that it is closed.
 CSP_CHAT_FRAMES_PER_10S = envint("CSP_CHAT_FRAMES_PER_10S", 20, minimum=1)
+# A websocket frame longer than this closes the socket (1009); a long message gets an error frame.
+CSP_WS_MAX_FRAME_BYTES = envint("CSP_WS_MAX_FRAME_BYTES", 256 * 1024, minimum=1024)
 # A customer message containing one of these (case-insensitive) asks for a person: the
 # conversation waits for an agent instead of getting an answer from the assistant.
 CSP_HANDOFF_KEYWORDS = envlist("CSP_HANDOFF_KEYWORDS", "人工,human agent,real person,talk to a human")

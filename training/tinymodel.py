@@ -8,6 +8,7 @@ Builds in a few seconds on a CPU; nothing is downloaded.
 
     from training.tinymodel import build_tiny_model
     build_tiny_model(["如何退货？", "您好！..."], "var/models/tiny")
+    build_tiny_model(["如何退货？", "您好！..."], "var/models/tiny", gguf=True)  # plus gguf/model.gguf
 
 The turn markers of `training.prompting` are declared as special tokens, so each is one id,
 and `<end_of_turn>` is the EOS token: generation stops at the end of the model's turn, as with
@@ -84,9 +85,12 @@ def build_tiny_model(
     max_positions=1024,
     initializer_range=0.1,
     seed=0,
+    gguf=False,
 ):
     """Train a tokenizer on texts, build a random-init Qwen2 LM, save both to out_dir.
 
+    With gguf, also write the same weights and tokenizer as `out_dir/gguf/model.gguf` (f32), the
+    file llama.cpp loads and `training.basemodel.describe_checkpoint` reports.
     Deterministic for a given seed and texts. Returns out_dir as a Path.
     """
     out_dir = Path(out_dir)
@@ -124,4 +128,8 @@ def build_tiny_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    if gguf:
+        from training.gguf_export import write_model_gguf
+
+        write_model_gguf(out_dir)
     return out_dir

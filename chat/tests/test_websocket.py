@@ -160,6 +160,20 @@ def test_flooding_client_is_told_then_closed(serving, settings):
     assert limited["code"] == "rate_limited" and closed["code"] == 1008
 
 
+def test_a_huge_frame_closes_the_socket_with_1009_and_a_long_message_gets_an_error(serving, settings):
+    async def scenario():
+        communicator = await _connect()
+        await communicator.send_to(text_data=json.dumps({"type": "message", "text": "问" * 2100}))
+        long_message = await communicator.receive_json_from(timeout=5)
+        await communicator.send_to(text_data="x" * (2 * 1024 * 1024))  # 2 MiB
+        closed = await communicator.receive_output(timeout=5)
+        return long_message, closed
+
+    long_message, closed = asyncio.run(scenario())
+    assert long_message["type"] == "error" and long_message["code"] == "too_long"
+    assert closed == {"type": "websocket.close", "code": 1009}
+
+
 def test_conversations_are_owned_by_the_browser_session(serving, faq):
     async def scenario():
         communicator = await _connect()
