@@ -72,7 +72,7 @@ class Command(BaseCommand):
         texts = [text for pair in QAPair.objects.all() for text in (pair.instruction, pair.output)]
         if not texts:
             raise CommandError("The tiny model's tokenizer is trained on the Q&A text: import or add pairs first.")
-        path = build_tiny_model(texts, target)
+        path = build_tiny_model(texts, target, gguf=True)  # the GGUF lets llama.cpp serve it too
         self.stdout.write(self.style.SUCCESS(f"Built the tiny test model in {path}."))
         self.stdout.write(format_summary(describe_checkpoint(path)))
         self.stdout.write(f"Train on it with CSP_BASE_MODEL={path}.")
