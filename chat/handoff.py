@@ -20,6 +20,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 
 from chat.models import Conversation, Message
 from chat.services import ChatError
@@ -35,12 +36,22 @@ TRANSITIONS = {
 }
 
 
+EVENT_LABELS = {
+    "request": gettext_lazy("ask for a person"),
+    "take": gettext_lazy("take over"),
+    "reply": gettext_lazy("reply"),
+    "release": gettext_lazy("hand back to the assistant"),
+    "close": gettext_lazy("close"),
+    "rate": gettext_lazy("rate the conversation"),
+}
+
+
 class HandoffRefused(ChatError):
     def __init__(self, event, state):
         super().__init__(
             "invalid_state",
             _("This conversation is %(state)s; “%(event)s” is not possible now.")
-            % {"state": State(state).label.lower(), "event": event},
+            % {"state": State(state).label.lower(), "event": EVENT_LABELS[event]},
         )
         self.event, self.state = event, state
 
