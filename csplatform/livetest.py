@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,10 +57,11 @@ def database_env():
     from django.db import connection
 
     db = connection.settings_dict
-    if db["ENGINE"].endswith("sqlite3"):
+    if connection.vendor == "sqlite":
         url = f"sqlite:///{db['NAME']}"
     else:
-        url = f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+        user, password = quote(db["USER"] or "", safe=""), quote(db["PASSWORD"] or "", safe="")
+        url = f"postgres://{user}:{password}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
     return {"DATABASE_URL": url, "SECRET_KEY": settings.SECRET_KEY}
 
 

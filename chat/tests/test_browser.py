@@ -5,73 +5,24 @@ installs them); skipped without them.
 """
 
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
-from urllib.parse import quote
 
 import pytest
-from django.conf import settings as django_settings
-from django.db import connection
 
 from chat.models import Conversation, Message
+from csplatform.livetest import live_daphne
 
-ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _database_url():
-    """The test database as a URL the server process can open."""
-    db = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{db['NAME']}"
-    user, password = quote(db["USER"] or "", safe=""), quote(db["PASSWORD"] or "", safe="")
-    return f"postgres://{user}:{password}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
 @pytest.fixture
 def server(serving, training_env, tiny_model):
-    port = _free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": _database_url(),
-        "SECRET_KEY": django_settings.SECRET_KEY,
-        "CSP_DATA_DIR": str(training_env),
-        "CSP_BASE_MODEL": str(tiny_model),
-        "CSP_CHAT_DEVICE": "cpu",
-        "CSP_CHAT_DTYPE": "float32",
-    }
-    log = training_env / "daphne.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "csplatform.asgi:application"],
-        cwd=ROOT, env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "daphne did not answer: " + log.read_text()[-3000:]
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    env = {"CSP_DATA_DIR": str(training_env), "CSP_BASE_MODEL": str(tiny_model), "CSP_CHAT_DEVICE": "cpu", "CSP_CHAT_DTYPE": "float32"}
+    with live_daphne(env=env, log=training_env / "daphne.log") as url:
+        yield url
 
 
 @pytest.fixture
@@ -204,3 +155,56 @@ def test_a_customer_chats_in_the_browser_with_streaming_feedback_and_history(ser
     )
     scroll_width, width, send_right, send_bottom, height = layout
     assert scroll_width <= width == 375 and send_right <= width and send_bottom <= height, layout
+
+
+@pytest.fixture
+def redis_server(settings, training_env, tiny_model):
+    """A daphne on channels-redis, and this process on the same layer: a staff reply made here
+    reaches the page the browser holds there."""
+    import uuid
+
+    from channels.layers import channel_layers
+
+    redis, prefix = "redis://127.0.0.1:6379/14", f"csp-browser-{uuid.uuid4().hex[:8]}"
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [redis], "prefix": prefix}}
+    }
+    channel_layers.backends.clear()
+    env = {"CSP_DATA_DIR": str(training_env), "CSP_BASE_MODEL": str(tiny_model), "REDIS_URL": redis, "CSP_CHANNEL_PREFIX": prefix}
+    try:
+        with live_daphne(env=env, log=training_env / "daphne.log") as url:
+            yield url
+    finally:
+        channel_layers.backends.clear()
+
+
+def test_a_customer_asks_for_a_person_gets_the_reply_live_and_rates_the_conversation(redis_server, browser, staff_user):
+    from selenium.webdriver.common.by import By
+
+    from chat import handoff
+
+    browser.get(redis_server + "/")
+    _wait(browser, _script("return document.getElementById('chat-status').dataset.state === 'online'"), message="not connected")
+    banner = browser.find_element(By.ID, "chat-handoff")
+    assert not banner.is_displayed()
+
+    browser.find_element(By.ID, "chat-person").click()
+    _wait(browser, lambda d: banner.get_attribute("data-state") == "waiting", message="not waiting")
+    assert "finding a person" in banner.text and not browser.find_element(By.ID, "chat-person").is_displayed()
+    conversation = Conversation.objects.get()
+    assert conversation.state == "waiting"
+
+    handoff.handoff_reply(conversation=conversation, agent=staff_user, text="<b>您好</b>，我是客服小王。")
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chat-log .msg-agent"), message="no agent reply")
+    reply = browser.find_element(By.CSS_SELECTOR, "#chat-log .msg-agent .msg-bubble")
+    assert reply.text == "<b>您好</b>，我是客服小王。"  # text, never markup
+    assert banner.get_attribute("data-state") == "agent"
+
+    handoff.handoff_close(conversation=conversation, agent=staff_user)
+    _wait(browser, lambda d: banner.get_attribute("data-state") == "closed", message="not closed")
+    browser.find_element(By.CSS_SELECTOR, '#chat-csat button[data-score="4"]').click()
+    deadline = time.monotonic() + 10
+    while Conversation.objects.get().csat != 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert Conversation.objects.get().csat == 4
+    _wait(browser, lambda d: not d.find_element(By.ID, "chat-csat").is_displayed(), message="rating not acknowledged")
