@@ -6,74 +6,31 @@ test commits its own rows (transaction=True), which the server reads.
 """
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import openai
 import pytest
 from django.conf import settings as django_settings
-from django.db import connection
 from django.test import Client
 from rest_framework.authtoken.models import Token
 
 from chat.engine import Token as TextToken
 from chat.models import Conversation, Message
 from chat.serving import active_engine, reset_engine
+from csplatform.livetest import live_daphne
 from training.models import AdapterVersion, TrainingRun
 
 pytestmark = pytest.mark.django_db(transaction=True)
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(django_db_setup, tiny_model, tmp_path_factory):
     """The base URL of a daphne serving the project on the test database."""
     data_dir = tmp_path_factory.mktemp("openai-server")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
-        "SECRET_KEY": django_settings.SECRET_KEY,
-        "CSP_DATA_DIR": str(data_dir),
-        "CSP_BASE_MODEL": str(tiny_model),
-        "CSP_CHAT_DEVICE": "cpu",
-        "CSP_CHAT_DTYPE": "float32",
-    }
-    log = data_dir / "daphne.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "csplatform.asgi:application"],
-        cwd=ROOT, env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "daphne did not start listening:\n" + log.read_text()[-3000:]
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    env = {"CSP_DATA_DIR": str(data_dir), "CSP_BASE_MODEL": str(tiny_model), "CSP_CHAT_DEVICE": "cpu", "CSP_CHAT_DTYPE": "float32"}
+    with live_daphne(env=env, log=data_dir / "daphne.log") as url:
+        yield url
 
 
 @pytest.fixture
