@@ -154,3 +154,17 @@ def test_simultaneous_training_starts_accept_exactly_one_each_time(training_env,
         outcomes.append(sorted(results))
         TrainingRun.objects.filter(status__in=TrainingRun.ACTIVE_STATUSES).update(status=TrainingRun.Status.CANCELLED)
     assert outcomes == [["accepted", "refused"]] * 50
+
+
+@pytest.mark.django_db
+def test_page_size_caps_hold_with_ten_thousand_pairs(staff_api, settings):
+    QAPair.objects.bulk_create(
+        QAPair(instruction=f"用户问：第{n}号问题？", output="答案。", question_hash=f"{n:064x}") for n in range(10_000)
+    )
+    for asked in ("100000", "-1", "0", "abc", str(settings.CSP_API_MAX_PAGE_SIZE + 1)):
+        response = staff_api.get("/api/v1/qa-pairs/", {"page_size": asked})
+        assert response.status_code == 200
+        body = response.json()
+        assert body["count"] == 10_000 and len(body["results"]) <= settings.CSP_API_MAX_PAGE_SIZE, asked
+    last = staff_api.get("/api/v1/qa-pairs/", {"page_size": 200, "page": 50}).json()
+    assert len(last["results"]) == 200 and last["next"] is None
