@@ -5,7 +5,9 @@
 What they share: the embedded Gemma-3-270M base, quick LoRA adapters trained once on a few pairs
 of data/train.json and reused from /tmp (decode speed does not depend on how well an adapter is
 trained, only on the LoRA layers being in the forward), Chinese questions from the same file,
-a timed fp32 `model.generate` baseline and a timed engine stream, and a table printer.
+a timed fp32 `model.generate` baseline and a timed engine stream, the engine of either backend
+(`--backend transformers | llamacpp | both`), answer agreement between two backends, and a
+table printer.
 
 Every benchmark measures everything it compares in one run and prints ratios: the machines are
 shared and noisy, so numbers from another run are never comparable.
@@ -40,6 +42,22 @@ def add_arguments(parser: argparse.ArgumentParser, *, new_tokens=96):
     return parser
 
 
+BACKENDS = ("transformers", "llamacpp")
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        "--backend", choices=[*BACKENDS, "both"], default="transformers",
+        help="engine backend to measure; both = each in turn, same questions and adapter (default: %(default)s)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default: 0 = one per core)")
+    return parser
+
+
+def chosen_backends(choice):
+    return list(BACKENDS) if choice == "both" else [choice]
+
+
 def load_average():
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
@@ -61,18 +79,19 @@ def questions(count, *, offset=0):
     return [question_text(r["instruction"], r.get("input", "")) for r in (pairs[(offset + i) % len(pairs)] for i in range(count))]
 
 
-def quick_adapter(base_dir, work_dir, *, name="a", pairs=8, offset=0, seed=1):
-    """Path of a LoRA adapter (all linear layers, the default config) trained one epoch on `pairs`
-    records of data/train.json; trained once (tens of seconds on 2 cores), then reused.
+def quick_adapter(base_dir, work_dir, *, name="a", pairs=8, offset=0, seed=1, epochs=1):
+    """Path of a LoRA adapter (all linear layers, the default config) trained `epochs` on `pairs`
+    records of data/train.json; trained once (tens of seconds on 2 cores per epoch), then reused.
 
-    It is deliberately under-trained: enough to give non-zero LoRA weights and run PEFT's LoRA
-    path in every forward, little enough that the model still answers at length, so that answers
-    of a fixed number of tokens can be timed.
+    With one epoch it is deliberately under-trained: enough to give non-zero LoRA weights and run
+    PEFT's LoRA path in every forward, little enough that the model still answers at length, so
+    that answers of a fixed number of tokens can be timed. More epochs make it answer the trained
+    questions (the parity check of decode.py).
     """
     from training.finetune import FinetuneConfig, train
 
     chosen = records()[offset : offset + pairs]
-    config = FinetuneConfig(epochs=1, batch_size=4, seed=seed, checkpoint_every=0)
+    config = FinetuneConfig(epochs=epochs, batch_size=4, seed=seed, checkpoint_every=0)
     key = hashlib.sha256(
         json.dumps([str(Path(base_dir).resolve()), chosen, config.to_dict()], ensure_ascii=False).encode()
     ).hexdigest()[:12]
@@ -84,6 +103,51 @@ def quick_adapter(base_dir, work_dir, *, name="a", pairs=8, offset=0, seed=1):
         train(config, base_dir, chosen, [], out_dir, resume=False)
         print(f"  done in {time.monotonic() - started:.0f} s", flush=True)
     return adapter
+
+
+def served_engine(backend, base_dir, adapter, **config):
+    """A loaded engine of `backend` serving `adapter` as version "a". For llama.cpp the adapter's
+    GGUF LoRA is written first (once; beside the adapter, where the platform keeps it)."""
+    from chat.engine import Engine, EngineConfig, LlamaCppEngine
+
+    engine_class = LlamaCppEngine if backend == "llamacpp" else Engine
+    engine = engine_class(EngineConfig(base_dir=base_dir, **config))
+    serve_adapter(engine, "a", adapter)
+    engine.load()
+    return engine
+
+
+def serve_adapter(engine, name, adapter):
+    """engine.set_adapter(name, adapter), writing the GGUF LoRA first where llama.cpp needs it."""
+    if engine.backend == "llamacpp" and not (Path(adapter) / "adapter.gguf").is_file():
+        from training.gguf_export import write_lora_gguf
+
+        write_lora_gguf(adapter, base_dir=engine.config.base_dir)
+    engine.set_adapter(name, adapter)
+
+
+def engine_label(engine):
+    return f"engine {engine.backend} {engine.metrics()['dtype']}"
+
+
+def agreement(reference, other, tokenizer):
+    """How far two lists of answers agree: identical texts, same numbers (the key facts of a
+    customer-service answer: amounts, days, hours) in the same order, and token-level agreement
+    (position by position, over the longer answer of each pair)."""
+    import re
+
+    number = re.compile(r"\d+(?:\.\d+)?")
+    same_tokens = total_tokens = 0
+    for a, b in zip(reference, other):
+        ids_a, ids_b = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in (a, b))
+        same_tokens += sum(x == y for x, y in zip(ids_a, ids_b))
+        total_tokens += max(len(ids_a), len(ids_b))
+    return {
+        "answers": len(reference),
+        "same_text": sum(a == b for a, b in zip(reference, other)),
+        "same_facts": sum(number.findall(a) == number.findall(b) for a, b in zip(reference, other)),
+        "token_agreement": same_tokens / total_tokens if total_tokens else 1.0,
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The process's inference engine, configured from settings and kept on the active adapter.
 
 One engine per process, created on first use (never at import: migrate, tests and the q2
-cluster don't pay for it). Before each new answer `active_engine()` checks which adapter version
+cluster don't pay for it), on the backend CSP_INFERENCE_BACKEND chooses (see
+`chat.engine.backends`). Before each new answer `active_engine()` checks which adapter version
 is active and hot-swaps it in, so an activation reaches new chats at their next message, while
 answers already streaming finish on the version they started with.
 """
@@ -10,8 +11,9 @@ import threading
 import time
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
-from chat.engine import Engine, EngineConfig
+from chat.engine import BackendUnavailable, EngineConfig, make_engine
 from training.models import AdapterVersion
 
 _lock = threading.Lock()
@@ -40,7 +42,10 @@ def get_engine():
     global _engine
     with _lock:
         if _engine is None:
-            _engine = Engine(engine_config())
+            try:
+                _engine = make_engine(engine_config(), settings.CSP_INFERENCE_BACKEND)
+            except BackendUnavailable as error:
+                raise ImproperlyConfigured(f"CSP_INFERENCE_BACKEND={settings.CSP_INFERENCE_BACKEND}: {error}") from error
         return _engine
 
 
@@ -72,10 +77,13 @@ def engine_status():
     engine = _engine
     if engine is None:
         return None
+    metrics = engine.metrics()
     return {
         "loaded": engine.loaded,
-        "dtype": str(engine.dtype).removeprefix("torch.") if engine.loaded else "",
+        "backend": engine.backend,
+        "backend_reason": engine.backend_reason,
+        "dtype": metrics["dtype"] if engine.loaded else "",
         "dtype_reason": engine.dtype_reason if engine.loaded else "",
         "adapter": engine.current_adapter,
-        "metrics": engine.metrics(),
+        "metrics": metrics,
     }

@@ -1,13 +1,18 @@
-"""The chat inference engine (transformers backend): a pure module, no Django.
+"""The chat inference engine: a pure module, no Django.
 
     from chat.engine import Engine, EngineConfig, Turn, Token, Done, EngineBusy, InputTooLong
+    engine = make_engine(config, "auto")   # Engine (transformers) or LlamaCppEngine (llama.cpp)
 
-See `chat.engine.engine` for how requests are batched, streamed, cancelled and swapped between
-adapters. Importing this package does not import torch; `Engine.load()` (or the first request) does.
+Both backends keep one contract, `chat.engine.base.BaseEngine`: how requests are admitted,
+streamed, cancelled and swapped between adapters. `chat.engine.engine` is the transformers side,
+`chat.engine.llamacpp` the llama.cpp side, `chat.engine.backends` chooses between them. Importing
+this package imports neither torch nor llama_cpp; `load()` (or the first request) does.
 """
 
+from chat.engine.backends import BACKENDS, BackendUnavailable, choose_backend, make_engine
+from chat.engine.base import CURRENT, Request
 from chat.engine.config import EngineConfig
-from chat.engine.engine import CURRENT, Engine, Request
+from chat.engine.engine import Engine
 from chat.engine.events import (
     CANCELLED,
     ERROR,
@@ -23,10 +28,12 @@ from chat.engine.events import (
     Stats,
     Token,
 )
+from chat.engine.llamacpp import LlamaCppEngine
 from chat.engine.prompts import Prompt
 from training.prompting import Turn
 
 __all__ = [
+    "BACKENDS",
     "CANCELLED",
     "CURRENT",
     "ERROR",
@@ -34,6 +41,7 @@ __all__ = [
     "LENGTH",
     "STOP",
     "TIMEOUT",
+    "BackendUnavailable",
     "Done",
     "Engine",
     "EngineBusy",
@@ -41,9 +49,12 @@ __all__ = [
     "EngineConfig",
     "EngineError",
     "InputTooLong",
+    "LlamaCppEngine",
     "Prompt",
     "Request",
     "Stats",
     "Token",
     "Turn",
+    "choose_backend",
+    "make_engine",
 ]

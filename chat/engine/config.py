@@ -39,6 +39,8 @@ class EngineConfig:
     # Prompt tokens processed per loop iteration: a long prompt is prefilled in chunks between decode
     # steps, so it stalls the streams already running by one chunk's time, not the whole prompt's.
     prefill_chunk: int = 256
+    # llama.cpp backend: compute threads (0 = one per core, os.cpu_count()); transformers uses torch's.
+    threads: int = 0
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -46,6 +48,8 @@ class EngineConfig:
         for name in ("max_input_tokens", "max_new_tokens", "max_active", "prefill_chunk", "chars_per_token"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (every core) or more, not {self.threads!r}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be 0 or more, not {self.max_waiting!r}")
         if not (self.max_seconds > 0):

@@ -1,4 +1,9 @@
-"""The transformers inference engine on the tiny model (the `tiny_model` fixture in the root conftest).
+"""The engine contract, on both backends, on the tiny model (the `tiny_model` fixture in the root conftest).
+
+Every test that uses `make_engine` runs twice: on the transformers Engine and on the llama.cpp
+LlamaCppEngine (the tiny model's f32 GGUF, adapters converted to GGUF LoRAs). Tests of one
+backend's own machinery are marked `transformers_only`; the llama.cpp side's own tests are in
+test_llamacpp_engine.py.
 
 Two adapters are trained once for the module with the memorising settings of
 training/tests/test_finetune.py: v1 on eight sample pairs, v2 on four of the same questions with
@@ -22,13 +27,17 @@ from chat.engine import (
     EngineClosed,
     EngineConfig,
     InputTooLong,
+    LlamaCppEngine,
     Token,
     Turn,
 )
 from training.finetune import BaseModelError, FinetuneConfig, generate_answer, load_adapter, load_base, train
+from training.gguf_export import write_lora_gguf
 from training.prompting import question_text, render_conversation, render_training_example
 
 MEMORISE = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, epochs=30, batch_size=4, bf16="off")
+ENGINES = {"transformers": Engine, "llamacpp": LlamaCppEngine}
+transformers_only = pytest.mark.parametrize("backend", ["transformers"])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,22 +71,30 @@ def rotated(records):
 
 @pytest.fixture(scope="module")
 def adapters(tiny_model, records, rotated, tmp_path_factory):
-    """{"v1": adapter dir, "v2": adapter dir}, trained once for the module."""
+    """{"v1": adapter dir, "v2": adapter dir}, trained once for the module, each with its adapter.gguf."""
     paths = {}
     for name, data in (("v1", records), ("v2", rotated)):
         out = tmp_path_factory.mktemp(name)
         train(FinetuneConfig(**MEMORISE), tiny_model, data, [], out)
         paths[name] = out / "adapter"
+        write_lora_gguf(paths[name], base_dir=tiny_model)
     return paths
 
 
+@pytest.fixture(params=sorted(ENGINES))
+def backend(request):
+    return request.param
+
+
 @pytest.fixture
-def make_engine(tiny_model):
-    """Engine factory on the tiny model (fp32, as training evaluates); every engine is closed after."""
+def make_engine(tiny_model, backend):
+    """Engine factory of the backend on the tiny model (fp32, as training evaluates; one llama.cpp
+    thread, as torch gets one); every engine is closed after."""
     engines = []
 
     def make(**overrides):
-        engine = Engine(EngineConfig(**{"base_dir": tiny_model, "dtype": "float32", **overrides}))
+        config = EngineConfig(**{"base_dir": tiny_model, "dtype": "float32", "threads": 1, **overrides})
+        engine = ENGINES[backend](config)
         engines.append(engine)
         return engine
 
@@ -209,6 +226,32 @@ def test_admission_beyond_active_plus_waiting_is_refused_at_once(make_engine, re
     engine.submit(_question(records[3])).cancel()  # room again
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decoding(make_engine, records):
+    engine = make_engine(prefill_chunk=16, max_new_tokens=200)
+    started, seen = threading.Event(), {}
+    running = engine.submit(_question(records[0]), on_event=lambda event: started.set())
+    assert started.wait(5)
+    history = []
+    for record in records:
+        history += [Turn("user", _question(record)), Turn("assistant", _answer(record))]
+    history.append(Turn("user", "好的"))
+
+    def on_done(event):  # on the decode thread, as the long prompt's first (and only) token is taken
+        if isinstance(event, Done):
+            seen.update(steps=engine.decode_steps, running_done=running.done)
+
+    steps_before = engine.decode_steps
+    long = engine.submit(history, max_new_tokens=1, on_event=on_done)
+    long.result(20)
+    running.cancel()
+    running.result(20)
+    chunks = -(-len(long.prompt.ids) // 16)
+    assert chunks >= 20
+    # One decode step of the running stream per prompt chunk: it never waited for the whole prompt.
+    assert seen["steps"] - steps_before >= chunks - 1
+    assert seen["running_done"] is False
+
+
 def test_cancel_stops_generation_within_one_step(make_engine, records):
     engine = make_engine()
     seen, after_cancel, handle = [], [], {}
@@ -278,7 +321,7 @@ def test_client_limits_are_clamped_to_the_server_caps(make_engine, records):
         engine.submit(_question(records[0]), max_new_tokens=0)
 
 
-def test_hot_swap_serves_new_requests_with_the_new_adapter_while_old_ones_finish(make_engine, records, rotated, adapters):
+def test_hot_swap_serves_new_requests_with_the_new_adapter_while_old_ones_finish(make_engine, backend, records, rotated, adapters):
     engine = make_engine()
     engine.set_adapter("v1", adapters["v1"])
     started = threading.Event()
@@ -297,7 +340,9 @@ def test_hot_swap_serves_new_requests_with_the_new_adapter_while_old_ones_finish
     assert (old_text, old_stats.adapter) == (_answer(records[1]), "v1")
     assert (new_text, new_stats.adapter) == (_answer(rotated[0]), "v2")  # v2's answer, not v1's
     assert new_text != _answer(records[0])
-    assert engine.max_batch_seen == 2  # both adapters decoded in one batch
+    # transformers decodes both adapters in one batch (PEFT's per-row adapters); llama.cpp applies
+    # a LoRA to a whole context, so each version decodes in its own context's batch.
+    assert engine.max_batch_seen == (2 if backend == "transformers" else 1)
     assert _wait_for(lambda: engine.loaded_adapters == ["v2"])  # v1 deleted once unused
 
     engine.set_adapter(None)  # back to the base model
@@ -332,6 +377,7 @@ def test_messages_that_cannot_fit_are_refused(make_engine):
     assert engine.metrics()["waiting"] == 0
 
 
+@transformers_only
 def test_auto_dtype_follows_the_hardware_and_still_reproduces_the_answers(make_engine, records, adapters):
     engine = make_engine(dtype="auto")
     engine.set_adapter("v1", adapters["v1"])
@@ -341,6 +387,7 @@ def test_auto_dtype_follows_the_hardware_and_still_reproduces_the_answers(make_e
     assert engine.dtype_reason.startswith("auto:")
 
 
+@transformers_only
 def test_batched_decoding_matches_generate_on_a_sliding_window_model(make_engine, records, tiny_model, tmp_path):
     # Gemma 3 (the embedded base) alternates sliding-window and full attention layers: the shared,
     # left-padded cache and chunked prefill must give what transformers' own generate gives.
@@ -402,6 +449,14 @@ def test_a_vanishing_temperature_is_greedy_and_does_not_break_the_engine(make_en
     assert tiny == greedy and stats.finish_reason in ("stop", "length")
 
 
+def test_a_sampled_answer_is_reproducible_with_its_seed(make_engine, records):
+    engine = make_engine(max_new_tokens=20)
+    question = _question(records[0])
+    first, again, other = (engine.generate(question, temperature=1.0, top_p=0.9, seed=seed)[0] for seed in (7, 7, 8))
+    assert first == again != other
+    assert first != engine.generate(question)[0]  # not the greedy answer
+
+
 def test_a_pinned_adapter_answers_beside_the_current_one_and_is_unloaded_after(make_engine, records, rotated, adapters):
     engine = make_engine()
     engine.set_adapter("v2", adapters["v2"])
@@ -437,6 +492,7 @@ def test_a_pinned_adapter_from_async_code_loads_off_the_event_loop(make_engine, 
     assert (text, adapter) == (_answer(records[2]), "v1")
 
 
+@transformers_only
 def test_the_lm_head_gets_a_fresh_contiguous_input(make_engine, records):
     engine = make_engine()
     engine.load()

@@ -1,0 +1,95 @@
+"""Which inference backend serves, and why: transformers (any checkpoint, GPU) or llama.cpp (GGUF, CPU).
+
+    engine = make_engine(config, "auto")     # an Engine or a LlamaCppEngine, loaded on first use
+    engine.backend, engine.backend_reason    # "llamacpp", "auto: a CPU-only host and ... has a GGUF ..."
+
+`auto` takes llama.cpp on a CPU-only host when the base checkpoint has a GGUF beside it (found by
+`training.basemodel.describe_checkpoint`), llama-cpp-python imports, and no explicit dtype was
+configured (a dtype such as float32 is one only transformers can honour; llama.cpp serves the
+GGUF's own quantisation). Otherwise transformers, and one log line says why. An explicit
+"llamacpp" that cannot be served is a BackendUnavailable when the engine is made, not a
+surprise at the first chat. Nothing here imports Django.
+"""
+
+import logging
+from pathlib import Path
+
+from chat.engine.events import EngineError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "transformers", "llamacpp")
+
+
+class BackendUnavailable(EngineError):
+    """The configured backend cannot serve this base model on this host."""
+
+
+def base_gguf(base_dir):
+    """The GGUF of the base checkpoint, or None (also when the checkpoint itself is missing: the
+    transformers engine reports that, with its own message, on first use)."""
+    from training.basemodel import BaseModelError, describe_checkpoint
+
+    try:
+        found = describe_checkpoint(base_dir)["gguf_path"]
+    except BaseModelError:
+        return None
+    return Path(found) if found and Path(found).is_file() else None
+
+
+def llamacpp_problem():
+    """Why llama-cpp-python cannot be used here, or None when it imports."""
+    try:
+        import llama_cpp  # noqa: F401  (loads the shared library: the real test)
+    except (ImportError, OSError, RuntimeError) as error:  # OSError, RuntimeError: a library that fails to load
+        return f"llama-cpp-python cannot be imported ({type(error).__name__}: {error})"
+    return None
+
+
+def _gpu(device):
+    if device != "auto":
+        return device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_backend(requested, config):
+    """(backend, reason) for `requested` in BACKENDS on this host; raises BackendUnavailable."""
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {requested!r}")
+    if requested == "transformers":
+        return "transformers", "configured: transformers"
+    gguf = base_gguf(config.base_dir)
+    if requested == "llamacpp":
+        problem = llamacpp_problem()
+        if problem is None and gguf is None:
+            problem = f"the base model {str(config.base_dir)!r} has no GGUF file (*.gguf or gguf/*.gguf)"
+        if problem:
+            raise BackendUnavailable(f"the llamacpp backend cannot serve: {problem}")
+        return "llamacpp", f"configured: llamacpp, serving {gguf.name}"
+    if _gpu(config.device):
+        backend, reason = "transformers", "auto: a CUDA GPU serves through transformers"
+    elif gguf is None:
+        backend, reason = "transformers", "auto: the base model has no GGUF file for llama.cpp"
+    elif config.dtype != "auto":
+        backend, reason = "transformers", f"auto: dtype {config.dtype} is configured, which only transformers honours"
+    elif problem := llamacpp_problem():
+        logger.warning("inference backend: transformers, not llama.cpp: %s", problem)
+        return "transformers", f"auto: {problem}"
+    else:
+        backend, reason = "llamacpp", f"auto: a CPU-only host and the base model has a GGUF ({gguf.name})"
+    logger.info("inference backend: %s (%s)", backend, reason)
+    return backend, reason
+
+
+def make_engine(config, backend="auto"):
+    """The engine of the chosen backend (nothing loaded yet), with `backend_reason` set."""
+    name, reason = choose_backend(backend, config)
+    if name == "llamacpp":
+        from chat.engine.llamacpp import LlamaCppEngine as engine_class
+    else:
+        from chat.engine.engine import Engine as engine_class
+    engine = engine_class(config)
+    engine.backend_reason = reason
+    return engine

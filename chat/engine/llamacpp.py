@@ -1,0 +1,397 @@
+"""The llama.cpp inference engine: the base model's GGUF on the CPU, through llama-cpp-python's C API.
+
+    from chat.engine import LlamaCppEngine, EngineConfig
+    engine = LlamaCppEngine(EngineConfig(base_dir="var/models/gemma-3-270m"))   # the contract of Engine
+
+The contract (submit/stream/generate, admission, limits, cancellation, adapters) is
+`chat.engine.base.BaseEngine`'s. What differs is below it:
+
+- Prompts are rendered and tokenised exactly as for transformers (`fit_conversation` with the
+  checkpoint's Hugging Face tokenizer) and fed to llama.cpp as ids; generated ids are turned into
+  text by the same TextStream. At load a probe conversation must tokenise to the same ids on both
+  sides, else the GGUF is refused: its vocabulary is not the checkpoint's.
+- One llama model (the GGUF beside the checkpoint, memory-mapped) and one llama context per
+  adapter version in use: a LoRA applies to a whole context, not to a sequence. The base model's
+  context serves adapter None. Each running request is a sequence id in its context's KV cache.
+- Each loop iteration fills one `llama_batch` per context with a token for every decoding
+  sequence plus up to `prefill_chunk` prompt tokens of newcomers (in all), runs one `llama_decode`
+  per context, and takes the next token of each sequence that asked for logits (greedy or
+  sampled, as in the transformers engine). A long prompt is prefilled over several iterations
+  while the running streams keep decoding. A finished sequence's KV cells are removed at once.
+- Hot swap: a version gets its context when it is set (or pinned); when it is neither current nor
+  used any more its context and LoRA are freed. Chats in flight finish in the old context.
+
+Nothing here imports Django; llama_cpp, torch and transformers are imported by `load()`.
+"""
+
+import ctypes
+import logging
+import math
+import os
+
+from chat.engine.base import BaseEngine
+from chat.engine.events import ERROR, EngineError
+
+logger = logging.getLogger(__name__)
+llama_logger = logging.getLogger("chat.engine.llama_cpp")  # llama.cpp's own messages
+
+# A conversation that must tokenise to the same ids with the checkpoint's tokenizer and the GGUF's
+# vocabulary: special tokens, Chinese, digits, punctuation, spaces and a newline.
+PROBE_TURNS = (("user", "如何退货？Order #12345 arrives in 3-5 days."), ("assistant", "您好！请在 7 天内申请。"), ("user", "OK, thanks"))
+PROBE_SYSTEM = "你是星河商城的客服。"
+
+
+def _log_to_python(level, text, user_data):
+    # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation. Warnings such as "cannot use
+    # buft 'CPU_REPACK'" on every LoRA load are harmless: only errors are worth more than debug.
+    message = text.decode("utf-8", "replace").rstrip()
+    if message:
+        llama_logger.log(logging.ERROR if level == 4 else logging.DEBUG, "%s", message)
+
+
+_log_callback = None  # the ctypes callback must outlive every call into llama.cpp
+
+
+def _route_llama_logs(llama_cpp):
+    global _log_callback
+    if _log_callback is None:
+        _log_callback = llama_cpp.llama_log_callback(_log_to_python)
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+def quantisation_name(llama_cpp, ftype):
+    """"Q4_K_M" for LLAMA_FTYPE_MOSTLY_Q4_K_M, "F32" for LLAMA_FTYPE_ALL_F32, ..."""
+    for name, value in vars(llama_cpp).items():
+        if name.startswith("LLAMA_FTYPE_") and value == ftype and name != "LLAMA_FTYPE_GUESSED":
+            return name.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_")
+    return f"ftype {ftype}"
+
+
+class _Context:
+    """One llama context: the KV cache, batch and sequence ids of the requests of one adapter version."""
+
+    def __init__(self, llama_cpp, handle, capacity, sequences):
+        self.handle = handle
+        self.memory = llama_cpp.llama_get_memory(handle)
+        self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.free = list(range(sequences - 1, -1, -1))  # sequence ids not in use; pop() takes 0 first
+        self.sequences = sequences
+        self.rows = []  # requests decoding in it (their prompt is in the cache)
+
+    @property
+    def idle(self):
+        return len(self.free) == self.sequences
+
+
+class LlamaCppEngine(BaseEngine):
+    backend = "llamacpp"
+    adapter_file = "adapter.gguf"
+    adapter_hint = "; `python manage.py export_gguf_adapters` writes it"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.gguf_path = None
+        self._llama = self._numpy = self._torch = None  # modules, imported by load()
+        self._model = None  # llama_model *
+        self._n_vocab = 0
+        self._threads = config.threads or os.cpu_count() or 1
+        self._contexts = {}  # adapter name (None = base model) -> _Context
+        self._loras = {}  # adapter name -> llama_adapter_lora *
+
+    # -----------------------------------------------------------------------------------------
+    # loading
+
+    def _load_model(self):
+        import llama_cpp
+        import numpy
+        import torch
+        from transformers import AutoTokenizer
+
+        from chat.engine.backends import base_gguf
+        from training.finetune import BaseModelError
+
+        gguf = base_gguf(self.config.base_dir)
+        if gguf is None:
+            raise BaseModelError(
+                f"the base model {str(self.config.base_dir)!r} has no GGUF file (*.gguf or gguf/*.gguf) for llama.cpp"
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                self.config.base_dir, local_files_only=True, trust_remote_code=self.config.trust_remote_code
+            )
+        except (OSError, ValueError) as error:
+            raise BaseModelError(f"cannot load the tokenizer of {str(self.config.base_dir)!r}: {error}") from error
+        _route_llama_logs(llama_cpp)
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0  # the CPU fast path; GPUs serve through transformers
+        model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), params)
+        if not model:
+            raise EngineError(f"llama.cpp cannot load {gguf} (see the chat.engine.llama_cpp log)")
+        try:
+            vocab = llama_cpp.llama_model_get_vocab(model)
+            self._check_vocabulary(llama_cpp, vocab, tokenizer, gguf)
+            self._use_tokenizer(tokenizer, llama_cpp.llama_model_n_ctx_train(model))
+            if self.config.max_active > llama_cpp.llama_max_parallel_sequences():
+                raise ValueError(
+                    f"max_active={self.config.max_active} is more than the "
+                    f"{llama_cpp.llama_max_parallel_sequences()} sequences llama.cpp decodes together"
+                )
+        except BaseException:
+            llama_cpp.llama_model_free(model)
+            raise
+        self._llama, self._model, self.gguf_path = llama_cpp, model, gguf
+        self._numpy, self._torch = numpy, torch
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        self.device = "cpu"
+        self.dtype = quantisation_name(llama_cpp, llama_cpp.llama_model_ftype(model))
+        self.dtype_reason = f"the quantisation of {gguf.name}, on {self._threads} CPU threads"
+        if self._current is None:
+            self._contexts[None] = self._new_context(None)
+
+    def _check_vocabulary(self, llama_cpp, vocab, tokenizer, gguf):
+        """Refuse a GGUF whose tokenizer turns the probe conversation into other ids than the checkpoint's."""
+        from training.prompting import Turn, render_conversation
+
+        text = render_conversation([Turn(role, body) for role, body in PROBE_TURNS], system=PROBE_SYSTEM)
+        expected = tokenizer(text, add_special_tokens=True)["input_ids"]
+        data = text.encode("utf-8")
+        room = len(data) + 8
+        ids = (llama_cpp.llama_token * room)()
+        count = llama_cpp.llama_tokenize(vocab, data, len(data), ids, room, True, True)
+        got = list(ids[: max(count, 0)])
+        if got != expected:
+            raise EngineError(
+                f"{gguf} does not tokenise like the checkpoint's tokenizer, so it is not the same model's "
+                f"vocabulary: {text!r} is {expected} with transformers but {got} with llama.cpp"
+            )
+
+    def _new_context(self, lora):
+        """Under _model_lock (or while loading): a context for K sequences, with `lora` applied."""
+        llama_cpp, config = self._llama, self.config
+        params = llama_cpp.llama_context_default_params()
+        params.n_seq_max = config.max_active
+        # One KV stream per sequence (kv_unified off): a sequence attends to its own cells only.
+        params.kv_unified = False
+        # Each sequence's cells (llama.cpp pads a context to 256 cells; a per-sequence multiple of
+        # 256 keeps n_ctx divisible by n_seq_max).
+        params.n_ctx = config.max_active * math.ceil((self._prompt_budget + config.max_new_tokens) / 256) * 256
+        params.n_batch = params.n_ubatch = config.prefill_chunk + config.max_active
+        params.n_threads = params.n_threads_batch = self._threads
+        # Sliding-window layers keep only their window: whole sequences are removed, never rewound.
+        params.swa_full = False
+        params.no_perf = True
+        handle = llama_cpp.llama_init_from_model(self._model, params)
+        if not handle:
+            raise EngineError(f"llama.cpp cannot make a context of {params.n_ctx} tokens (see the chat.engine.llama_cpp log)")
+        if lora is not None:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora)
+            scales = (ctypes.c_float * 1)(1.0)  # llama.cpp applies alpha / rank itself: PEFT's scaling
+            if llama_cpp.llama_set_adapters_lora(handle, adapters, 1, scales) != 0:
+                llama_cpp.llama_free(handle)
+                raise EngineError("llama.cpp refused to apply the LoRA adapter to a context")
+        return _Context(llama_cpp, handle, params.n_batch, config.max_active)
+
+    def _free_context(self, context):
+        self._llama.llama_batch_free(context.batch)
+        self._llama.llama_free(context.handle)
+
+    def _unload_model(self):
+        with self._model_lock:
+            if self._model is None:
+                return
+            for context in self._contexts.values():
+                self._free_context(context)
+            for lora in self._loras.values():
+                self._llama.llama_adapter_lora_free(lora)
+            self._contexts.clear()
+            self._loras.clear()
+            self._llama.llama_model_free(self._model)
+            self._model = None
+            self._loaded = False  # load() now says the engine is closed
+
+    def metrics(self):
+        metrics = super().metrics()
+        # The versions holding a llama context (None: the base model's), and the threads decoding.
+        metrics["contexts"] = sorted(list(self._contexts), key=lambda name: (name is not None, name or ""))
+        metrics["threads"] = self._threads
+        return metrics
+
+    # -----------------------------------------------------------------------------------------
+    # adapters
+
+    def _load_adapter_weights(self, name):
+        """Under _model_lock: load the adapter's GGUF LoRA and give it a context."""
+        adapter = self._adapters[name]
+        if adapter.loaded:
+            return
+        if self._model is None:
+            raise EngineError("the engine is closed")
+        path = adapter.path / self.adapter_file
+        if not path.is_file():  # removed since it was read
+            raise FileNotFoundError(f"{str(path)!r} is missing{self.adapter_hint}")
+        lora = self._llama.llama_adapter_lora_init(self._model, str(path).encode())
+        if not lora:
+            raise ValueError(f"llama.cpp cannot load the LoRA {str(path)!r} (see the chat.engine.llama_cpp log)")
+        try:
+            context = self._new_context(lora)
+        except BaseException:
+            self._llama.llama_adapter_lora_free(lora)
+            raise
+        self._loras[name], self._contexts[name] = lora, context
+        adapter.loaded = True
+        logger.info("adapter %s loaded from %s", name, path)
+
+    def _unload_adapter_weights(self, name):
+        # Free order: the context that applies the LoRA, then the LoRA (the model outlives both).
+        context = self._contexts.pop(name, None)
+        if context is not None:
+            self._free_context(context)
+        lora = self._loras.pop(name, None)
+        if lora is not None:
+            self._llama.llama_adapter_lora_free(lora)
+
+    # -----------------------------------------------------------------------------------------
+    # the decode thread
+
+    def _has_rows(self):
+        return any(context.rows for context in list(self._contexts.values())) or self._base_context_unused()
+
+    def _base_context_unused(self):
+        base = self._contexts.get(None)
+        return (
+            base is not None and base.idle and self._current is not None
+            and not any(request.adapter is None for request in self._prefilling)
+        )
+
+    def _rows(self):
+        return [request for context in list(self._contexts.values()) for request in context.rows]
+
+    def _clear_rows(self):
+        for context in list(self._contexts.values()):
+            context.rows.clear()
+
+    def _free_slot(self, request):
+        slot, request._slot = request._slot, None
+        if slot is None:
+            return
+        context, sequence = slot
+        with self._model_lock:
+            self._llama.llama_memory_seq_rm(context.memory, sequence, -1, -1)
+        if request in context.rows:
+            context.rows.remove(request)
+        context.free.append(sequence)
+
+    def _step(self):
+        with self._model_lock, self._state:
+            if self._base_context_unused():  # the base model's context after a swap to an adapter
+                self._free_context(self._contexts.pop(None))
+        for context in list(self._contexts.values()):
+            for request in list(context.rows):
+                reason = self._reason_to_end(request)
+                if reason:
+                    self._finish(request, reason)
+        plans = self._plan()
+        if not plans:
+            return
+        results = []  # (request, chunk, token or None, error)
+        with self._model_lock:
+            for context, entries in plans.items():
+                results += self._decode(context, entries)
+        decoded = {}
+        for request, chunk, token, error in results:
+            if error:
+                if request in self._prefilling:
+                    self._end_prefill(request, ERROR, error=error)
+                else:
+                    self._finish(request, ERROR, error=error)
+            elif request._phase != "running":  # finished while the step ran
+                continue
+            elif request._prefilled < len(request.prompt.ids):  # a prompt chunk
+                request._prefilled += len(chunk)
+                request._position = request._prefilled
+                if token is not None:  # the prompt is complete: its first token
+                    self._prefilling.remove(request)
+                    context = request._slot[0]
+                    if self._accept(request, token):
+                        context.rows.append(request)
+            else:  # a decode row
+                decoded[id(request._slot[0])] = decoded.get(id(request._slot[0]), 0) + 1
+                request._position += 1
+                self._accept(request, token)  # finishing frees the slot and leaves the rows
+        if decoded:
+            self.decode_steps += 1
+            self.max_batch_seen = max(self.max_batch_seen, *decoded.values())
+
+    def _plan(self):
+        """{context: [(request, token ids, first position, wants logits)]}: every decoding sequence's
+        last token, then prompt chunks of newcomers, `prefill_chunk` tokens in all."""
+        plans = {}
+        for context in list(self._contexts.values()):
+            for request in context.rows:
+                plans.setdefault(context, []).append((request, [request._last], request._position, True))
+        budget = self.config.prefill_chunk
+        for request in self._prefill_queue():
+            if budget <= 0:
+                break
+            if request._slot is None:
+                try:
+                    request._slot = self._take_sequence(request.adapter)
+                except EngineError as error:
+                    self._end_prefill(request, ERROR, error=str(error))
+                    continue
+                self._start_stream(request)
+            ids = request.prompt.ids
+            chunk = ids[request._prefilled : request._prefilled + budget]
+            budget -= len(chunk)
+            complete = request._prefilled + len(chunk) == len(ids)
+            plans.setdefault(request._slot[0], []).append((request, chunk, request._prefilled, complete))
+        return plans
+
+    def _take_sequence(self, adapter):
+        """(context, sequence id) for a request starting its prefill; the base context is made on demand."""
+        with self._model_lock:
+            context = self._contexts.get(adapter)
+            if context is None:
+                if adapter is not None:  # its context exists from the moment it was loaded
+                    raise EngineError(f"adapter {adapter!r} has no llama.cpp context")
+                context = self._contexts[None] = self._new_context(None)
+        return context, context.free.pop()
+
+    def _decode(self, context, entries):
+        """Under _model_lock: one llama_decode of `entries` in `context`; [(request, chunk, token, error)]."""
+        llama_cpp, batch = self._llama, context.batch
+        count = 0
+        outputs = []
+        for request, tokens, start, wants_logits in entries:
+            sequence = request._slot[1]
+            for offset, token in enumerate(tokens):
+                batch.token[count] = token
+                batch.pos[count] = start + offset
+                batch.n_seq_id[count] = 1
+                batch.seq_id[count][0] = sequence
+                batch.logits[count] = 0
+                count += 1
+            if wants_logits:
+                batch.logits[count - 1] = 1
+                outputs.append(count - 1)
+        batch.n_tokens = count
+        status = llama_cpp.llama_decode(context.handle, batch)
+        if status != 0:
+            logger.error("llama_decode returned %d for %d sequences", status, len(entries))
+            return [(request, tokens, None, f"llama_decode returned {status}") for request, tokens, _, _ in entries]
+        results = []
+        logits_at = iter(outputs)
+        for request, tokens, _, wants_logits in entries:
+            token = None
+            if wants_logits:
+                pointer = llama_cpp.llama_get_logits_ith(context.handle, next(logits_at))
+                row = self._numpy.ctypeslib.as_array(pointer, shape=(self._n_vocab,))  # a view, valid until the next decode
+                if request.temperature <= 0:
+                    # numpy's argmax is one thread: torch's would wake its OpenMP pool, whose
+                    # spinning threads then compete with llama.cpp's for the same cores.
+                    token = int(row.argmax())
+                else:
+                    token = self._next_token(request, self._torch.from_numpy(row))
+            results.append((request, tokens, token, None))
+        return results

@@ -1,0 +1,237 @@
+"""The llama.cpp backend's own behaviour, its parity with transformers, and how a backend is chosen.
+
+The contract both backends share (streaming, batching, admission, cancellation, timeouts, limits,
+hot swap, pinning) is tested on both in test_engine.py. Here: what only llama.cpp has (the GGUF
+vocabulary check, GGUF LoRA files, a context per version), greedy parity with the transformers
+engine on the tiny model with a memorising adapter, and CSP_INFERENCE_BACKEND.
+"""
+
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from django.core.exceptions import ImproperlyConfigured
+from django.urls import reverse
+
+from chat.engine import (
+    BackendUnavailable,
+    Engine,
+    EngineConfig,
+    EngineError,
+    LlamaCppEngine,
+    choose_backend,
+    make_engine,
+)
+from chat.serving import engine_status, get_engine, reset_engine
+from chat.tests.test_engine import MEMORISE, _answer, _question, _slow, _wait_for
+from training.finetune import BaseModelError, FinetuneConfig, train
+from training.gguf_export import write_lora_gguf
+from training.tinymodel import build_tiny_model
+
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Twelve questions spread over data/train.json: the parity set."""
+    with open("data/train.json", encoding="utf-8") as f:
+        return json.load(f)[5::9][:12]
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model, trained, tmp_path_factory):
+    """An adapter that memorises the twelve answers, with its adapter.gguf."""
+    out = tmp_path_factory.mktemp("parity")
+    train(FinetuneConfig(**MEMORISE), tiny_model, trained, [], out)
+    write_lora_gguf(out / "adapter", base_dir=tiny_model)
+    return out / "adapter"
+
+
+@pytest.fixture
+def engines():
+    made = []
+    yield made
+    for engine in made:
+        engine.close()
+
+
+@pytest.fixture
+def llama(tiny_model, engines):
+    def make(**overrides):
+        engine = LlamaCppEngine(EngineConfig(**{"base_dir": tiny_model, "threads": 1, **overrides}))
+        engines.append(engine)
+        return engine
+
+    return make
+
+
+def _without_gguf(tiny_model, tmp_path):
+    """A copy of the tiny checkpoint without its GGUF."""
+    return shutil.copytree(tiny_model, tmp_path / "no-gguf", ignore=shutil.ignore_patterns("gguf"))
+
+
+def test_the_engine_reports_its_backend_device_and_the_ggufs_quantisation(llama):
+    engine = llama()
+    assert engine.metrics()["backend"] == "llamacpp" and not engine.loaded
+    engine.load()
+    metrics = engine.metrics()
+    assert (metrics["device"], metrics["dtype"], metrics["threads"]) == ("cpu", "F32", 1)
+    assert "model.gguf" in metrics["dtype_reason"]
+    assert metrics["contexts"] == [None]  # the base model's context, for adapter None
+
+
+def test_a_checkpoint_without_a_gguf_is_refused_on_first_use(llama, tiny_model, tmp_path):
+    engine = llama(base_dir=_without_gguf(tiny_model, tmp_path))
+    with pytest.raises(BaseModelError, match="no GGUF"):
+        engine.generate("你好")
+
+
+def test_a_gguf_with_another_vocabulary_is_refused_at_load(llama, tiny_model, tmp_path):
+    # Same architecture and sizes, but a tokenizer trained on other text: the ids mean other things.
+    other = build_tiny_model(["completely different words", "another vocabulary 12345"], tmp_path / "other", gguf=True)
+    mixed = _without_gguf(tiny_model, tmp_path)
+    shutil.copytree(other / "gguf", mixed / "gguf")
+    engine = llama(base_dir=mixed)
+    with pytest.raises(EngineError, match="does not tokenise like the checkpoint"):
+        engine.load()
+    assert not engine.loaded
+
+
+def test_an_adapter_without_its_gguf_is_refused_naming_the_export_command(llama, adapter, tmp_path):
+    unconverted = shutil.copytree(adapter, tmp_path / "adapter", ignore=shutil.ignore_patterns("adapter.gguf"))
+    engine = llama()
+    with pytest.raises(FileNotFoundError, match=r"adapter\.gguf.*manage\.py export_gguf_adapters"):
+        engine.set_adapter("v9", unconverted)
+    with pytest.raises(FileNotFoundError, match="export_gguf_adapters"):
+        engine.submit("你好", adapter="v9", adapter_path=unconverted)
+    assert engine.current_adapter is None and engine.loaded_adapters == []
+
+
+def test_each_version_in_use_has_a_context_and_unused_ones_are_freed(llama, adapter, trained):
+    # One adapter file under two version names: what matters here is which contexts exist.
+    engine = llama()
+    engine.set_adapter("v1", adapter)
+    engine.generate(_question(trained[0]), max_new_tokens=2)
+    assert _wait_for(lambda: engine.metrics()["contexts"] == ["v1"])  # the base model's context went
+    started = threading.Event()
+    old = engine.submit(_question(trained[1]), on_event=_slow(0.01, started))
+    assert started.wait(5)
+    engine.set_adapter("v2", adapter)
+    assert engine.metrics()["contexts"] == ["v1", "v2"]  # v1's chat finishes in v1's context
+    assert old.result(20)[0] == _answer(trained[1])
+    assert _wait_for(lambda: engine.metrics()["contexts"] == ["v2"])
+    engine.set_adapter(None)
+    engine.generate(_question(trained[0]), max_new_tokens=2)
+    assert _wait_for(lambda: engine.metrics()["contexts"] == [None] and engine.loaded_adapters == [])
+
+
+def test_greedy_answers_agree_with_the_transformers_engine_on_the_trained_questions(llama, engines, tiny_model, adapter, trained):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = Engine(EngineConfig(base_dir=tiny_model, dtype="float32"))
+        engines.append(reference)
+        served = llama()
+        answers = {}
+        for engine in (reference, served):
+            engine.set_adapter("p", adapter)
+            answers[engine.backend] = [engine.generate(_question(r))[0] for r in trained]
+    finally:
+        torch.set_num_threads(threads)
+    pairs = list(zip(answers["transformers"], answers["llamacpp"]))
+    same_text = sum(a == b for a, b in pairs)
+    same_facts = sum(NUMBER.findall(a) == NUMBER.findall(b) for a, b in pairs)
+    tokenizer = served.tokenizer
+    agreeing = total = 0
+    for a, b in pairs:
+        ids_a, ids_b = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in (a, b))
+        agreeing += sum(x == y for x, y in zip(ids_a, ids_b))
+        total += max(len(ids_a), len(ids_b))
+    print(f"parity: {same_text}/{len(pairs)} identical answers, {same_facts}/{len(pairs)} with the same numbers, "
+          f"{agreeing}/{total} tokens agree")
+    assert answers["transformers"] == [_answer(r) for r in trained]  # the adapter memorised them
+    # Measured on the tiny model (f32 weights, f32 LoRA): every answer identical, token for token.
+    assert same_facts >= 0.95 * len(pairs)
+    assert same_text == len(pairs) and agreeing == total
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing the backend
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_auto_picks_llamacpp_on_a_cpu_host_when_the_base_model_has_a_gguf(tiny_model, cpu_only):
+    backend, reason = choose_backend("auto", EngineConfig(base_dir=tiny_model))
+    assert backend == "llamacpp" and "model.gguf" in reason
+    engine = make_engine(EngineConfig(base_dir=tiny_model))
+    assert isinstance(engine, LlamaCppEngine) and engine.backend_reason == reason and not engine.loaded
+
+
+def test_auto_picks_transformers_without_a_gguf_on_a_gpu_or_for_a_configured_dtype(tiny_model, tmp_path, cpu_only, monkeypatch):
+    backend, reason = choose_backend("auto", EngineConfig(base_dir=_without_gguf(tiny_model, tmp_path)))
+    assert backend == "transformers" and "no GGUF" in reason
+    backend, reason = choose_backend("auto", EngineConfig(base_dir=tiny_model, dtype="float32"))
+    assert backend == "transformers" and "float32" in reason
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    backend, reason = choose_backend("auto", EngineConfig(base_dir=tiny_model))
+    assert backend == "transformers" and "GPU" in reason
+    assert choose_backend("transformers", EngineConfig(base_dir=tiny_model))[0] == "transformers"
+    assert isinstance(make_engine(EngineConfig(base_dir=tiny_model), "transformers"), Engine)
+
+
+def test_an_explicit_llamacpp_without_a_gguf_is_a_clear_error(tiny_model, tmp_path):
+    with pytest.raises(BackendUnavailable, match="no GGUF file"):
+        make_engine(EngineConfig(base_dir=_without_gguf(tiny_model, tmp_path)), "llamacpp")
+
+
+def test_without_llama_cpp_auto_falls_back_to_transformers_with_one_log_line(tiny_model, cpu_only, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` now raises ImportError
+    with caplog.at_level(logging.INFO, logger="chat.engine"):
+        engine = make_engine(EngineConfig(base_dir=tiny_model))
+    assert isinstance(engine, Engine) and "llama-cpp-python cannot be imported" in engine.backend_reason
+    assert [(r.levelname, "llama-cpp-python cannot be imported" in r.getMessage()) for r in caplog.records] == [("WARNING", True)]
+    with pytest.raises(BackendUnavailable, match="llama-cpp-python cannot be imported"):
+        make_engine(EngineConfig(base_dir=tiny_model), "llamacpp")
+
+
+@pytest.fixture
+def fresh_engine():
+    reset_engine()
+    yield
+    reset_engine()
+
+
+@pytest.mark.django_db
+def test_the_process_engine_follows_the_setting_and_the_admin_shows_it(settings, tiny_model, tmp_path, cpu_only, fresh_engine, staff_client):
+    settings.CSP_BASE_MODEL, settings.CSP_CHAT_DEVICE, settings.CSP_CHAT_DTYPE = tiny_model, "auto", "auto"
+    settings.CSP_INFERENCE_BACKEND = "auto"
+    assert isinstance(get_engine(), LlamaCppEngine)
+    status = engine_status()
+    assert status["backend"] == "llamacpp" and "model.gguf" in status["backend_reason"]
+    page = staff_client.get(reverse("admin:training_adapterversion_changelist"), HTTP_ACCEPT_LANGUAGE="en").content.decode()
+    assert "Inference backend: llamacpp (auto: a CPU-only host" in page
+
+    reset_engine()
+    settings.CSP_INFERENCE_BACKEND = "llamacpp"
+    settings.CSP_BASE_MODEL = _without_gguf(tiny_model, tmp_path)
+    with pytest.raises(ImproperlyConfigured, match="CSP_INFERENCE_BACKEND=llamacpp: .*no GGUF file"):
+        get_engine()
+
+
+def test_an_unknown_backend_setting_stops_start_up_naming_the_variable():
+    result = subprocess.run(
+        [sys.executable, "-c", "import csplatform.settings"],
+        env={"PATH": "/usr/bin:/bin", "CSP_INFERENCE_BACKEND": "gpu"}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "CSP_INFERENCE_BACKEND='gpu' must be auto, transformers or llamacpp" in result.stderr
