@@ -35,6 +35,7 @@ def engine_config():
         max_seconds=settings.CSP_CHAT_MAX_SECONDS,
         max_active=settings.CSP_CHAT_MAX_ACTIVE,
         max_waiting=settings.CSP_CHAT_MAX_WAITING,
+        threads=settings.CSP_CHAT_THREADS,
     )
 
 

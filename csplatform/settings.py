@@ -205,6 +205,9 @@ if CSP_INFERENCE_BACKEND not in ("auto", "transformers", "llamacpp"):
 CSP_CHAT_SYSTEM_PROMPT = envstr("CSP_CHAT_SYSTEM_PROMPT", "")
 CSP_CHAT_DEVICE = envstr("CSP_CHAT_DEVICE", "auto")
 CSP_CHAT_DTYPE = envstr("CSP_CHAT_DTYPE", "auto")
+# llama.cpp compute threads; 0 = one per core. On a host shared with other busy processes fewer
+# threads decode faster (llama.cpp's threads spin while they wait for each other).
+CSP_CHAT_THREADS = envint("CSP_CHAT_THREADS", 0, minimum=0)
 CSP_CHAT_MAX_ACTIVE = envint("CSP_CHAT_MAX_ACTIVE", 8, minimum=1)  # answers decoded together
 CSP_CHAT_MAX_WAITING = envint("CSP_CHAT_MAX_WAITING", 32, minimum=0)  # beyond: busy / HTTP 429
 CSP_CHAT_MAX_INPUT_TOKENS = envint("CSP_CHAT_MAX_INPUT_TOKENS", 1024, minimum=16)

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from chat.models import Conversation, Message
+from chat.tests.conftest import backend_settings
 from csplatform.livetest import live_daphne
 
 CHROMIUM = "/usr/bin/chromium"
@@ -19,8 +20,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def server(serving, training_env, tiny_model):
-    env = {"CSP_DATA_DIR": str(training_env), "CSP_BASE_MODEL": str(tiny_model), "CSP_CHAT_DEVICE": "cpu", "CSP_CHAT_DTYPE": "float32"}
+def server(serving, training_env, tiny_model, backend):
+    env = {"CSP_DATA_DIR": str(training_env), "CSP_BASE_MODEL": str(tiny_model), **backend_settings(backend)}
     with live_daphne(env=env, log=training_env / "daphne.log") as url:
         yield url
 

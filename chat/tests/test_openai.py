@@ -18,6 +18,7 @@ from rest_framework.authtoken.models import Token
 from chat.engine import Token as TextToken
 from chat.models import Conversation, Message
 from chat.serving import active_engine, reset_engine
+from chat.tests.conftest import backend_settings
 from csplatform.livetest import live_daphne
 from training.models import AdapterVersion, TrainingRun
 
@@ -25,10 +26,10 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture(scope="module")
-def server(django_db_setup, tiny_model, tmp_path_factory):
-    """The base URL of a daphne serving the project on the test database."""
+def server(django_db_setup, tiny_model, tmp_path_factory, backend):
+    """The base URL of a daphne serving the project on the test database, on `backend`."""
     data_dir = tmp_path_factory.mktemp("openai-server")
-    env = {"CSP_DATA_DIR": str(data_dir), "CSP_BASE_MODEL": str(tiny_model), "CSP_CHAT_DEVICE": "cpu", "CSP_CHAT_DTYPE": "float32"}
+    env = {"CSP_DATA_DIR": str(data_dir), "CSP_BASE_MODEL": str(tiny_model), **backend_settings(backend)}
     with live_daphne(env=env, log=data_dir / "daphne.log") as url:
         yield url
 
