@@ -42,12 +42,37 @@ def baseline(model, tokenizer, engine, questions, new_tokens):
     return sum(r.tokens for r in runs) / wall, runs
 
 
+def plot(path, measured, reference, new_tokens):
+    """tokens/s against concurrent chats, one line per backend, the fp32 baseline as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6.4, 4))
+    for engine in dict.fromkeys(row[0] for row in measured):
+        points = [(count, tokens / wall) for e, count, tokens, wall, *_ in measured if e is engine]
+        axes.plot([c for c, _ in points], [r for _, r in points], marker="o", label=common.engine_label(engine))
+    axes.axhline(reference, linestyle="--", color="grey", label=f"HF generate fp32, sequential ({reference:.1f})")
+    axes.set_xscale("log", base=2)
+    counts = sorted({count for _, count, *_ in measured})
+    axes.set_xticks(counts, [str(c) for c in counts])
+    axes.set_xlabel("concurrent chats")
+    axes.set_ylabel("aggregate tokens/s")
+    axes.set_title(f"Gemma-3-270M + LoRA, {new_tokens} new tokens per chat, 2 CPU cores")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def main():
     parser = common.add_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]), new_tokens=64)
     common.add_backend_arguments(parser)
     parser.add_argument("--levels", default="1,2,4,8,16", help="concurrent chats per level (default: %(default)s)")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="also profile a level of N chats (torch profiler, all threads)")
     parser.add_argument("--baseline-chats", type=int, default=2, help="sequential baseline answers, before and after (default: %(default)s)")
+    parser.add_argument("--plot", type=str, default="", metavar="PNG", help="also draw tokens/s against chats, a line per backend (matplotlib)")
     args = parser.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
 
@@ -108,6 +133,9 @@ def main():
                 print(f"; p95 first token {p95:.2f} s (target <= 1 s: {'met' if p95 <= 1 else 'MISSED'})", end="")
             print()
     print(f"after: {common.load_average()}")
+    if args.plot:
+        plot(args.plot, measured, reference, args.new_tokens)
+        print(f"plot written to {args.plot}")
     if args.profile:
         for engine in engines:
             print(f"\nprofile of {args.profile} concurrent chats on {engine.backend} (all threads), top ops by self CPU time:")
