@@ -117,12 +117,17 @@ def served_engine(backend, base_dir, adapter, **config):
     return engine
 
 
-def serve_adapter(engine, name, adapter):
-    """engine.set_adapter(name, adapter), writing the GGUF LoRA first where llama.cpp needs it."""
+def ensure_lora_gguf(engine, adapter):
+    """Write the adapter's GGUF LoRA (once, beside it) when the engine is llama.cpp's."""
     if engine.backend == "llamacpp" and not (Path(adapter) / "adapter.gguf").is_file():
         from training.gguf_export import write_lora_gguf
 
         write_lora_gguf(adapter, base_dir=engine.config.base_dir)
+
+
+def serve_adapter(engine, name, adapter):
+    """engine.set_adapter(name, adapter), writing the GGUF LoRA first where llama.cpp needs it."""
+    ensure_lora_gguf(engine, adapter)
     engine.set_adapter(name, adapter)
 
 

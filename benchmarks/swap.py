@@ -82,18 +82,26 @@ def main():
     parser = common.add_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]), new_tokens=16)
     parser.add_argument("--swaps", type=int, default=4, help="swaps per scenario (default: %(default)s)")
     parser.add_argument("--busy-chats", type=int, default=4, help="answers streaming during a busy swap (default: %(default)s)")
+    common.add_backend_arguments(parser)
     args = parser.parse_args()
 
     import torch
 
-    from chat.engine import Engine, EngineConfig
+    from chat.engine import Engine, EngineConfig, LlamaCppEngine
 
-    print(f"swap.py: {args.swaps} swaps idle and busy ({args.busy_chats} chats); {common.load_average()}; torch threads {torch.get_num_threads()}")
+    if args.backend == "both":
+        parser.error("swap.py measures one backend per run")
+    print(f"swap.py: backend {args.backend}, {args.swaps} swaps idle and busy ({args.busy_chats} chats); {common.load_average()}; torch threads {torch.get_num_threads()}")
     adapters = [
         common.quick_adapter(args.base, args.work, name="a"),
         common.quick_adapter(args.base, args.work, name="b", offset=8, seed=2),
     ]
-    engine = Engine(EngineConfig(base_dir=args.base, max_active=16, max_new_tokens=max(256, 8 * args.new_tokens), max_seconds=1800))
+    engine_class = LlamaCppEngine if args.backend == "llamacpp" else Engine
+    engine = engine_class(
+        EngineConfig(base_dir=args.base, max_active=16, max_new_tokens=max(256, 8 * args.new_tokens), max_seconds=1800, threads=args.threads)
+    )
+    for adapter in adapters:  # llama.cpp needs each adapter's GGUF LoRA: written once, before timing
+        common.ensure_lora_gguf(engine, adapter)
     engine.set_adapter("v0", adapters[0])
     engine.load()
     common.engine_generate(engine, common.questions(1)[0], 8)  # warm-up
