@@ -171,8 +171,10 @@ class LlamaCppEngine(BaseEngine):
         llama_cpp, config = self._llama, self.config
         params = llama_cpp.llama_context_default_params()
         params.n_seq_max = config.max_active
-        # One KV stream per sequence (kv_unified off): a sequence attends to its own cells only.
-        params.kv_unified = False
+        # One KV buffer shared by the sequences (llama.cpp masks each token to its own sequence's
+        # cells). Measured on Gemma-3-270M, 2 cores: 8 chats decode 1.6x faster than with a KV
+        # stream per sequence (kv_unified off); a single chat is as fast either way.
+        params.kv_unified = True
         # Each sequence's cells (llama.cpp pads a context to 256 cells; a per-sequence multiple of
         # 256 keeps n_ctx divisible by n_seq_max).
         params.n_ctx = config.max_active * math.ceil((self._prompt_budget + config.max_new_tokens) / 256) * 256
