@@ -84,7 +84,11 @@ def _answers(since, until, version=None):
 
 def period(since=None, until=None):
     until = until or timezone.localdate()
-    since = since or until - datetime.timedelta(days=DEFAULT_DAYS - 1)
+    if since is None:
+        try:
+            since = until - datetime.timedelta(days=DEFAULT_DAYS - 1)
+        except OverflowError:  # until in the first days of year 1
+            since = datetime.date.min
     if since > until:
         raise ValueError("since is after until")
     return since, until

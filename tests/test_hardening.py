@@ -129,7 +129,8 @@ def test_one_hundred_anonymous_sessions_never_see_each_others_conversations():
 
 @pytest.mark.django_db(transaction=True)
 def test_simultaneous_training_starts_accept_exactly_one_each_time(training_env, monkeypatch):
-    make_pair(status="approved")
+    for _ in range(4):  # explicit train split: an automatic one could put a lone pair in dev (no train set)
+        make_pair(status="approved", split="train")
     monkeypatch.setattr(services, "_enqueue", lambda run_id: None)  # the race is the point, not training
     # The precondition: no run in progress (a live server of an earlier test may have committed one).
     TrainingRun.objects.filter(status__in=TrainingRun.ACTIVE_STATUSES).update(status=TrainingRun.Status.CANCELLED)

@@ -98,6 +98,7 @@ def test_the_json_endpoint_and_the_admin_page_show_the_same_numbers(history, sta
     bad_date = staff_api.get("/api/v1/analytics/", {"since": "2 Nov"})
     assert bad_date.status_code == 400 and list(bad_date.json()) == ["since"] and "YYYY-MM-DD" in bad_date.json()["since"][0]
     assert staff_api.get("/api/v1/analytics/", {"since": "2026-11-04", "until": "2026-11-03"}).status_code == 400
+    assert staff_api.get("/api/v1/analytics/", {"until": "0001-01-01"}).json()["since"] == "0001-01-01"  # no overflow
     assert customer_api.get("/api/v1/analytics/").status_code == 403
 
     page = staff_client.get(reverse("admin-analytics"), {"since": "2026-11-02", "until": "2026-11-03"})
