@@ -172,9 +172,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         return services.conversation_for(conversation_id=conversation_id, session_key=self.session_key, user=self.user)
 
     async def on_handoff(self, frame):
-        """The customer asks for a person (the page's button)."""
-        if self.generation is not None and not self.generation.done():
-            await self._stop_generation()
+        """The customer asks for a person (the page's button); an answer being generated stops."""
+        stopped = await self._stop_generation()
+        if stopped is not None:  # it ends like a cancelled one, so the page closes its bubble
+            await self.send_json(self._done_frame(stopped, stopped.tokens, stopped.adapter_name or None))
 
         def request():
             conversation = self._own_conversation(frame.get("conversation"), create=True)
