@@ -388,11 +388,15 @@ class BaseEngine:
 
     def _check_room(self):
         with self._state:
-            if self._closed:
-                raise EngineClosed("the engine is closed")
-            busy = self._busy()
-            if busy:
-                raise busy
+            self._refuse_if_full()
+
+    def _refuse_if_full(self):
+        """Under _state: EngineClosed when closed, EngineBusy when K run and Q wait."""
+        if self._closed:
+            raise EngineClosed("the engine is closed")
+        busy = self._busy()
+        if busy:
+            raise busy
 
     def _enqueue(self, history, adapter, system, limits, seed, on_event):
         """Render, make the Request and queue it; the adapter's reference is released on failure."""
@@ -406,11 +410,7 @@ class BaseEngine:
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, on_event=on_event,
             )
             with self._state:
-                if self._closed:
-                    raise EngineClosed("the engine is closed")
-                busy = self._busy()
-                if busy:
-                    raise busy
+                self._refuse_if_full()  # again: others may have queued while this one rendered
                 self._waiting.append(request)
                 self._state.notify_all()
         except BaseException:
