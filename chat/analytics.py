@@ -19,7 +19,7 @@ import datetime
 import math
 from collections import defaultdict
 
-from django.db.models import OuterRef, Q, Subquery
+from django.db.models import F, Q
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
@@ -69,9 +69,7 @@ def _answers(since, until, version=None):
     answers = (
         Message.objects.filter(role=Message.Role.ASSISTANT, created_at__date__gte=since, created_at__date__lte=until)
         .exclude(finish_reason="")  # still streaming
-        .annotate(day=TruncDate("created_at"), handoff_at=Subquery(
-            Conversation.objects.filter(pk=OuterRef("conversation_id")).values("handoff_requested_at")[:1]
-        ))
+        .annotate(day=TruncDate("created_at"), handoff_at=F("conversation__handoff_requested_at"))
     )
     if version is not None:
         answers = answers.filter(adapter_name=version)
@@ -130,14 +128,9 @@ def top_questions(since, until, version=None, *, limit=TOP_GROUPS):
     )
     if version is not None:
         problems = problems.filter(adapter_name=version)
-    question = (
-        Message.objects.filter(conversation=OuterRef("conversation"), role=Message.Role.USER, id__lt=OuterRef("id"))
-        .order_by("-id")
-        .values("text")[:1]
-    )
     texts = [
         (text, "disliked" if rating == -1 else "cut_short")
-        for text, rating in problems.annotate(question=Subquery(question)).values_list("question", "rating")
+        for text, rating in problems.annotate(question=Message.question_text()).values_list("question", "rating")
         if text
     ]
     # A handoff: the customer's last question before asking for a person is what the assistant

@@ -2,6 +2,7 @@ import uuid
 
 from django.conf import settings
 from django.db import models
+from django.db.models import OuterRef, Subquery
 from django.utils.translation import gettext_lazy as _
 
 
@@ -115,4 +116,13 @@ class Message(models.Model):
             Message.objects.filter(conversation_id=self.conversation_id, role=Message.Role.USER, id__lt=self.id)
             .order_by("-id")
             .first()
+        )
+
+    @staticmethod
+    def question_text():
+        """`question()`'s text as a query expression, to annotate many answers in one query."""
+        return Subquery(
+            Message.objects.filter(conversation=OuterRef("conversation"), role=Message.Role.USER, id__lt=OuterRef("id"))
+            .order_by("-id")
+            .values("text")[:1]
         )

@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db.models import Count, OuterRef, Subquery
+from django.db.models import Count
 from django.http import HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -298,12 +298,7 @@ class ReviewItemAdmin(admin.ModelAdmin):
     actions = ("dismiss",)
 
     def get_queryset(self, request):
-        question = (
-            Message.objects.filter(conversation=OuterRef("conversation"), role=Message.Role.USER, id__lt=OuterRef("id"))
-            .order_by("-id")
-            .values("text")[:1]
-        )
-        return super().get_queryset(request).annotate(_question=Subquery(question))
+        return super().get_queryset(request).annotate(_question=Message.question_text())
 
     @admin.display(description=_("customer's question"), ordering="_question")
     def customer_question(self, obj):
