@@ -107,3 +107,22 @@ def q2_sync(monkeypatch):
     from django_q.conf import Conf
 
     monkeypatch.setattr(Conf, "SYNC", True)
+
+
+@pytest.fixture
+def redis_channel_layer(settings):
+    """This process on channels-redis with a fresh key prefix; yields the env vars a live server
+    needs to join the same layer (its REDIS_URL also makes it use Redis for cache and q2)."""
+    import uuid
+
+    from channels.layers import channel_layers
+
+    from csplatform.livetest import TEST_REDIS_URL
+
+    prefix = f"csp-test-{uuid.uuid4().hex[:8]}"
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [TEST_REDIS_URL], "prefix": prefix}}
+    }
+    channel_layers.backends.clear()  # layers are made once per process: forget the in-memory one
+    yield {"REDIS_URL": TEST_REDIS_URL, "CSP_CHANNEL_PREFIX": prefix}
+    channel_layers.backends.clear()

@@ -19,6 +19,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parents[1]
+# The local Redis (started before the session and by .ci/run); tests use their own database in it.
+TEST_REDIS_URL = "redis://127.0.0.1:6379/14"
 
 
 def free_port():

@@ -7,10 +7,9 @@ import pytest
 import redis
 from rest_framework.authtoken.models import Token
 
-from csplatform.livetest import live_daphne
+from csplatform.livetest import TEST_REDIS_URL, live_daphne
 
 pytestmark = pytest.mark.django_db(transaction=True)
-REDIS = "redis://127.0.0.1:6379/14"
 
 
 def _get(url, key):
@@ -23,9 +22,9 @@ def _get(url, key):
 
 
 def test_two_processes_share_one_rate_limit(customer, tmp_path):
-    redis.Redis.from_url(REDIS).flushdb()  # this test's own Redis database: no counts from earlier runs
+    redis.Redis.from_url(TEST_REDIS_URL).flushdb()  # this test's own Redis database: no counts from earlier runs
     key = Token.objects.create(user=customer).key
-    env = {"REDIS_URL": REDIS, "CSP_API_THROTTLE_USER": "6/min", "CSP_DATA_DIR": str(tmp_path)}
+    env = {"REDIS_URL": TEST_REDIS_URL, "CSP_API_THROTTLE_USER": "6/min", "CSP_DATA_DIR": str(tmp_path)}
     with live_daphne(env=env, log=tmp_path / "a.log") as first, live_daphne(env=env, log=tmp_path / "b.log") as second:
         statuses = [_get(url, key) for url in (first, second) * 3]  # 6 requests, alternating processes
         refused, retry_after = _get(first, key)

@@ -159,24 +159,12 @@ def test_a_customer_chats_in_the_browser_with_streaming_feedback_and_history(ser
 
 
 @pytest.fixture
-def redis_server(settings, training_env, tiny_model):
+def redis_server(redis_channel_layer, training_env, tiny_model):
     """A daphne on channels-redis, and this process on the same layer: a staff reply made here
     reaches the page the browser holds there."""
-    import uuid
-
-    from channels.layers import channel_layers
-
-    redis, prefix = "redis://127.0.0.1:6379/14", f"csp-browser-{uuid.uuid4().hex[:8]}"
-    settings.CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [redis], "prefix": prefix}}
-    }
-    channel_layers.backends.clear()
-    env = {"CSP_DATA_DIR": str(training_env), "CSP_BASE_MODEL": str(tiny_model), "REDIS_URL": redis, "CSP_CHANNEL_PREFIX": prefix}
-    try:
-        with live_daphne(env=env, log=training_env / "daphne.log") as url:
-            yield url
-    finally:
-        channel_layers.backends.clear()
+    env = {"CSP_DATA_DIR": str(training_env), "CSP_BASE_MODEL": str(tiny_model), **redis_channel_layer}
+    with live_daphne(env=env, log=training_env / "daphne.log") as url:
+        yield url
 
 
 def test_a_customer_asks_for_a_person_gets_the_reply_live_and_rates_the_conversation(redis_server, browser, staff_user):

@@ -2,11 +2,9 @@
 by a daphne subprocess, through channels-redis on the local Redis (the scale-out setting)."""
 
 import json
-import uuid
 
 import pytest
 import websocket
-from channels.layers import channel_layers
 from django.contrib.sessions.backends.db import SessionStore
 
 from chat import handoff
@@ -14,30 +12,16 @@ from chat.models import Conversation, Message
 from csplatform.livetest import live_daphne
 
 pytestmark = pytest.mark.django_db(transaction=True)
-REDIS = "redis://127.0.0.1:6379/14"
-
-
-@pytest.fixture
-def redis_layer(settings):
-    """This process on the same channels-redis layer as the server (a fresh prefix per test)."""
-    prefix = f"csp-test-{uuid.uuid4().hex[:8]}"
-    settings.CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS], "prefix": prefix}}
-    }
-    channel_layers.backends.clear()
-    yield prefix
-    channel_layers.backends.clear()
 
 
 def _receive(socket):
     return json.loads(socket.recv())
 
 
-def test_a_staff_reply_crosses_processes_to_the_customers_socket(redis_layer, staff_user, tmp_path):
-    # The server reads CSP_CHANNEL_PREFIX so that both processes use this test's prefix.
+def test_a_staff_reply_crosses_processes_to_the_customers_socket(redis_channel_layer, staff_user, tmp_path):
     session = SessionStore()
     session.create()
-    env = {"REDIS_URL": REDIS, "CSP_CHANNEL_PREFIX": redis_layer, "CSP_DATA_DIR": str(tmp_path)}
+    env = {**redis_channel_layer, "CSP_DATA_DIR": str(tmp_path)}
     with live_daphne(env=env, log=tmp_path / "daphne.log") as url:
         host = url.removeprefix("http://")
         socket = websocket.create_connection(
