@@ -3,37 +3,53 @@
 from html import escape
 
 
-def loss_chart_svg(train_points, dev_points=(), *, width=640, height=220, title=""):
-    """A line chart of [step, loss] points: train loss in blue, dev loss as orange dots+line."""
-    points = list(train_points) + list(dev_points)
-    if not points:
-        return ""
-    pad_left, pad_right, pad_top, pad_bottom = 48, 12, 16, 28
-    max_step = max(step for step, _ in points) or 1
-    losses = [loss for _, loss in points]
-    low, high = min(losses), max(losses)
-    if high - low < 1e-9:
-        low, high = low - 0.5, high + 0.5
+def _frame(kind, title, width, height, pads, low, high, y_label, x_first, x_last=None):
+    """The opening <svg>, the plot box, three y-axis labels and the first (and last) x label.
+
+    Returns (parts, plot width, plot height, y of a value); the caller adds its lines and "</svg>".
+    """
+    pad_left, pad_right, pad_top, pad_bottom = pads
     plot_w, plot_h = width - pad_left - pad_right, height - pad_top - pad_bottom
 
-    def xy(step, loss):
-        return pad_left + plot_w * step / max_step, pad_top + plot_h * (1 - (loss - low) / (high - low))
-
-    def polyline(series, colour):
-        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(s, v) for s, v in series))
-        return f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>'
+    def y_of(value):
+        return pad_top + plot_h * (1 - (value - low) / (high - low))
 
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="loss-chart" viewBox="0 0 {width} {height}" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="{kind}" viewBox="0 0 {width} {height}" '
         f'width="100%" style="max-width:{width}px" role="img" aria-label="{escape(title)}">',
         f'<rect x="{pad_left}" y="{pad_top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#ccc"/>',
     ]
     for fraction in (0, 0.5, 1):
         value = low + (high - low) * fraction
-        _, y = xy(0, value)
-        parts.append(f'<text x="{pad_left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{value:.3g}</text>')
-    parts.append(f'<text x="{pad_left}" y="{height - 8}" font-size="10">0</text>')
-    parts.append(f'<text x="{width - pad_right}" y="{height - 8}" font-size="10" text-anchor="end">{max_step}</text>')
+        parts.append(f'<text x="{pad_left - 4}" y="{y_of(value) + 4:.1f}" font-size="10" text-anchor="end">{y_label(value)}</text>')
+    parts.append(f'<text x="{pad_left}" y="{height - 8}" font-size="10">{escape(str(x_first))}</text>')
+    if x_last is not None:
+        parts.append(f'<text x="{width - pad_right}" y="{height - 8}" font-size="10" text-anchor="end">{escape(str(x_last))}</text>')
+    return parts, plot_w, plot_h, y_of
+
+
+def loss_chart_svg(train_points, dev_points=(), *, width=640, height=220, title=""):
+    """A line chart of [step, loss] points: train loss in blue, dev loss as orange dots+line."""
+    points = list(train_points) + list(dev_points)
+    if not points:
+        return ""
+    pad_left = 48
+    max_step = max(step for step, _ in points) or 1
+    losses = [loss for _, loss in points]
+    low, high = min(losses), max(losses)
+    if high - low < 1e-9:
+        low, high = low - 0.5, high + 0.5
+    parts, plot_w, _plot_h, y_of = _frame(
+        "loss-chart", title, width, height, (pad_left, 12, 16, 28), low, high, lambda value: f"{value:.3g}", 0, max_step
+    )
+
+    def xy(step, loss):
+        return pad_left + plot_w * step / max_step, y_of(loss)
+
+    def polyline(series, colour):
+        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(s, v) for s, v in series))
+        return f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>'
+
     if train_points:
         parts.append(polyline(train_points, "#2563eb"))
     if dev_points:
@@ -57,29 +73,18 @@ def series_chart_svg(labels, series, *, width=640, height=220, title="", percent
     values = [v for points in series.values() for v in points if v is not None]
     if not labels or not values:
         return ""
-    pad_left, pad_right, pad_top, pad_bottom = 48, 12, 16 + 14 * ((len(series) + 3) // 4), 28
+    pad_left = 48
     low, high = (0.0, 1.0) if percent else (0.0, max(values) or 1.0)
-    plot_w, plot_h = width - pad_left - pad_right, height - pad_top - pad_bottom
+    parts, plot_w, _plot_h, y_of = _frame(
+        "series-chart", title, width, height, (pad_left, 12, 16 + 14 * ((len(series) + 3) // 4), 28), low, high,
+        (lambda value: f"{value:.0%}") if percent else (lambda value: f"{value:.4g}"),
+        labels[0], labels[-1] if len(labels) > 1 else None,
+    )
     step = plot_w / max(1, len(labels) - 1)
 
     def xy(index, value):
-        return pad_left + step * index, pad_top + plot_h * (1 - (value - low) / (high - low))
+        return pad_left + step * index, y_of(value)
 
-    def axis(value):
-        return f"{value:.0%}" if percent else f"{value:.4g}"
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="series-chart" viewBox="0 0 {width} {height}" '
-        f'width="100%" style="max-width:{width}px" role="img" aria-label="{escape(title)}">',
-        f'<rect x="{pad_left}" y="{pad_top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#ccc"/>',
-    ]
-    for fraction in (0, 0.5, 1):
-        value = low + (high - low) * fraction
-        _, y = xy(0, value)
-        parts.append(f'<text x="{pad_left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{axis(value)}</text>')
-    parts.append(f'<text x="{pad_left}" y="{height - 8}" font-size="10">{escape(str(labels[0]))}</text>')
-    if len(labels) > 1:
-        parts.append(f'<text x="{width - pad_right}" y="{height - 8}" font-size="10" text-anchor="end">{escape(str(labels[-1]))}</text>')
     for number, (name, points) in enumerate(series.items()):
         colour = PALETTE[number % len(PALETTE)]
         x_legend, y_legend = pad_left + (number % 4) * (plot_w / 4), 12 + 14 * (number // 4)
