@@ -106,6 +106,11 @@ class TrainingCancelled(Exception):
     """Raised by `train` when `should_stop()` returned true; checkpoints stay, no adapter is written."""
 
 
+class TrainingInterrupted(Exception):
+    """Raised by `train` when `should_interrupt()` returned true, after a checkpoint of the step
+    reached: resuming loses nothing but the micro-batches of the step that was under way."""
+
+
 class BaseModelError(OSError):
     """The base model directory is missing or cannot be loaded."""
 
@@ -619,17 +624,18 @@ def save_checkpoint(out_dir, step, model, optimizer, scheduler, state, keep):
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
-    model.save_pretrained(tmp / "adapter")
-    torch.save(
-        {
-            **state,
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-        },
-        tmp / "trainer_state.pt",
-    )
+    with removed_on_error(tmp):
+        model.save_pretrained(tmp / "adapter")
+        torch.save(
+            {
+                **state,
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+            },
+            tmp / "trainer_state.pt",
+        )
     final = root / f"step-{step}"
     if final.exists():
         shutil.rmtree(final)
@@ -659,6 +665,20 @@ def restore_checkpoint(path, state, model, optimizer, scheduler):
     set_rng_state(state["rng"])
 
 
+@contextlib.contextmanager
+def removed_on_error(tmp):
+    """Remove a half-written temp file or folder when writing it fails (a full disk, most often):
+    a failed run keeps its folder for a resume, and that must not carry the dead weight."""
+    try:
+        yield
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 def remove_leftovers(out_dir):
     """Half-written adapters and checkpoints of a crashed run: never complete, never read."""
     for pattern in (".adapter-*", "checkpoints/.tmp-step-*"):
@@ -670,7 +690,8 @@ def write_json(path, data):
     """Write JSON atomically (readers never see half a file)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2))
+    with removed_on_error(tmp):
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2))
     os.replace(tmp, path)
 
 
@@ -678,24 +699,30 @@ def write_json(path, data):
 # training
 
 
-def train(config, base_dir, train_records, dev_records, out_dir, *, on_progress=None, should_stop=None, resume=True):
+def train(
+    config, base_dir, train_records, dev_records, out_dir, *, on_progress=None, should_stop=None, should_interrupt=None,
+    resume=True,
+):
     """Fine-tune a LoRA adapter on base_dir with train_records; write it to out_dir/adapter.
 
     on_progress(dict) is called after every optimizer step with step, total_steps, epoch, loss,
     lr, elapsed_s, eta_s, and dev_loss at the end of each epoch. should_stop() is checked before
     every forward pass; when it returns true, TrainingCancelled is raised (checkpoints are kept,
-    no adapter is written). With resume, training continues from the last complete checkpoint
-    in out_dir/checkpoints. Returns the metrics dict that is also saved as metrics.json.
+    no adapter is written). should_interrupt() is checked after every optimizer step; when it
+    returns true, a checkpoint of that step is saved (whatever checkpoint_every says) and
+    TrainingInterrupted is raised. With resume, training continues from the last complete
+    checkpoint in out_dir/checkpoints. Returns the metrics dict that is also saved as metrics.json.
     """
     _, _, metrics = train_model(
         config, base_dir, train_records, dev_records, out_dir,
-        on_progress=on_progress, should_stop=should_stop, resume=resume,
+        on_progress=on_progress, should_stop=should_stop, should_interrupt=should_interrupt, resume=resume,
     )
     return metrics
 
 
 def train_model(
-    config, base_dir, train_records, dev_records, out_dir, *, on_progress=None, should_stop=None, resume=True
+    config, base_dir, train_records, dev_records, out_dir, *, on_progress=None, should_stop=None, should_interrupt=None,
+    resume=True,
 ):
     """`train`, returning (model, tokenizer, metrics): evaluate in the same process without reloading.
 
@@ -802,10 +829,15 @@ def train_model(
             per_step = elapsed / (step - session_first_step)
             report(**info, elapsed_s=elapsed, eta_s=per_step * (total_steps - step))
 
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+            if step == total_steps:
+                continue  # what follows the last step is the adapter itself, not a checkpoint
+            interrupted = should_interrupt is not None and should_interrupt()
+            if interrupted or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 so_far = {**history, "seconds": history["seconds"] + elapsed}
                 state = {"fingerprint": fingerprint, "config": config.to_dict(), "history": so_far}
                 save_checkpoint(out_dir, step, model, optimizer, scheduler, state, config.keep_checkpoints)
+            if interrupted:
+                raise TrainingInterrupted(f"training interrupted at step {step} of {total_steps}; checkpoint saved")
 
     seconds = history["seconds"] + (time.monotonic() - session_start)
     losses = history["train_loss"]
@@ -843,10 +875,11 @@ def save_adapter(model, config, metrics, out_dir):
     """Write out_dir/adapter so that it exists only when complete: build aside, then rename."""
     out_dir = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out_dir))
-    model.save_pretrained(tmp)
-    write_json(tmp / "finetune_config.json", config.to_dict())
-    write_json(out_dir / "finetune_config.json", config.to_dict())
-    write_json(out_dir / "metrics.json", metrics)
+    with removed_on_error(tmp):
+        model.save_pretrained(tmp)
+        write_json(tmp / "finetune_config.json", config.to_dict())
+        write_json(out_dir / "finetune_config.json", config.to_dict())
+        write_json(out_dir / "metrics.json", metrics)
     final = out_dir / "adapter"
     if final.exists():
         old = Path(tempfile.mkdtemp(prefix=".adapter-old-", dir=out_dir))

@@ -52,8 +52,12 @@ class TrainingRun(models.Model):
         SUCCEEDED = "succeeded", _("Succeeded")
         FAILED = "failed", _("Failed")
         CANCELLED = "cancelled", _("Cancelled")
+        # Stopped by SIGTERM (a deploy, a host shutdown) after saving a checkpoint at the step it had reached.
+        INTERRUPTED = "interrupted", _("Interrupted")
 
     ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
+    # Ended without an adapter but with its checkpoints kept: staff may queue it again.
+    RESUMABLE_STATUSES = (Status.FAILED, Status.INTERRUPTED)
 
     class Trigger(models.TextChoices):
         MANUAL = "manual", _("Staff")

@@ -6,6 +6,7 @@ The admin action, the runs page button, the REST API and `manage.py train` all c
 
 import logging
 import math
+import os
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +37,7 @@ HYPERPARAMETER_BOUNDS = {
 
 
 class TrainingRefused(Exception):
-    """The run cannot start; `code` says why ("busy", "checks", "base_model", "invalid")."""
+    """The run cannot start; `code` says why ("busy", "checks", "base_model", "invalid", "storage")."""
 
     def __init__(self, message, *, code, details=None):
         super().__init__(message)
@@ -138,9 +139,14 @@ def training_run_start(*, user=None, hyperparameters=None, enqueue=True, trigger
     base = base_model_current()
     if TrainingRun.objects.filter(base_model=base, status__in=TrainingRun.ACTIVE_STATUSES).exists():
         raise TrainingRefused(_("A training run is already queued or running; wait for it or cancel it."), code="busy")
-    snapshot = snapshot_create(
-        max_length=params["max_length"], epochs=params["epochs"], batch_size=params["batch_size"], grad_accum=params["grad_accum"]
-    )
+    try:
+        snapshot = snapshot_create(
+            max_length=params["max_length"], epochs=params["epochs"], batch_size=params["batch_size"], grad_accum=params["grad_accum"]
+        )
+    except OSError as exc:  # a full or read-only disk: staff need the cause, not a server error
+        raise TrainingRefused(
+            _("The approved pairs could not be frozen into a snapshot: %(error)s") % {"error": exc}, code="storage"
+        ) from exc
     if not snapshot.checks.get("ok", False):
         raise TrainingRefused(
             _("The approved pairs did not pass the checks; fix the errors listed."), code="checks", details=snapshot.checks
@@ -180,18 +186,18 @@ def training_run_cancel(*, run):
 
 
 def training_run_resume(*, run):
-    """Queue a failed run again; it continues from its last complete checkpoint.
+    """Queue a failed or interrupted run again; it continues from its last complete checkpoint.
 
     Returns False when there is nothing to resume from (no checkpoint survived).
     Raises TrainingRefused when another run is active.
     """
     from training.finetune import list_checkpoints
 
-    if run.status != TrainingRun.Status.FAILED or not list_checkpoints(run_dir(run.pk)):
+    if run.status not in TrainingRun.RESUMABLE_STATUSES or not list_checkpoints(run_dir(run.pk)):
         return False
     try:
         with transaction.atomic():
-            updated = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.FAILED).update(
+            updated = TrainingRun.objects.filter(pk=run.pk, status__in=TrainingRun.RESUMABLE_STATUSES).update(
                 status=TrainingRun.Status.QUEUED, error="", finished_at=None, cancel_requested=False
             )
             if updated:
@@ -225,17 +231,27 @@ def next_version_name():
 
 
 def adapter_version_create(*, run, adapter_dir, metrics):
-    """Move a finished adapter into the versions folder and record it; the first one is activated."""
-    name = next_version_name()
+    """Move a finished adapter into the versions folder and record it; the first one is activated.
+
+    The row is inserted first and the folder renamed into place before the commit, so that the
+    unique name is held while the folder is touched. A worker killed between the rename and the
+    commit leaves a complete folder that no row names; whoever holds that name next replaces it.
+    """
+    adapter_dir = Path(adapter_dir)
     root = adapters_root()
     root.mkdir(parents=True, exist_ok=True)
-    target = root / name
-    shutil.move(str(adapter_dir), str(target))  # same filesystem: an atomic rename
-    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())
     with transaction.atomic():
+        name = next_version_name()
+        target = root / name
         version = AdapterVersion.objects.create(
             name=name, run=run, base_model=run.base_model, path=str(target), metrics=metrics, size_bytes=size
         )
+        if target.exists():
+            shutil.rmtree(target)
+        # A rename on one filesystem: the folder appears complete or not at all. (shutil.move
+        # would put it inside a folder already there, the killed save's, and serve the wrong weights.)
+        os.rename(adapter_dir, target)
         if not AdapterVersion.objects.filter(is_active=True).exists():
             _make_active(version)
     return version

@@ -3,11 +3,15 @@
 `run_training(run_id)` is enqueued by services.training_run_start. It claims the run (so a
 redelivered task never trains twice), sends heartbeats from a side thread while the pure
 fine-tuning module works, reports progress to the run row, evaluates the adapter on the dev
-pairs and records an adapter version. `reconcile_training_runs` is scheduled every minute.
+pairs and records an adapter version. A SIGTERM while it trains ends the run interrupted at a
+checkpoint (see Termination). `reconcile_training_runs` is scheduled every minute.
 """
 
+import errno
 import logging
+import os
 import shutil
+import signal
 import threading
 import time
 import traceback
@@ -15,6 +19,7 @@ import traceback
 from django.conf import settings
 from django.db import DatabaseError, connection
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from training import evaluation, finetune, gguf_export, retraining, services
 from training.models import TrainingRun
@@ -88,6 +93,39 @@ class ProgressReporter:
         self.run.save(update_fields=["log"])
 
 
+class Termination:
+    """SIGTERM during a run (a deploy, `systemctl stop`, a host shutdown) is noted, not obeyed at once.
+
+    django-q2 leaves a busy worker with the default SIGTERM action: it would die mid-step and
+    lose everything since the last checkpoint. Instead the training loop saves a checkpoint at
+    the step it reached and the run ends interrupted; then the signal is sent again under the
+    handler that was there before, so the worker still stops as asked. (A SIGTERM to the q2
+    parent process alone reaches no worker: q2 then waits for the run to finish.) Handlers can
+    only be set from the main thread; elsewhere nothing changes.
+    """
+
+    def __init__(self):
+        self.received = False
+        self.installed = False
+        self.previous = signal.SIG_DFL
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self.note)
+            self.installed = True
+        return self
+
+    def note(self, signum, frame):
+        self.received = True  # only a flag: a handler runs between any two bytecodes of the loop
+
+    def __exit__(self, *exc_info):
+        if self.installed:
+            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
+            if self.received:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return False
+
+
 def run_training(run_id):
     claimed = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.QUEUED).update(
         status=TrainingRun.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now()
@@ -95,6 +133,11 @@ def run_training(run_id):
     if not claimed:
         log.info("training run %s is not queued any more; not running it", run_id)
         return "skipped"
+    with Termination() as termination:
+        return _train(run_id, termination)
+
+
+def _train(run_id, termination):
     run = TrainingRun.objects.select_related("snapshot", "base_model").get(pk=run_id)
     reporter = ProgressReporter(run)
     heartbeat = Heartbeat(run_id)
@@ -113,6 +156,7 @@ def run_training(run_id):
             work,
             on_progress=reporter.on_progress,
             should_stop=reporter.should_stop,
+            should_interrupt=lambda: termination.received,
         )
         if metrics.get("resumed_from_step"):
             reporter.log(f"resumed from the checkpoint at step {metrics['resumed_from_step']}")
@@ -137,8 +181,11 @@ def run_training(run_id):
     except finetune.TrainingCancelled as exc:
         _finish(run, TrainingRun.Status.CANCELLED, str(exc))
         outcome = "cancelled"
+    except finetune.TrainingInterrupted as exc:
+        _finish(run, TrainingRun.Status.INTERRUPTED, str(exc))
+        return "interrupted"  # its checkpoints stay: staff resume it
     except Exception as exc:  # the run must end failed with its traceback, whatever broke
-        _finish(run, TrainingRun.Status.FAILED, f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
+        _finish(run, TrainingRun.Status.FAILED, failure_reason(exc))
         log.exception("training run %s failed", run_id)
         # Its checkpoints stay, so that staff can resume it once the cause is fixed.
         return "failed"
@@ -162,6 +209,16 @@ def export_gguf(run, adapter_dir, reporter):
         return None
     reporter.log(f"llama.cpp LoRA written: {path.name} ({path.stat().st_size / 1e6:.1f} MB)")
     return path
+
+
+def failure_reason(exc):
+    """A failed run's error: first what staff can act on, then the traceback."""
+    reason = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        reason = _("The disk is full: no space left where the run writes (%(dir)s). Free space there, then resume the run.") % {
+            "dir": settings.DATA_DIR
+        } + f"\n{reason}"
+    return f"{reason}\n\n{traceback.format_exc()}"
 
 
 def _finish(run, status, message):

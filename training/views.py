@@ -10,7 +10,11 @@ from training import services
 from training.models import AdapterVersion, TrainingRun
 from training.serializers import AdapterVersionSerializer, TrainingRunSerializer, TrainingRunStartSerializer
 
-REFUSAL_STATUS = {"busy": status.HTTP_409_CONFLICT, "base_model": status.HTTP_503_SERVICE_UNAVAILABLE}
+REFUSAL_STATUS = {
+    "busy": status.HTTP_409_CONFLICT,
+    "base_model": status.HTTP_503_SERVICE_UNAVAILABLE,
+    "storage": status.HTTP_507_INSUFFICIENT_STORAGE,
+}
 
 
 class ChangePermission(StaffModelPermissions):
@@ -39,6 +43,7 @@ class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
             400: OpenApiResponse(description="Invalid hyper-parameters, or the approved pairs failed the checks."),
             409: OpenApiResponse(description="A run is already queued or running."),
             503: OpenApiResponse(description="The base model (CSP_BASE_MODEL) is not available."),
+            507: OpenApiResponse(description="The snapshot of the approved pairs could not be written (disk full)."),
         },
     )
     def create(self, request, *args, **kwargs):
@@ -63,7 +68,7 @@ class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
 
     @extend_schema(
         request=None,
-        responses={200: TrainingRunSerializer, 409: OpenApiResponse(description="Not a failed run with a checkpoint, or another run is active.")},
+        responses={200: TrainingRunSerializer, 409: OpenApiResponse(description="Not a failed or interrupted run with a checkpoint, or another run is active.")},
     )
     @action(detail=True, methods=["post"])
     def resume(self, request, pk=None):
@@ -73,7 +78,7 @@ class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
         except services.TrainingRefused as exc:
             return Response({"detail": str(exc), "code": exc.code}, status=status.HTTP_409_CONFLICT)
         if not resumed:
-            return Response({"detail": "Only a failed run with a checkpoint can be resumed."}, status=status.HTTP_409_CONFLICT)
+            return Response({"detail": "Only a failed or interrupted run with a checkpoint can be resumed."}, status=status.HTTP_409_CONFLICT)
         return Response(TrainingRunSerializer(run).data)
 
 
