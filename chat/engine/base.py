@@ -43,6 +43,7 @@ from chat.engine.config import EngineConfig
 from chat.engine.events import (
     CANCELLED,
     ERROR,
+    FILTERED,
     LENGTH,
     STOP,
     TIMEOUT,
@@ -52,6 +53,7 @@ from chat.engine.events import (
     Stats,
     Token,
 )
+from chat.engine.guard import LeakGuard
 from chat.engine.prompts import fit_conversation
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ class Request:
         self._last = None  # last generated token: the next step's input
         self._generated = 0
         self._generator = None  # the seeded sampling generator, when sampling
+        self._guard = None  # LeakGuard over the system prompt used and the canaries, when on
 
     def cancel(self):
         """Stop generating: takes effect at the next step boundary (the current step's token is dropped)."""
@@ -409,6 +412,8 @@ class BaseEngine:
                 prompt, adapter,
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, on_event=on_event,
             )
+            if self.config.guard_min_run:
+                request._guard = LeakGuard([system, *self.config.canaries], min_run=self.config.guard_min_run)
             with self._state:
                 self._refuse_if_full()  # again: others may have queued while this one rendered
                 self._waiting.append(request)
@@ -614,9 +619,9 @@ class BaseEngine:
         request._generated += 1
         if request._generated == 1:
             request.stats.first_token_ms = (time.monotonic() - request._created) * 1000
-        piece = request._stream.push(token)
-        if piece:
-            request._deliver(Token(piece))
+        if not self._send(request, request._stream.push(token)):
+            self._finish(request, FILTERED)
+            return False
         if request._generated >= request.max_new_tokens:
             self._finish(request, LENGTH)
             return False
@@ -627,9 +632,10 @@ class BaseEngine:
         if request._phase == "done":
             return
         if reason != CANCELLED and request._stream is not None:
-            tail = request._stream.finish()
-            if tail:
-                request._deliver(Token(tail))
+            if not self._send(request, request._stream.finish()):
+                reason = FILTERED
+            elif request._guard is not None:
+                self._send(request, request._guard.finish(), guarded=False)  # the held tail was safe
         latency = time.monotonic() - request._created
         stats = request.stats
         stats.finish_reason, stats.tokens, stats.error = reason, request._generated, error
@@ -645,6 +651,19 @@ class BaseEngine:
         self._release(request.adapter)
         request._deliver(Done(stats))
         request._done.set()
+
+    def _send(self, request, piece, guarded=True):
+        """Stream `piece` past the leak guard; False when the guard tripped (nothing more is sent)."""
+        if guarded and request._guard is not None:
+            if request._guard.tripped:
+                return False
+            piece = request._guard.push(piece)
+            if request._guard.tripped:
+                logger.warning("request %s stopped: its answer began to repeat protected text", request.id)
+                return False
+        if piece:
+            request._deliver(Token(piece))
+        return True
 
     def _fail_all(self, reason, error):
         with self._state:

@@ -9,7 +9,8 @@ LENGTH = "length"  # max_new_tokens reached
 CANCELLED = "cancelled"  # request.cancel(), the consumer went away, or the engine closed
 TIMEOUT = "timeout"  # max_seconds passed since submission
 ERROR = "error"  # the model raised; Stats.error says what
-FINISH_REASONS = (STOP, LENGTH, CANCELLED, TIMEOUT, ERROR)
+FILTERED = "filtered"  # the leak guard stopped it before it printed protected text (chat.engine.guard)
+FINISH_REASONS = (STOP, LENGTH, CANCELLED, TIMEOUT, ERROR, FILTERED)
 
 
 @dataclass(frozen=True)

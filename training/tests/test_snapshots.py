@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from knowledge.models import QAPair
+from training.models import DatasetSnapshot
 from training.snapshots import assigned_split, read_records, snapshot_create
 
 pytestmark = pytest.mark.django_db
@@ -46,6 +47,30 @@ def test_only_approved_pairs_are_frozen():
     assert {r["id"] for r in frozen} == {p.pk for p in pairs}
     assert "CANARY-7731" not in (Path(snapshot.path) / "train.jsonl").read_text()
     assert secret.pk not in snapshot.manifest["train_pair_ids"] + snapshot.manifest["dev_pair_ids"]
+
+
+def test_a_canary_in_unapproved_pairs_reaches_no_snapshot_file_or_row():
+    canary = "CANARY-UNAPPROVED-4417"
+    pairs = _sample(12)
+    _pair("用户问：草稿里的问题？", f"草稿答案 {canary}", status="draft", split="train")
+    _pair(f"用户问：{canary} 是什么？", "归档的答案", status="archived", split="dev")
+    _pair("用户问：带输入的草稿？", "答案", input=canary, status="draft")
+    first = snapshot_create()
+    # A pair that was approved and frozen, then archived: the next snapshot leaves it out.
+    pairs[0].output = f"改过的答案 {canary}"
+    pairs[0].save()
+    QAPair.objects.filter(pk=pairs[0].pk).update(status="archived")
+    second = snapshot_create()
+
+    snapshots = list(DatasetSnapshot.objects.values())
+    files = [f for s in snapshots for f in Path(s["path"]).iterdir()]
+    holding = [f.name for f in files if canary in f.read_text(encoding="utf-8")]
+    print(f"{len(snapshots)} snapshots, {len(files)} files; holding the canary: {holding or 'none'}")
+    assert len(snapshots) == 2 and len(files) == 6 and not holding
+    assert canary not in json.dumps(snapshots, ensure_ascii=False, default=str)
+    assert pairs[0].pk in first.manifest["train_pair_ids"] + first.manifest["dev_pair_ids"]
+    assert pairs[0].pk not in second.manifest["train_pair_ids"] + second.manifest["dev_pair_ids"]
+    assert second.train_count + second.dev_count == 11
 
 
 def test_explicit_split_wins_and_auto_split_is_deterministic():
