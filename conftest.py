@@ -118,10 +118,11 @@ def redis_channel_layer(settings):
     from channels.layers import channel_layers
 
     from csplatform.livetest import TEST_REDIS_URL
+    from csplatform.settings import channel_layer_host
 
     prefix = f"csp-test-{uuid.uuid4().hex[:8]}"
     settings.CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [TEST_REDIS_URL], "prefix": prefix}}
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [channel_layer_host(TEST_REDIS_URL)], "prefix": prefix}}
     }
     channel_layers.backends.clear()  # layers are made once per process: forget the in-memory one
     yield {"REDIS_URL": TEST_REDIS_URL, "CSP_CHANNEL_PREFIX": prefix}

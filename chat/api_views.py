@@ -36,7 +36,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from chat import handoff, services
-from chat.engine import Done, EngineBusy, EngineClosed, InputTooLong, Token
+from chat.engine import Done, EngineBusy, EngineError, InputTooLong, Token
 from chat.models import Conversation, Message
 from chat.serializers import (
     HandoffRoutedSerializer,
@@ -356,7 +356,7 @@ class ChatView(APIView):
             return Response(HandoffRoutedSerializer(body).data, status=status.HTTP_202_ACCEPTED)
         try:
             engine = ready_engine()
-        except (BaseModelError, FileNotFoundError, EngineClosed) as exc:
+        except (BaseModelError, FileNotFoundError, EngineError) as exc:
             return unavailable_response(exc)
 
         streaming = None
@@ -382,7 +382,7 @@ class ChatView(APIView):
             return busy_response(exc)
         except InputTooLong as exc:
             return Response({params.text_field: [str(exc)]}, status=status.HTTP_400_BAD_REQUEST)
-        except EngineClosed as exc:
+        except EngineError as exc:  # closed, or a remote backend that does not answer
             return unavailable_response(exc)
         except BaseException:
             if pending is not None:

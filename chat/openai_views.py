@@ -56,11 +56,12 @@ from chat.engine import (
     STOP,
     TIMEOUT,
     EngineBusy,
-    EngineClosed,
+    EngineError,
     InputTooLong,
     Turn,
 )
 from chat.engine import Token as TextToken
+from chat.engine.events import FILTERED
 from chat.models import Conversation, Message
 from chat.serializers import MAX_CLIENT_TEMPERATURE, sampling_temperature
 from chat.serving import active_engine
@@ -73,8 +74,9 @@ logger = logging.getLogger(__name__)
 # is refused before tokenising (the rule of EngineConfig.chars_per_token).
 CHARS_PER_TOKEN = 4
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-# The engine's reasons in OpenAI's words: a time cap cut the answer short, as a length cap does.
-FINISH_REASONS = {STOP: "stop", LENGTH: "length", TIMEOUT: "length"}
+# The engine's reasons in OpenAI's words: a time cap cut the answer short, as a length cap does;
+# the leak guard's stop is OpenAI's "content_filter" (the text before it stands).
+FINISH_REASONS = {STOP: "stop", LENGTH: "length", TIMEOUT: "length", FILTERED: "content_filter"}
 # `model` names that mean "the active version, whichever it is" (a client need not know its name).
 ACTIVE_ALIASES = ("default", "csplatform")
 BASE_MODEL_ID = "base"
@@ -160,7 +162,7 @@ def _content(message, index):
         isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content
     ):
         content = "".join(part["text"] for part in content)
-    if not isinstance(content, str):
+    if not isinstance(content, str) or "\x00" in content:  # NUL: no database stores it (PostgreSQL refuses)
         raise InvalidRequest(_("messages[%(i)s].content must be text.") % {"i": index}, param=f"messages[{index}].content")
     limit = CHARS_PER_TOKEN * settings.CSP_CHAT_MAX_INPUT_TOKENS
     if len(content) > limit:
@@ -344,9 +346,10 @@ async def chat_completions(request):
         )
     except InputTooLong as exc:
         return error_response(400, exc, param="messages", code="context_length_exceeded")
-    except (BaseModelError, FileNotFoundError, EngineClosed, ValueError) as exc:
+    except (BaseModelError, FileNotFoundError, EngineError, ValueError) as exc:
         # The operator's problem: CSP_BASE_MODEL or a version's files are missing (ValueError:
-        # the engine holds a version of that name from another path). The log keeps which.
+        # the engine holds a version of that name from another path), or the remote backend (an
+        # inference worker, an OpenAI-compatible server) does not answer. The log keeps which.
         logger.error("OpenAI-compatible chat is unavailable (model %s): %s", params.model, exc)
         return error_response(503, _("The assistant is not available: its model cannot be loaded."),
                               type="server_error", code="model_unavailable")

@@ -46,6 +46,8 @@ def _is_uuid(value):
 def check_message_text(text):
     if not isinstance(text, str) or not text.strip():
         raise ChatError("invalid", _("The message text is empty."))
+    if "\x00" in text:  # PostgreSQL stores no NUL characters; no customer types one
+        raise ChatError("invalid", _("The message contains a NUL character."))
     if len(text) > settings.CSP_CHAT_MAX_MESSAGE_CHARS:
         raise ChatError(
             "too_long",
@@ -100,7 +102,9 @@ def message_start_answer(*, conversation, adapter_name):
 
 
 def message_finish_answer(*, answer, text, stats):
-    answer.text = text
+    # A model can emit the byte 0x00 (the random tiny test model does); PostgreSQL refuses NUL in
+    # text, so it is dropped here, where every answer is stored, rather than lose the whole answer.
+    answer.text = text.replace("\x00", "")
     answer.tokens = stats.tokens
     answer.latency_ms = round(stats.latency_ms) if stats.latency_ms is not None else None
     answer.first_token_ms = round(stats.first_token_ms) if stats.first_token_ms is not None else None

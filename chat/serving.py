@@ -19,6 +19,7 @@ from training.models import AdapterVersion
 _lock = threading.Lock()
 _engine = None
 _checked_at = 0.0
+_backend = None  # the backend this process serves on, when not CSP_INFERENCE_BACKEND (the inference worker)
 # How stale the active-version check may be: activation reaches new chats within this.
 ACTIVE_CHECK_SECONDS = 0.5
 
@@ -30,23 +31,38 @@ def engine_config():
         dtype=settings.CSP_CHAT_DTYPE,
         trust_remote_code=settings.CSP_TRUST_REMOTE_CODE,
         system_prompt=settings.CSP_CHAT_SYSTEM_PROMPT,
+        canaries=tuple(settings.CSP_CHAT_CANARIES),
         max_input_tokens=settings.CSP_CHAT_MAX_INPUT_TOKENS,
         max_new_tokens=settings.CSP_CHAT_MAX_NEW_TOKENS,
         max_seconds=settings.CSP_CHAT_MAX_SECONDS,
         max_active=settings.CSP_CHAT_MAX_ACTIVE,
         max_waiting=settings.CSP_CHAT_MAX_WAITING,
         threads=settings.CSP_CHAT_THREADS,
+        remote_url=settings.CSP_OPENAI_BASE_URL,
+        remote_api_key=settings.CSP_OPENAI_API_KEY,
+        remote_base_model=settings.CSP_OPENAI_BASE_MODEL,
     )
+
+
+def serve_locally(backend):
+    """Make this process's engine a local one on `backend` (the inference worker: it is where
+    CSP_INFERENCE_BACKEND=worker sends requests, so it must not send them on)."""
+    global _backend
+    if backend in ("worker", "openai"):
+        raise ImproperlyConfigured(f"an inference worker serves its own model: --backend {backend} is not one")
+    reset_engine()
+    _backend = backend
 
 
 def get_engine():
     global _engine
     with _lock:
         if _engine is None:
+            backend = _backend or settings.CSP_INFERENCE_BACKEND
             try:
-                _engine = make_engine(engine_config(), settings.CSP_INFERENCE_BACKEND)
+                _engine = make_engine(engine_config(), backend)
             except BackendUnavailable as error:
-                raise ImproperlyConfigured(f"CSP_INFERENCE_BACKEND={settings.CSP_INFERENCE_BACKEND}: {error}") from error
+                raise ImproperlyConfigured(f"CSP_INFERENCE_BACKEND={backend}: {error}") from error
         return _engine
 
 
@@ -54,6 +70,10 @@ def active_engine():
     """The engine, switched to the active adapter version if that changed (sync: call in a thread)."""
     global _checked_at
     engine = get_engine()
+    if getattr(engine, "remote", False) and not getattr(engine, "follows_active", False):
+        return engine  # the remote side keeps itself on the active version
+    # Local engines hot-swap the version; one that follows_active (an OpenAI-compatible server
+    # serves every version by name) only records which name new requests ask for.
     now = time.monotonic()
     if now - _checked_at >= ACTIVE_CHECK_SECONDS:
         active = AdapterVersion.objects.filter(is_active=True).values_list("name", "path").first()

@@ -161,12 +161,20 @@ REDIS_URL = envstr("REDIS_URL", "")
 if REDIS_URL and urlparse(REDIS_URL).scheme not in ("redis", "rediss", "unix"):
     raise ImproperlyConfigured(f"REDIS_URL={REDIS_URL!r} must start with redis://, rediss:// or unix://.")
 
+
+def channel_layer_host(url):
+    """channels-redis's connection to `url`. Its receive blocks on Redis for 5 s (BZPOPMIN), and
+    redis-py 8 gives up reading a reply after 5 s by default: the two race, and a consumer that
+    waits 5 s for a message dies with TimeoutError. The read timeout must be longer."""
+    return {"address": url, "socket_timeout": 30}
+
+
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             # The key prefix: deployments (or test runs) sharing one Redis keep their channels apart.
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": envstr("CSP_CHANNEL_PREFIX", "asgi")},
+            "CONFIG": {"hosts": [channel_layer_host(REDIS_URL)], "prefix": envstr("CSP_CHANNEL_PREFIX", "asgi")},
         }
     }
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
@@ -197,12 +205,29 @@ if CSP_EVAL_GATE not in ("warn", "strict"):
 # --- Chat serving (every client-supplied value is capped by these) ---
 # auto: llama.cpp on a CPU-only host when the base model has a GGUF (and llama-cpp-python is
 # installed), else transformers. The admin's adapter-versions page says which serves and why.
+# worker: this process keeps no model; a dedicated `manage.py inference_worker` answers through the
+# channel layer (needs REDIS_URL). openai: an external OpenAI-compatible server (vLLM) answers.
 CSP_INFERENCE_BACKEND = envstr("CSP_INFERENCE_BACKEND", "auto")
-if CSP_INFERENCE_BACKEND not in ("auto", "transformers", "llamacpp"):
+if CSP_INFERENCE_BACKEND not in ("auto", "transformers", "llamacpp", "worker", "openai"):
     raise ImproperlyConfigured(
-        f"CSP_INFERENCE_BACKEND={CSP_INFERENCE_BACKEND!r} must be auto, transformers or llamacpp."
+        f"CSP_INFERENCE_BACKEND={CSP_INFERENCE_BACKEND!r} must be auto, transformers, llamacpp, worker or openai."
     )
+if CSP_INFERENCE_BACKEND == "worker" and not REDIS_URL:
+    raise ImproperlyConfigured("CSP_INFERENCE_BACKEND=worker needs REDIS_URL: web processes reach the worker through Redis.")
+# The channel inference workers take requests from, and how long a web process waits for one to accept.
+CSP_INFERENCE_CHANNEL = envstr("CSP_INFERENCE_CHANNEL", "csp.inference")
+CSP_INFERENCE_WAIT_SECONDS = envint("CSP_INFERENCE_WAIT_SECONDS", 10, minimum=1)
+# CSP_INFERENCE_BACKEND=openai: the server's base URL (ending in /v1), its key, and the model name
+# it serves the base model under; adapter versions are asked for by their names ("v3").
+CSP_OPENAI_BASE_URL = envstr("CSP_OPENAI_BASE_URL", "")
+CSP_OPENAI_API_KEY = envstr("CSP_OPENAI_API_KEY", "")
+CSP_OPENAI_BASE_MODEL = envstr("CSP_OPENAI_BASE_MODEL", "base")
+if CSP_INFERENCE_BACKEND == "openai" and urlparse(CSP_OPENAI_BASE_URL).scheme not in ("http", "https"):
+    raise ImproperlyConfigured("CSP_INFERENCE_BACKEND=openai needs CSP_OPENAI_BASE_URL=http(s)://host:port/v1.")
 CSP_CHAT_SYSTEM_PROMPT = envstr("CSP_CHAT_SYSTEM_PROMPT", "")
+# Secrets no answer may print (comma-separated, 6+ letters or digits each), besides the system
+# prompt in use: an answer about to repeat one ends with finish reason "filtered" (chat.engine.guard).
+CSP_CHAT_CANARIES = envlist("CSP_CHAT_CANARIES", "")
 CSP_CHAT_DEVICE = envstr("CSP_CHAT_DEVICE", "auto")
 CSP_CHAT_DTYPE = envstr("CSP_CHAT_DTYPE", "auto")
 # llama.cpp compute threads; 0 = one per core. On a host shared with other busy processes fewer
@@ -219,6 +244,10 @@ CSP_CHAT_HISTORY_MESSAGES = envint("CSP_CHAT_HISTORY_MESSAGES", 20, minimum=1)
 CSP_CHAT_FRAMES_PER_10S = envint("CSP_CHAT_FRAMES_PER_10S", 20, minimum=1)
 # A websocket frame longer than this closes the socket (1009); a long message gets an error frame.
 CSP_WS_MAX_FRAME_BYTES = envint("CSP_WS_MAX_FRAME_BYTES", 256 * 1024, minimum=1024)
+# daphne pings a websocket idle this many seconds and drops it when no pong comes within the
+# timeout: dead peers and vanished tabs stop holding a socket (and their answer) open.
+CSP_WS_PING_INTERVAL = envint("CSP_WS_PING_INTERVAL", 20, minimum=1)
+CSP_WS_PING_TIMEOUT = envint("CSP_WS_PING_TIMEOUT", 30, minimum=1)
 # A customer message containing one of these (case-insensitive) asks for a person: the
 # conversation waits for an agent instead of getting an answer from the assistant.
 CSP_HANDOFF_KEYWORDS = envlist("CSP_HANDOFF_KEYWORDS", "人工,human agent,real person,talk to a human")
@@ -230,7 +259,9 @@ Q_CLUSTER = {
     "name": "csplatform",
     "workers": envint("CSP_QCLUSTER_WORKERS", 1, minimum=1),
     "timeout": CSP_TRAINING_TIMEOUT,
-    "retry": CSP_TRAINING_TIMEOUT + 1800,
+    # Seconds before q2 hands an unacknowledged task out again. Tests set it below a run's length
+    # to prove a redelivered run is not trained twice (the task claims its run first).
+    "retry": envint("CSP_QCLUSTER_RETRY", CSP_TRAINING_TIMEOUT + 1800, minimum=1),
     "max_attempts": 1,
     "ack_failures": True,
     "catch_up": False,

@@ -104,6 +104,8 @@ def _text(data, key, max_length, errors, *, required=False):
     value = value.strip()
     if required and not value:
         errors.setdefault(key, []).append(_("This field is required and cannot be blank."))
+    if "\x00" in value:  # PostgreSQL stores no NUL characters: the row is refused, by name, not the file
+        errors.setdefault(key, []).append(_("Contains a NUL character (\\x00)."))
     if len(value) > max_length:
         errors.setdefault(key, []).append(
             _("At most %(max)s characters (this has %(len)s).") % {"max": max_length, "len": len(value)}

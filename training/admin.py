@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.contrib import admin, messages
 from django.http import HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404
@@ -131,7 +132,7 @@ class TrainingRunAdmin(ReadOnlyAdmin):
         count = sum(services.training_run_cancel(run=run) for run in queryset)
         self.message_user(request, _("Asked %(n)d run(s) to stop.") % {"n": count}, messages.SUCCESS)
 
-    @admin.action(description=_("Resume selected failed runs from their last checkpoint"), permissions=["cancel"])
+    @admin.action(description=_("Resume selected failed or interrupted runs from their last checkpoint"), permissions=["cancel"])
     def resume_runs(self, request, queryset):
         try:
             resumed = [run.pk for run in queryset if services.training_run_resume(run=run)]
@@ -211,7 +212,12 @@ class AdapterVersionAdmin(ReadOnlyAdmin):
     def changelist_view(self, request, extra_context=None):
         from chat.serving import engine_status
 
-        return super().changelist_view(request, {**(extra_context or {}), "engine": engine_status()})
+        workers = None
+        if settings.CSP_INFERENCE_BACKEND == "worker":  # the model lives in the inference workers
+            from chat.inference_worker import workers as recent_workers
+
+            workers = recent_workers()
+        return super().changelist_view(request, {**(extra_context or {}), "engine": engine_status(), "workers": workers})
 
     def has_activate_permission(self, request):
         return request.user.has_perm("training.change_adapterversion")

@@ -18,7 +18,7 @@ from chat.engine.events import EngineError
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "transformers", "llamacpp")
+BACKENDS = ("auto", "transformers", "llamacpp", "worker", "openai")
 
 
 class BackendUnavailable(EngineError):
@@ -60,6 +60,12 @@ def choose_backend(requested, config):
         raise ValueError(f"backend must be one of {BACKENDS}, not {requested!r}")
     if requested == "transformers":
         return "transformers", "configured: transformers"
+    if requested == "worker":
+        return "worker", "configured: a dedicated inference worker answers through the channel layer"
+    if requested == "openai":
+        if not config.remote_url:
+            raise BackendUnavailable("the openai backend needs the server's URL (CSP_OPENAI_BASE_URL)")
+        return "openai", f"configured: the OpenAI-compatible server at {config.remote_url}"
     gguf = base_gguf(config.base_dir)
     if requested == "llamacpp":
         problem = llamacpp_problem()
@@ -88,6 +94,10 @@ def make_engine(config, backend="auto"):
     name, reason = choose_backend(backend, config)
     if name == "llamacpp":
         from chat.engine.llamacpp import LlamaCppEngine as engine_class
+    elif name == "worker":
+        from chat.inference_worker import WorkerEngine as engine_class  # the Django side: it uses the channel layer
+    elif name == "openai":
+        from chat.engine.openai_remote import OpenAIEngine as engine_class
     else:
         from chat.engine.engine import Engine as engine_class
     engine = engine_class(config)

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from chat.engine.guard import MIN_CANARY_CHARS, normalise
+
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -23,6 +25,10 @@ class EngineConfig:
     trust_remote_code: bool = False  # only for models like ChatGLM3 that ship their own code
     # prompt
     system_prompt: str = ""  # used when neither the caller nor the adapter's training config gives one
+    # The leak guard (chat.engine.guard): an answer about to print guard_min_run characters in a row
+    # of its system prompt, or a whole canary, ends "filtered" and the held text is never sent.
+    canaries: tuple = ()  # secrets no answer may print (CSP_CHAT_CANARIES), besides the system prompt
+    guard_min_run: int = 24  # normalised characters; 0 turns the guard off (to measure the raw model)
     max_input_tokens: int = 1024  # prompt budget; older turns are dropped first, the system prompt is kept
     # A message longer than this many characters per input token is refused before tokenising:
     # no tokenizer call is spent on a pasted novel (a token is rarely more than 4 characters).
@@ -41,6 +47,11 @@ class EngineConfig:
     prefill_chunk: int = 256
     # llama.cpp backend: compute threads (0 = one per core, os.cpu_count()); transformers uses torch's.
     threads: int = 0
+    # openai backend: an OpenAI-compatible server (vLLM) that serves the base model under
+    # `remote_base_model` and each adapter version under its own name ("v3").
+    remote_url: str = ""  # e.g. "http://gpu-host:8000/v1"
+    remote_api_key: str = ""
+    remote_base_model: str = "base"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -48,6 +59,14 @@ class EngineConfig:
         for name in ("max_input_tokens", "max_new_tokens", "max_active", "prefill_chunk", "chars_per_token"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        self.canaries = tuple(self.canaries)
+        short = [c for c in self.canaries if len(normalise(c)) < MIN_CANARY_CHARS]
+        if short:
+            raise ValueError(
+                f"canaries need at least {MIN_CANARY_CHARS} letters or digits (a shorter one stops ordinary answers): {short!r}"
+            )
+        if self.guard_min_run < 0:
+            raise ValueError(f"guard_min_run must be 0 (off) or more, not {self.guard_min_run!r}")
         if self.threads < 0:
             raise ValueError(f"threads must be 0 (every core) or more, not {self.threads!r}")
         if self.max_waiting < 0:

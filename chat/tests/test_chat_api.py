@@ -341,3 +341,15 @@ def test_stream_false_answers_with_one_json_body(serving, faq, customer_api):
     response = customer_api.post("/api/v1/chat/?stream=false", {"text": faq[0]["instruction"]}, format="json")
 
     assert response.status_code == 200 and not response.streaming and response.json()["answer"] == faq[0]["output"]
+
+
+def test_an_answer_with_a_nul_character_is_stored_without_it(db):
+    """A model can emit the byte 0x00; PostgreSQL refuses NUL in text, so it must not reach the row."""
+    from chat import services
+    from chat.engine import Stats
+
+    conversation = Conversation.objects.create(session_key="s")
+    answer = services.message_start_answer(conversation=conversation, adapter_name=None)
+    services.message_finish_answer(answer=answer, text="退\x00货", stats=Stats(request_id="r", adapter=None, finish_reason="stop"))
+    answer.refresh_from_db()
+    assert answer.text == "退货"

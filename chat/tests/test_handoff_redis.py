@@ -43,3 +43,27 @@ def test_a_staff_reply_crosses_processes_to_the_customers_socket(redis_channel_l
         finally:
             socket.close()
     assert list(Message.objects.filter(conversation=conversation).values_list("role", "text")) == [("agent", "跨进程的回复")]
+
+
+def test_a_socket_idle_longer_than_the_redis_read_timeout_still_gets_the_reply(redis_channel_layer, staff_user, tmp_path):
+    """channels-redis blocks 5 s per receive and redis-py 8 stops reading after 5 s by default:
+    without a longer read timeout (settings.channel_layer_host) an idle consumer dies."""
+    import time
+
+    session = SessionStore()
+    session.create()
+    env = {**redis_channel_layer, "CSP_DATA_DIR": str(tmp_path)}
+    with live_daphne(env=env, log=tmp_path / "daphne.log") as url:
+        socket = websocket.create_connection(
+            f"ws://{url.removeprefix('http://')}/ws/chat/", origin=url, cookie=f"sessionid={session.session_key}", timeout=20
+        )
+        try:
+            socket.send(json.dumps({"type": "handoff", "conversation": None}))
+            conversation = Conversation.objects.get(pk=_receive(socket)["conversation"])
+            time.sleep(12)  # two of channels-redis's 5 s blocking reads, with nothing to read
+            handoff.handoff_reply(conversation=conversation, agent=staff_user, text="still here")
+            assert _receive(socket) == {"type": "handoff", "state": "agent"}
+            assert _receive(socket)["text"] == "still here"
+        finally:
+            socket.close()
+    assert "TimeoutError" not in (tmp_path / "daphne.log").read_text()

@@ -234,4 +234,20 @@ def test_an_unknown_backend_setting_stops_start_up_naming_the_variable():
         env={"PATH": "/usr/bin:/bin", "CSP_INFERENCE_BACKEND": "gpu"}, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode != 0
-    assert "CSP_INFERENCE_BACKEND='gpu' must be auto, transformers or llamacpp" in result.stderr
+    assert "CSP_INFERENCE_BACKEND='gpu' must be auto, transformers, llamacpp, worker or openai" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CSP_INFERENCE_BACKEND": "worker"}, "CSP_INFERENCE_BACKEND=worker needs REDIS_URL"),
+        ({"CSP_INFERENCE_BACKEND": "openai"}, "CSP_INFERENCE_BACKEND=openai needs CSP_OPENAI_BASE_URL"),
+        ({"CSP_INFERENCE_BACKEND": "openai", "CSP_OPENAI_BASE_URL": "gpu-host:8000"}, "needs CSP_OPENAI_BASE_URL=http"),
+    ],
+)
+def test_a_remote_backend_without_its_connection_stops_start_up(env, message):
+    result = subprocess.run(
+        [sys.executable, "-c", "import csplatform.settings"],
+        env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0 and message in result.stderr, result.stderr

@@ -115,6 +115,10 @@ def test_invalid_requests_are_bad_request_errors_naming_the_parameter(client):
         client.chat.completions.create(model="v1", messages=[{"role": "user", "content": "问" * 3000}])
     assert caught.value.code == "context_length_exceeded"
 
+    with pytest.raises(openai.BadRequestError) as caught:  # PostgreSQL stores no NUL: refused, not a 500
+        client.chat.completions.create(model="v1", messages=[{"role": "user", "content": "退\x00货"}])
+    assert caught.value.param == "messages[0].content"
+
 
 def _version(name, path, active):
     """Another adapter version beside `active` (the serving fixture's v1), not active itself."""

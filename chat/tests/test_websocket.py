@@ -79,6 +79,7 @@ def test_feedback_is_stored_on_the_answer(serving, faq):
 @pytest.mark.parametrize(
     "raw, code",
     [("not json", "invalid"), ("[1, 2]", "invalid"), ('{"type": "dance"}', "invalid"), ('{"type": "message", "text": ""}', "invalid"),
+     ('{"type": "message", "text": "a\\u0000b"}', "invalid"),
      ('{"type": "message", "text": "' + "问" * 3000 + '"}', "too_long"), ('{"type": "feedback", "message": 99999, "rating": 1}', "not_found"),
      ('{"type": "message", "text": "hi", "conversation": "00000000-0000-0000-0000-000000000000"}', "not_found")],
 )

@@ -41,6 +41,13 @@ def test_bad_row_rejects_the_whole_upload_and_names_row_and_field():
     assert [row.action for row in report.rows[:2]] == ["created", "created"]
 
 
+def test_a_nul_character_rejects_its_row_by_field_not_the_database():
+    rows = GOOD + [{"instruction": "用户问：能开发票吗？", "input": "", "output": "可以\x00开"}]
+    report = services.qa_import(content=_json(rows), filename="faq.json")
+    assert not report.committed and QAPair.objects.count() == 0
+    assert report.rows[-1].action == "rejected" and list(report.rows[-1].errors) == ["output"]
+
+
 def test_non_object_entry_is_a_rejected_row():
     report = services.qa_import(content=_json(GOOD + ["just text"]), filename="faq.json")
     assert report.rows[-1].action == "rejected" and report.rows[-1].row == 3
