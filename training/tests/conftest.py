@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from django.db import connection
+
+from csplatform.livetest import database_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,7 +58,7 @@ def qcluster(settings, training_env, tiny_model):
     def start(**env):
         full_env = {
             **os.environ,
-            "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+            **database_env(),  # this test's database (and SECRET_KEY: q2 signs tasks, the worker must share it)
             "CSP_DATA_DIR": str(training_env),
             "CSP_BASE_MODEL": str(tiny_model),
             "CSP_HEARTBEAT_SECONDS": "1",
@@ -67,7 +68,6 @@ def qcluster(settings, training_env, tiny_model):
             "CSP_EVAL_MAX_PAIRS": "0",  # these tests are about the run's life, not its answers
             "OMP_NUM_THREADS": "1",  # the tests share the cores; spinning threads only slow them
             "CSP_TRAINING_DEVICE": "cpu",
-            "SECRET_KEY": settings.SECRET_KEY,  # q2 signs tasks: the worker must share the key
             **env,
         }
         log = training_env / f"qcluster-{len(clusters)}.log"

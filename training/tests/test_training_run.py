@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings as django_settings
-from django.db import connection
 
+from csplatform.livetest import database_env
 from knowledge.models import QAPair
 from training import finetune, services
 from training.models import AdapterVersion, TrainingRun
@@ -106,13 +106,12 @@ def test_worker_killed_mid_run_fails_the_run_keeps_the_previous_adapter_and_resu
     run = services.training_run_start(hyperparameters={"epochs": 30, "batch_size": 1}, enqueue=True)
     env = {
         **os.environ,
-        "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+        **database_env(),  # this test's database, and SECRET_KEY: q2 signs tasks, the worker must share it
         "CSP_DATA_DIR": str(tmp_path),
         "CSP_BASE_MODEL": str(tiny_model),
         "CSP_HEARTBEAT_SECONDS": "1",
         "CSP_CHECKPOINT_EVERY": "5",
         "CSP_TRAINING_DEVICE": "cpu",
-        "SECRET_KEY": settings.SECRET_KEY,  # q2 signs tasks: the worker must share the key
     }
     worker_log = tmp_path / "qcluster.log"
     worker = subprocess.Popen(
