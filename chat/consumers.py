@@ -29,12 +29,43 @@ from django.utils.translation import gettext as _
 
 from chat import handoff, services
 from chat.engine import Done, EngineBusy, EngineError, InputTooLong, Token
-from chat.serving import active_engine
+from chat.serving import active_engine, busy_now
 
-# Close code for a client that keeps sending after being told it is too fast.
-CLOSE_POLICY_VIOLATION = 1008
-# Close code for a frame far beyond any message (RFC 6455 "message too big").
-CLOSE_TOO_BIG = 1009
+# Close codes, in the application range: daphne (autobahn) refuses to send a protocol code such as
+# 1008 / 1009 from the application and the consumer would crash instead of closing (a live server
+# showed it; the in-process test communicator does not check). 4000 + the RFC 6455 code they mean:
+# a client that keeps sending after being told it is too fast (1008 "policy violation"),
+CLOSE_POLICY_VIOLATION = 4008
+# and a frame far beyond any message (1009 "message too big"; daphne itself sends 1009 past 1 MiB).
+CLOSE_TOO_BIG = 4009
+
+
+# A client address whose socket was closed for flooding may not open another for this long.
+# Without it a flooder reconnects and starts a fresh per-socket budget each time: at 1000 frames/s
+# that was ~25 sockets/s, each a session and an answer written, and polite customers' first token
+# went from 20 ms to tens of seconds behind that database work (tests/test_load.py, issue #6 #11).
+FLOOD_COOLDOWN_SECONDS = 10
+_cooling_down = {}  # client address -> time.monotonic() when it may connect again (this process)
+
+
+def _client_address(scope):
+    # Behind a trusted proxy (CSP_BEHIND_PROXY) its X-Forwarded-For names the client, as for logins.
+    if settings.CSP_BEHIND_PROXY:
+        forwarded = dict(scope.get("headers") or []).get(b"x-forwarded-for", b"").decode("latin-1")
+        if forwarded:
+            return forwarded.split(",")[0].strip()
+    client = scope.get("client")
+    return client[0] if client else None  # None: unknown (an in-process test), nothing to hold against
+
+
+def _cool_down(scope):
+    address, now = _client_address(scope), time.monotonic()
+    if address is None:
+        return
+    if len(_cooling_down) > 10_000:  # bounded: forget the addresses whose time is up
+        for expired in [a for a, until in _cooling_down.items() if until <= now]:
+            del _cooling_down[expired]
+    _cooling_down[address] = now + FLOOD_COOLDOWN_SECONDS
 
 
 def _wait_until_done(request, timeout):
@@ -50,6 +81,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.streaming = None  # (request, answer row) of the answer being generated
         self.frame_times = []
         self.following = None  # the conversation whose group this socket is in
+        self.following_state = None  # its handoff state as last heard (bot, waiting, agent, closed)
+        if _cooling_down.get(_client_address(self.scope), 0) > time.monotonic():
+            await self.close()  # refused before accepting (HTTP 403), and before any database work
+            return
         await database_sync_to_async(self._ensure_session)()
         await self.accept()
 
@@ -73,9 +108,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.following is not None:
             await self.channel_layer.group_discard(handoff.group_name(self.following), self.channel_name)
 
-    async def _follow(self, conversation_id):
+    async def _follow(self, conversation_id, state):
         """Join the conversation's group (leaving the previous one): staff replies reach us there."""
         conversation_id = str(conversation_id)
+        self.following_state = state
         if self.channel_layer is None or self.following == conversation_id:
             return
         if self.following is not None:
@@ -86,6 +122,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # --- from the channel layer (chat.handoff.broadcast) ---
 
     async def handoff_state(self, event):
+        self.following_state = event["state"]
         await self.send_json({"type": "handoff", "state": event["state"]})
 
     async def handoff_agent(self, event):
@@ -117,10 +154,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         try:
             frame = json.loads(text_data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the decoder's limit
             await self.error("invalid", _("The frame is not valid JSON."))
             return
-        if not isinstance(frame, dict):
+        if not isinstance(frame, dict) or not isinstance(frame.get("type", ""), str):  # a list type is unhashable
             await self.error("invalid", _("A frame must be a JSON object with a type."))
             return
         handler = {
@@ -144,6 +181,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.frame_times = [t for t in self.frame_times if now - t < 10] + [now]
         limit = settings.CSP_CHAT_FRAMES_PER_10S
         if len(self.frame_times) > 2 * limit:
+            _cool_down(self.scope)
             await self.close(code=CLOSE_POLICY_VIOLATION)
             return False
         if len(self.frame_times) > limit:
@@ -187,12 +225,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 raise
 
         conversation = await database_sync_to_async(request)()
-        await self._follow(conversation.pk)
+        await self._follow(conversation.pk, conversation.state)
         await self.send_json({"type": "handoff", "state": conversation.state, "conversation": str(conversation.pk)})
 
     async def on_join(self, frame):
         conversation = await database_sync_to_async(self._own_conversation)(frame.get("conversation"))
-        await self._follow(conversation.pk)
+        await self._follow(conversation.pk, conversation.state)
         await self.send_json({"type": "handoff", "state": conversation.state, "conversation": str(conversation.pk)})
 
     async def on_rate(self, frame):
@@ -200,16 +238,28 @@ class ChatConsumer(AsyncWebsocketConsumer):
         rated = await database_sync_to_async(handoff.conversation_rate)(conversation=conversation, rating=frame.get("rating"))
         await self.send_json({"type": "rated", "conversation": str(rated.pk), "rating": rated.csat})
 
+    def _assistant_answers(self, conversation_id, text):
+        """Whether the assistant, not a person, answers this message, as far as this socket knows
+        without asking the database: a new conversation, or the one it follows while in the bot's hands."""
+        if handoff.asks_for_a_person(text):
+            return False
+        return not conversation_id or (str(conversation_id) == self.following and self.following_state == "bot")
+
     async def on_message(self, frame):
         if self.generation is not None and not self.generation.done():
             raise services.ChatError("busy_conversation", _("Wait for the answer, or cancel it, before sending again."))
         text = services.check_message_text(frame.get("text"))
+        if self._assistant_answers(frame.get("conversation"), text) and (busy := busy_now()):
+            # Refused before any database work: under a flood of messages the busy answers stay
+            # instant instead of queueing behind the database thread (issue #6, scenario 13).
+            await self.send_json({"type": "busy", "retry_after": busy.retry_after})
+            return
         routed = await database_sync_to_async(handoff.route_customer_message)(
             text=text, conversation_id=frame.get("conversation"), session_key=self.session_key, user=self.user
         )
         if routed is not None:  # a person answers this conversation, not the assistant
             conversation, message = routed
-            await self._follow(conversation.pk)
+            await self._follow(conversation.pk, conversation.state)
             await self.send_json({"type": "received", "conversation": str(conversation.pk), "message": message.pk})
             await self.send_json({"type": "handoff", "state": conversation.state, "conversation": str(conversation.pk)})
             return
@@ -233,7 +283,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise services.ChatError("too_long", str(exc)) from None
         except (EngineError, OSError) as exc:  # OSError: the base model or adapter files are missing
             raise services.ChatError("unavailable", str(exc)) from None
-        await self._follow(conversation.pk)
+        await self._follow(conversation.pk, conversation.state)
         await self.send_json({"type": "start", "conversation": str(conversation.pk), "message": answer.pk, "adapter": request.adapter})
         self.streaming = (request, answer)
         self.generation = asyncio.create_task(self._stream(request, answer, events))

@@ -165,11 +165,18 @@ def route_customer_message(*, text, conversation_id=None, session_key="", user=N
     when the message asks for one (which starts the wait); None when the assistant should answer
     (nothing is stored then). A closed conversation takes no more messages.
     """
-    from chat.services import conversation_for
+    from chat.services import is_uuid, conversation_for
 
     wants_person = asks_for_a_person(text)
     if not conversation_id and not wants_person:
         return None
+    if not wants_person and is_uuid(conversation_id):
+        # The common case, the assistant answering: one read, no write transaction (on SQLite that
+        # would take the database's write lock for every message). Ownership is checked where
+        # the answer is stored (conversation_for).
+        state = Conversation.objects.filter(pk=conversation_id).values_list("state", flat=True).first()
+        if state == State.BOT:
+            return None
     with transaction.atomic():
         conversation = conversation_for(conversation_id=conversation_id, session_key=session_key, user=user, channel=channel)
         if conversation.state == State.CLOSED:

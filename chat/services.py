@@ -28,14 +28,14 @@ def conversation_for(*, conversation_id=None, session_key="", user=None, channel
         return Conversation.objects.create(
             channel=channel, session_key=session_key, user=user if user is not None and user.is_authenticated else None
         )
-    conversation = Conversation.objects.filter(pk=conversation_id).first() if _is_uuid(conversation_id) else None
+    conversation = Conversation.objects.filter(pk=conversation_id).first() if is_uuid(conversation_id) else None
     if conversation is None or not conversation.belongs_to(session_key=session_key, user=user):
         # The same answer for "absent" and "someone else's": ids are not to be probed.
         raise ChatError("not_found", _("No such conversation."))
     return conversation
 
 
-def _is_uuid(value):
+def is_uuid(value):
     try:
         uuid.UUID(str(value))
     except ValueError:
@@ -79,6 +79,7 @@ def answer_start(*, engine, text, conversation_id=None, session_key="", user=Non
     retries leaves no duplicate question and no orphan conversation behind.
     """
     request = None
+    engine.check_room()  # a busy engine refuses before any database work (it is checked again at submit)
     try:
         with transaction.atomic():
             conversation = conversation_for(conversation_id=conversation_id, session_key=session_key, user=user, channel=channel)

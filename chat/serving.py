@@ -84,6 +84,13 @@ def active_engine():
     return engine
 
 
+def busy_now():
+    """The engine's EngineBusy if it is loaded here and full right now, else None (no waiting,
+    no database: for the websocket consumer to refuse a flood of messages cheaply)."""
+    engine = _engine
+    return engine.busy_now() if engine is not None and engine.loaded else None
+
+
 def reset_engine():
     """Close and forget the engine (tests, and a base model change)."""
     global _engine, _checked_at

@@ -68,11 +68,12 @@ def database_env():
 
 
 @contextlib.contextmanager
-def live_daphne(*, env, log):
+def live_daphne(*, env, log, daphne_args=()):
+    """daphne_args: extra daphne options, e.g. ("--ping-interval", "1", "--ping-timeout", "2")."""
     port = free_port()
     full_env = {**os.environ, **database_env(), **env}
     process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "csplatform.asgi:application"],
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), *daphne_args, "csplatform.asgi:application"],
         cwd=ROOT, env=full_env, start_new_session=True, stdout=Path(log).open("w"), stderr=subprocess.STDOUT,
     )
     try:

@@ -242,7 +242,8 @@ CSP_CHAT_MAX_MESSAGE_CHARS = envint("CSP_CHAT_MAX_MESSAGE_CHARS", 2000, minimum=
 CSP_CHAT_HISTORY_MESSAGES = envint("CSP_CHAT_HISTORY_MESSAGES", 20, minimum=1)
 # Per websocket connection: at most this many frames in 10 seconds; past twice that it is closed.
 CSP_CHAT_FRAMES_PER_10S = envint("CSP_CHAT_FRAMES_PER_10S", 20, minimum=1)
-# A websocket frame longer than this closes the socket (1009); a long message gets an error frame.
+# A websocket frame longer than this closes the socket (4009: applications may not send 1009 through
+# daphne, which closes with 1009 itself past 1 MiB); a long message gets an error frame.
 CSP_WS_MAX_FRAME_BYTES = envint("CSP_WS_MAX_FRAME_BYTES", 256 * 1024, minimum=1024)
 # daphne pings a websocket idle this many seconds and drops it when no pong comes within the
 # timeout: dead peers and vanished tabs stop holding a socket (and their answer) open.

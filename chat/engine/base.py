@@ -385,11 +385,19 @@ class BaseEngine:
         """
         limits = self._limits(max_new_tokens, temperature, top_p)
         self.load()
-        self._check_room()
+        self.check_room()
         adapter = self._bind(adapter, adapter_path)  # a reference held until the request finishes
         return self._enqueue(history, adapter, system, limits, seed, on_event)
 
-    def _check_room(self):
+    def busy_now(self):
+        """EngineBusy when K run and Q wait at this moment, else None, read without waiting for a
+        lock: for a caller on an event loop that wants to refuse before any other work. Advisory
+        (a request may finish meanwhile); `submit` checks again under the lock."""
+        return self._busy()
+
+    def check_room(self):
+        """Raise EngineClosed or EngineBusy now if `submit` would: callers with work to do before
+        submitting (storing the question) refuse first, cheaply."""
         with self._state:
             self._refuse_if_full()
 
@@ -469,7 +477,7 @@ class BaseEngine:
         if adapter is CURRENT or adapter is None or adapter in self.loaded_adapters:
             return self.submit(history, adapter=adapter, adapter_path=path, **options)
         limits = self._limits(options.pop("max_new_tokens", None), options.pop("temperature", None), options.pop("top_p", None))
-        self._check_room()
+        self.check_room()
         system, seed, on_event = options.pop("system", None), options.pop("seed", None), options.pop("on_event", None)
         if options:
             raise TypeError(f"unexpected options: {', '.join(sorted(options))}")

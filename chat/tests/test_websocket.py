@@ -6,6 +6,7 @@ import json
 import pytest
 from channels.testing import WebsocketCommunicator
 
+from chat.consumers import CLOSE_POLICY_VIOLATION, CLOSE_TOO_BIG
 from chat.models import Conversation, Message
 from csplatform.asgi import application
 
@@ -158,10 +159,10 @@ def test_flooding_client_is_told_then_closed(serving, settings):
         return limited, closed
 
     limited, closed = asyncio.run(scenario())
-    assert limited["code"] == "rate_limited" and closed["code"] == 1008
+    assert limited["code"] == "rate_limited" and closed["code"] == CLOSE_POLICY_VIOLATION
 
 
-def test_a_huge_frame_closes_the_socket_with_1009_and_a_long_message_gets_an_error(serving, settings):
+def test_a_huge_frame_closes_the_socket_and_a_long_message_gets_an_error(serving, settings):
     async def scenario():
         communicator = await _connect()
         await communicator.send_to(text_data=json.dumps({"type": "message", "text": "问" * 2100}))
@@ -172,7 +173,7 @@ def test_a_huge_frame_closes_the_socket_with_1009_and_a_long_message_gets_an_err
 
     long_message, closed = asyncio.run(scenario())
     assert long_message["type"] == "error" and long_message["code"] == "too_long"
-    assert closed == {"type": "websocket.close", "code": 1009}
+    assert closed == {"type": "websocket.close", "code": CLOSE_TOO_BIG}
 
 
 def test_conversations_are_owned_by_the_browser_session(serving, faq):

@@ -2,8 +2,9 @@
 
     python manage.py serve            # http://127.0.0.1:8000 (CSP_HOST / CSP_PORT)
 
-Ctrl-C (or SIGTERM) stops both. If either exits on its own, the other is stopped too and the
-command exits non-zero, so a supervisor sees the failure. For several machines, run
+With CSP_INFERENCE_BACKEND=worker it also starts the inference worker. Ctrl-C (or SIGTERM)
+stops them all. If one exits on its own, the others are stopped too and the command exits
+non-zero, so a supervisor sees the failure. For several machines, run
 `daphne` and `manage.py qcluster` separately instead (docs/deployment.md).
 """
 
@@ -23,6 +24,11 @@ from training.services import training_runs_reconcile
 STOP_GRACE_SECONDS = 10
 
 
+def daphne_ping_args():
+    """daphne's keepalive options from the settings: idle sockets are pinged, silent ones dropped."""
+    return ["--ping-interval", str(settings.CSP_WS_PING_INTERVAL), "--ping-timeout", str(settings.CSP_WS_PING_TIMEOUT)]
+
+
 class Command(BaseCommand):
     help = "Start daphne (web, API, websockets) and the django-q2 cluster (training) together."
 
@@ -35,10 +41,13 @@ class Command(BaseCommand):
         # Each child leads its own process group, so stopping it also stops the workers it forked.
         children = {
             "daphne": subprocess.Popen(
-                [python, "-m", "daphne", "-b", host, "-p", str(port), "csplatform.asgi:application"], start_new_session=True
+                [python, "-m", "daphne", "-b", host, "-p", str(port), *daphne_ping_args(), "csplatform.asgi:application"],
+                start_new_session=True,
             ),
             "qcluster": subprocess.Popen([python, "manage.py", "qcluster"], start_new_session=True),
         }
+        if settings.CSP_INFERENCE_BACKEND == "worker":  # daphne keeps no model: its inference worker does
+            children["inference_worker"] = subprocess.Popen([python, "manage.py", "inference_worker"], start_new_session=True)
         reconciled = training_runs_reconcile()
         if reconciled:
             self.stdout.write(self.style.WARNING(f"{reconciled} training run(s) whose worker had died were marked failed."))
