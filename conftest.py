@@ -93,6 +93,18 @@ def tiny_model(tmp_path_factory):
     return build_tiny_model(texts, tmp_path_factory.mktemp("tiny-model"), gguf=True)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests: the machine's cores are shared, and two threads
+    fighting other processes run far slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def training_env(settings, tmp_path, tiny_model):
     """Runtime state in a temporary folder and the tiny model as CSP_BASE_MODEL."""

@@ -35,18 +35,11 @@ from training.finetune import BaseModelError, FinetuneConfig, generate_answer, l
 from training.gguf_export import write_lora_gguf
 from training.prompting import question_text, render_conversation, render_training_example
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MEMORISE = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, epochs=30, batch_size=4, bf16="off")
 ENGINES = {"transformers": Engine, "llamacpp": LlamaCppEngine}
 transformers_only = pytest.mark.parametrize("backend", ["transformers"])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The machine's two cores are shared; two threads fighting other processes run far slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

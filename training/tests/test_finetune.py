@@ -33,17 +33,10 @@ from training.finetune import (
 )
 from training.prompting import END, Turn, question_text, render_conversation
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 DATA = "data/train.json"
 MEMORISE = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, epochs=30, batch_size=4, bf16="off")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The machine's two cores are shared; two threads fighting other processes run far slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

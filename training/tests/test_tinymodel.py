@@ -8,21 +8,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from training.prompting import END, START
 from training.tinymodel import build_tiny_model, build_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TEXTS = [
     "用户问：买的东西不想要了，可以退货吗？",
     "您好！星河商城支持7天无理由退货，自签收次日起7天内均可申请。",
     "用户问：退款多久能到账？",
     "您好！退款将在1-3个工作日内原路退回到您的原支付账户。",
 ] * 5
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The machine's two cores are shared; two threads fighting other processes run far slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_tiny_model_builds_in_a_few_seconds_and_loads_from_local_files(tmp_path):
