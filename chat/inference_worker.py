@@ -148,7 +148,9 @@ class WorkerEngine(RemoteEngine):
 
     def _cancel(self, request):
         if request.remote.get("worker") and not request.done:
-            self._call(self._layer.send(request.remote["worker"], {"type": "inference.cancel", "id": request.id}))
+            # Not waited for: cancel() is called from event loops (a consumer whose client left).
+            message = {"type": "inference.cancel", "id": request.id}
+            asyncio.run_coroutine_threadsafe(self._layer.send(request.remote["worker"], message), self._loop)
 
     def _disconnect(self):
         if self._loop is not None:

@@ -18,8 +18,8 @@ import websocket
 from django.core.cache.backends.redis import RedisCache
 from rest_framework.authtoken.models import Token
 
-from chat.inference_worker import WORKERS_KEY
-from chat.serving import active_engine
+from chat.inference_worker import WORKERS_KEY, WorkerEngine
+from chat.serving import active_engine, engine_config
 from chat.tests.conftest import backend_settings
 from csplatform.livetest import ROOT, TEST_REDIS_URL, database_env, live_daphne, stop
 from training.models import AdapterVersion, TrainingRun
@@ -114,6 +114,20 @@ def test_two_web_processes_stream_from_one_worker_that_follows_activation(
         print(f"\nscale-out: 2 web processes, 1 worker ({name}, {metrics['backend']}): "
               f"{metrics['requests_finished']} answers, adapter now {metrics['current_adapter']}")
         assert metrics["requests_finished"] == 3 and metrics["current_adapter"] == "v2"
+
+        # this process as a web process: a cancel reaches the worker and stops the generation there
+        client = WorkerEngine(engine_config())
+        try:
+            request = client.submit(QUESTION, max_new_tokens=256, temperature=1.5, seed=7)  # sampling: no early stop
+            deadline = time.monotonic() + 30
+            while not request.text and time.monotonic() < deadline:
+                time.sleep(0.005)
+            request.cancel()
+            _text, stats = request.result(timeout=10)
+        finally:
+            client.close()
+        print(f"cancelled through the worker after {stats.tokens} of 256 tokens")
+        assert stats.finish_reason == "cancelled" and stats.tokens < 256, stats
 
 
 def _post(url, body, authorization):
