@@ -117,6 +117,9 @@ def test_foreign_origin_is_refused(serving):
     async def scenario():
         communicator = WebsocketCommunicator(application, "/ws/chat/", headers=[(b"origin", b"http://evil.example")])
         connected, _ = await communicator.connect()
+        # End the application as a server would (the client is gone): on channels-redis a consumer
+        # left waiting on its channel does not end when asyncio.run cancels it, and the run hangs.
+        await communicator.disconnect()
         return connected
 
     assert asyncio.run(scenario()) is False
@@ -156,6 +159,7 @@ def test_flooding_client_is_told_then_closed(serving, settings):
         closed = await communicator.receive_output(timeout=5)
         while closed["type"] != "websocket.close":
             closed = await communicator.receive_output(timeout=5)
+        await communicator.disconnect()
         return limited, closed
 
     limited, closed = asyncio.run(scenario())
@@ -169,6 +173,7 @@ def test_a_huge_frame_closes_the_socket_and_a_long_message_gets_an_error(serving
         long_message = await communicator.receive_json_from(timeout=5)
         await communicator.send_to(text_data="x" * (2 * 1024 * 1024))  # 2 MiB
         closed = await communicator.receive_output(timeout=5)
+        await communicator.disconnect()
         return long_message, closed
 
     long_message, closed = asyncio.run(scenario())
