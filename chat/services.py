@@ -8,7 +8,7 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from chat.engine import Turn
+from chat.engine import CANCELLED, Turn
 from chat.models import Conversation, Message
 from training.models import AdapterVersion
 
@@ -109,7 +109,9 @@ def message_finish_answer(*, answer, text, stats):
     answer.tokens = stats.tokens
     answer.latency_ms = round(stats.latency_ms) if stats.latency_ms is not None else None
     answer.first_token_ms = round(stats.first_token_ms) if stats.first_token_ms is not None else None
-    answer.finish_reason = stats.finish_reason
+    # No reason yet: the caller stopped waiting for a request it cancelled (a client that left
+    # while the decode thread was busy); it ends as cancelled, never as an unfinished row.
+    answer.finish_reason = stats.finish_reason or CANCELLED
     answer.save(update_fields=["text", "tokens", "latency_ms", "first_token_ms", "finish_reason"])
     Conversation.objects.filter(pk=answer.conversation_id).update(updated_at=timezone.now())
 

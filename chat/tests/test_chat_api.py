@@ -353,3 +353,16 @@ def test_an_answer_with_a_nul_character_is_stored_without_it(db):
     services.message_finish_answer(answer=answer, text="退\x00货", stats=Stats(request_id="r", adapter=None, finish_reason="stop"))
     answer.refresh_from_db()
     assert answer.text == "退货"
+
+
+def test_an_answer_stored_before_its_cancel_took_effect_ends_cancelled_not_unfinished(db):
+    """A client that leaves while the decode thread is busy: the consumer stops waiting after 2 s
+    and stores the answer with stats that have no finish reason yet (`make stress` found one)."""
+    from chat import services
+    from chat.engine import Stats
+
+    conversation = Conversation.objects.create(session_key="s")
+    answer = services.message_start_answer(conversation=conversation, adapter_name=None)
+    services.message_finish_answer(answer=answer, text="退", stats=Stats(request_id="r", adapter=None))
+    answer.refresh_from_db()
+    assert answer.finish_reason == "cancelled" and answer.text == "退"
