@@ -30,6 +30,7 @@ from django.utils.translation import gettext as _
 from chat import handoff, services
 from chat.engine import Done, EngineBusy, EngineError, InputTooLong, Token
 from chat.serving import active_engine, busy_now
+from csplatform.login_throttle import trusted_client
 
 # Close codes, in the application range: daphne (autobahn) refuses to send a protocol code such as
 # 1008 / 1009 from the application and the consumer would crash instead of closing (a live server
@@ -49,13 +50,10 @@ _cooling_down = {}  # client address -> time.monotonic() when it may connect aga
 
 
 def _client_address(scope):
-    # Behind a trusted proxy (CSP_BEHIND_PROXY) its X-Forwarded-For names the client, as for logins.
-    if settings.CSP_BEHIND_PROXY:
-        forwarded = dict(scope.get("headers") or []).get(b"x-forwarded-for", b"").decode("latin-1")
-        if forwarded:
-            return forwarded.split(",")[0].strip()
+    forwarded = dict(scope.get("headers") or []).get(b"x-forwarded-for", b"").decode("latin-1")
     client = scope.get("client")
-    return client[0] if client else None  # None: unknown (an in-process test), nothing to hold against
+    # None: unknown (an in-process test), nothing to hold against
+    return trusted_client(forwarded, client[0] if client else None)
 
 
 def _cool_down(scope):

@@ -15,15 +15,18 @@ from django.utils.translation import gettext_lazy as _
 PREFIX = "csp-login-fail"
 
 
+def trusted_client(forwarded, peer):
+    """The client's address: behind a trusted proxy (CSP_BEHIND_PROXY) the first entry of its
+    X-Forwarded-For header `forwarded`, else the connection's `peer`. HTTP and websockets share it."""
+    if settings.CSP_BEHIND_PROXY and forwarded:
+        return forwarded.split(",")[0].strip()
+    return peer
+
+
 def client_address(request):
-    # Behind a trusted proxy (CSP_BEHIND_PROXY) the proxy's X-Forwarded-For names the client.
     if request is None:
         return "unknown"
-    if settings.CSP_BEHIND_PROXY:
-        forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
-        if forwarded:
-            return forwarded.split(",")[0].strip()
-    return request.META.get("REMOTE_ADDR", "unknown")
+    return trusted_client(request.META.get("HTTP_X_FORWARDED_FOR", ""), request.META.get("REMOTE_ADDR", "unknown"))
 
 
 def _keys(request, username):
