@@ -84,7 +84,7 @@ def tiny_model(tmp_path_factory):
 
     from django.conf import settings
 
-    from training.tinymodel import build_tiny_model
+    from llm.tinymodel import build_tiny_model
 
     texts = []
     for path in settings.CSP_SAMPLE_DATA:
@@ -129,7 +129,7 @@ def redis_channel_layer(settings):
 
     from channels.layers import channel_layers
 
-    from csplatform.livetest import TEST_REDIS_URL
+    from tests.support.livetest import TEST_REDIS_URL
     from csplatform.settings import channel_layer_host
 
     prefix = f"csp-test-{uuid.uuid4().hex[:8]}"

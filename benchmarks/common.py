@@ -73,7 +73,7 @@ def records():
 
 def questions(count, *, offset=0):
     """`count` customer questions (instruction + input) from data/train.json, cycling if needed."""
-    from training.prompting import question_text
+    from llm.prompting import question_text
 
     pairs = records()
     return [question_text(r["instruction"], r.get("input", "")) for r in (pairs[(offset + i) % len(pairs)] for i in range(count))]
@@ -88,7 +88,7 @@ def quick_adapter(base_dir, work_dir, *, name="a", pairs=8, offset=0, seed=1, ep
     that answers of a fixed number of tokens can be timed. More epochs make it answer the trained
     questions (the parity check of decode.py).
     """
-    from training.finetune import FinetuneConfig, train
+    from llm.finetune import FinetuneConfig, train
 
     chosen = records()[offset : offset + pairs]
     config = FinetuneConfig(epochs=epochs, batch_size=4, seed=seed, checkpoint_every=0)
@@ -108,7 +108,7 @@ def quick_adapter(base_dir, work_dir, *, name="a", pairs=8, offset=0, seed=1, ep
 def served_engine(backend, base_dir, adapter, **config):
     """A loaded engine of `backend` serving `adapter` as version "a". For llama.cpp the adapter's
     GGUF LoRA is written first (once; beside the adapter, where the platform keeps it)."""
-    from chat.engine import Engine, EngineConfig, LlamaCppEngine
+    from llm.engine import Engine, EngineConfig, LlamaCppEngine
 
     engine_class = LlamaCppEngine if backend == "llamacpp" else Engine
     engine = engine_class(EngineConfig(base_dir=base_dir, **config))
@@ -120,7 +120,7 @@ def served_engine(backend, base_dir, adapter, **config):
 def ensure_lora_gguf(engine, adapter):
     """Write the adapter's GGUF LoRA (once, beside it) when the engine is llama.cpp's."""
     if engine.backend == "llamacpp" and not (Path(adapter) / "adapter.gguf").is_file():
-        from training.gguf_export import write_lora_gguf
+        from llm.gguf import write_lora_gguf
 
         write_lora_gguf(adapter, base_dir=engine.config.base_dir)
 
@@ -185,7 +185,7 @@ class Timed:
 
 def hf_model(base_dir, adapter_dir):
     """The plain baseline: base + adapter through PEFT in fp32, on the CPU, as `load_adapter` gives it."""
-    from training.finetune import FinetuneConfig, load_adapter
+    from llm.finetune import FinetuneConfig, load_adapter
 
     model, tokenizer = load_adapter(base_dir, adapter_dir, FinetuneConfig(device="cpu"))
     return model, tokenizer
@@ -232,7 +232,7 @@ def hf_generate(model, tokenizer, ids, new_tokens):
 async def engine_stream(engine, question, new_tokens, **options):
     """Stream one answer from the engine; Timed with the Token arrival times (a Token may carry
     more than one token id when a character spans several: counts come from Done's stats)."""
-    from chat.engine import Done, Token
+    from llm.engine import Done, Token
 
     started = time.perf_counter()
     arrivals, stats = [], None

@@ -9,8 +9,8 @@ Both answer the same Chinese question from data/train.json with the same quick L
 
   baseline  base + adapter through PEFT in fp32, `model.generate`, EOS ignored (min_new_tokens)
             so that it produces exactly --new-tokens tokens;
-  engine    the chat engine of --backend (transformers: chat.engine.Engine, its own dtype choice;
-            llamacpp: chat.engine.LlamaCppEngine on the base model's GGUF with the adapter's GGUF
+  engine    the chat engine of --backend (transformers: llm.engine.Engine, its own dtype choice;
+            llamacpp: llm.engine.LlamaCppEngine on the base model's GGUF with the adapter's GGUF
             LoRA, --threads threads; max_active=16) streaming the answer with
             max_new_tokens=--new-tokens; the question is one the under-trained adapter answers at
             length, and the script says so if the engine stopped early (counts are then per token).

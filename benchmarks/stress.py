@@ -7,9 +7,9 @@
 Setup: a throwaway SQLite database in a temporary CSP_DATA_DIR (migrated here), the model of
 --base (default: the tiny test model, built once into --work, so the server and not the model is
 under test) with two LoRA adapters trained once into --work: v1 active, v2 ready to activate.
-Each scenario starts its own `daphne csplatform.asgi:application` (csplatform.livetest) with the
+Each scenario starts its own `daphne csplatform.asgi:application` (tests.support.livetest) with the
 keepalive options `manage.py serve` passes, and drives it over real websockets with the clients of
-csplatform.wsload (the same ones tests/test_load.py runs scaled down):
+tests.support.wsload (the same ones tests/test_load.py runs scaled down):
 
   flood       one client sends garbage and messages at --flood-rate frames/s for --flood-seconds
               (reconnecting whenever it is closed); polite customers' first-token p95 alone vs
@@ -84,9 +84,9 @@ def prepare_model(args):
     """(base dir, v1 adapter dir, v2 adapter dir), trained once into --work and reused."""
     from django.conf import settings
 
-    from training import finetune
-    from training.gguf_export import write_lora_gguf
-    from training.tinymodel import build_tiny_model
+    from llm import finetune
+    from llm.gguf import write_lora_gguf
+    from llm.tinymodel import build_tiny_model
 
     pairs = json.loads(settings.CSP_SAMPLE_DATA[0].read_text(encoding="utf-8"))
     work = args.work / args.base.replace("/", "_")
@@ -147,7 +147,7 @@ class Server:
         self.daphne_args = daphne_ping_args()
 
     def __enter__(self):
-        from csplatform.livetest import live_daphne
+        from tests.support.livetest import live_daphne
 
         self.context = live_daphne(env=self.env, log=self.log, daphne_args=self.daphne_args)
         self.url = self.context.__enter__()
@@ -167,7 +167,7 @@ class Server:
         return self.log.read_text().count("Exception inside application")
 
     def warm_up(self, question, cookie):
-        from csplatform.wsload import ChatClient
+        from tests.support.wsload import ChatClient
 
         client = ChatClient(self.url, cookie=cookie)
         try:
@@ -181,7 +181,7 @@ class Server:
 
 
 def run_flood(args, data_dir, base_dir, questions, cookie):
-    from csplatform import wsload
+    from tests.support import wsload
 
     with Server(args, data_dir, base_dir, "flood") as server:
         server.warm_up(questions[0], cookie)
@@ -206,7 +206,7 @@ def run_load(args, data_dir, base_dir, questions, cookie):
     from django.conf import settings
 
     from chat.models import Message
-    from csplatform import wsload
+    from tests.support import wsload
 
     wsload.free_socket_budget(2 * args.chats + 200)
     with Server(args, data_dir, base_dir, "load") as server:
@@ -233,7 +233,7 @@ def run_idle(args, data_dir, base_dir, questions, cookie):
     from django.conf import settings
 
     from chat.models import Message
-    from csplatform import wsload
+    from tests.support import wsload
 
     wsload.free_socket_budget(2 * args.idle + 200)
     grace = settings.CSP_WS_PING_INTERVAL + settings.CSP_WS_PING_TIMEOUT + 5  # + daphne's 2 s check period, + slack
@@ -249,7 +249,7 @@ def run_idle(args, data_dir, base_dir, questions, cookie):
 
 
 def run_activation(args, data_dir, base_dir, questions, cookie, v2):
-    from csplatform import wsload
+    from tests.support import wsload
     from training.services import adapter_version_activate
 
     seconds = min(args.duration, 20)

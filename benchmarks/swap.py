@@ -28,7 +28,7 @@ import common
 
 async def swap_once(engine, name, path, question, new_tokens, busy_questions):
     """(set_adapter s, activation -> first token s, every answer on the right adapter, previous name)."""
-    from chat.engine import Done, Token
+    from llm.engine import Done, Token
 
     previous = engine.current_adapter
     # The busy chats run 4x longer than the swapped-in answer: they are still going when it starts.
@@ -87,7 +87,7 @@ def main():
 
     import torch
 
-    from chat.engine import Engine, EngineConfig, LlamaCppEngine
+    from llm.engine import Engine, EngineConfig, LlamaCppEngine
 
     if args.backend == "both":
         parser.error("swap.py measures one backend per run")

@@ -79,7 +79,7 @@ def ws_round(port, question, timeout=120):
 
 
 async def engine_first_token(engine, question, new_tokens):
-    from chat.engine import Token
+    from llm.engine import Token
 
     started = time.perf_counter()
     first = None
@@ -91,7 +91,7 @@ async def engine_first_token(engine, question, new_tokens):
 
 def measure(daphne, port, args):
     """Warm both paths, then alternate websocket and in-process rounds: [(connect, ws, daphne's engine, engine)]."""
-    from chat.engine import Engine, EngineConfig
+    from llm.engine import Engine, EngineConfig
 
     wait_for_port(port, daphne)
     question = common.questions(1, offset=5)[0]

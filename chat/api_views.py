@@ -36,7 +36,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from chat import handoff, services
-from chat.engine import Done, EngineBusy, EngineError, InputTooLong, Token
+from llm.engine import Done, EngineBusy, EngineError, InputTooLong, Token
 from chat.models import Conversation, Message
 from chat.serializers import (
     HandoffRoutedSerializer,
@@ -49,7 +49,7 @@ from chat.serializers import (
     FeedbackSerializer,
 )
 from chat.serving import active_engine
-from training.finetune import BaseModelError
+from llm.finetune import BaseModelError
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from django.conf import settings
 from django.utils.translation import gettext as _
 
 from chat import handoff, services
-from chat.engine import Done, EngineBusy, EngineError, InputTooLong, Token
+from llm.engine import Done, EngineBusy, EngineError, InputTooLong, Token
 from chat.serving import active_engine, busy_now
 from csplatform.login_throttle import trusted_client
 

@@ -35,8 +35,8 @@ from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
 from django.conf import settings
 from django.core.cache import cache
 
-from chat.engine.events import EngineBusy, EngineClosed, EngineError, InputTooLong
-from chat.engine.remote import RemoteEngine, stats_from
+from llm.engine.events import EngineBusy, EngineClosed, EngineError, InputTooLong
+from llm.engine.remote import RemoteEngine, stats_from
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class InferenceWorker:
             self.running.pop(rid, None)
 
     async def _relay(self, reply, rid, queue):
-        from chat.engine.events import Done
+        from llm.engine.events import Done
 
         while True:
             events = [await queue.get()]

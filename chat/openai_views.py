@@ -50,7 +50,7 @@ from rest_framework.authtoken.models import Token
 
 from chat import services
 from chat.api_views import WAIT_GRACE_SECONDS
-from chat.engine import (
+from llm.engine import (
     ERROR,
     LENGTH,
     STOP,
@@ -60,12 +60,12 @@ from chat.engine import (
     InputTooLong,
     Turn,
 )
-from chat.engine import Token as TextToken
-from chat.engine.events import FILTERED
+from llm.engine import Token as TextToken
+from llm.engine.events import FILTERED
 from chat.models import Conversation, Message
 from chat.serializers import MAX_CLIENT_TEMPERATURE, sampling_temperature
 from chat.serving import active_engine
-from training.finetune import BaseModelError
+from llm.finetune import BaseModelError
 from training.models import AdapterVersion
 
 logger = logging.getLogger(__name__)

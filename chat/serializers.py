@@ -13,7 +13,7 @@ from drf_spectacular.utils import extend_schema_field, extend_schema_serializer
 from rest_framework import serializers
 
 from chat import services
-from chat.engine import FINISH_REASONS
+from llm.engine import FINISH_REASONS
 from chat.models import Conversation, Message
 from csplatform.api_fields import NumberField, TextField, WholeNumberField
 

@@ -8,7 +8,7 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from chat.engine import CANCELLED, Turn
+from llm.engine import CANCELLED, Turn
 from chat.models import Conversation, Message
 from training.models import AdapterVersion
 

@@ -2,7 +2,7 @@
 
 One engine per process, created on first use (never at import: migrate, tests and the q2
 cluster don't pay for it), on the backend CSP_INFERENCE_BACKEND chooses (see
-`chat.engine.backends`). Before each new answer `active_engine()` checks which adapter version
+`llm.engine.backends`). Before each new answer `active_engine()` checks which adapter version
 is active and hot-swaps it in, so an activation reaches new chats at their next message, while
 answers already streaming finish on the version they started with.
 """
@@ -13,7 +13,7 @@ import time
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from chat.engine import BackendUnavailable, EngineConfig, make_engine
+from llm.engine import BackendUnavailable, EngineConfig, make_engine
 from training.models import AdapterVersion
 
 _lock = threading.Lock()
@@ -60,7 +60,9 @@ def get_engine():
         if _engine is None:
             backend = _backend or settings.CSP_INFERENCE_BACKEND
             try:
-                _engine = make_engine(engine_config(), backend)
+                from chat.inference_worker import WorkerEngine  # noqa: PLC0415  (it imports this module)
+
+                _engine = make_engine(engine_config(), backend, worker_class=WorkerEngine)
             except BackendUnavailable as error:
                 raise ImproperlyConfigured(f"CSP_INFERENCE_BACKEND={backend}: {error}") from error
         return _engine

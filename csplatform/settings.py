@@ -226,7 +226,7 @@ if CSP_INFERENCE_BACKEND == "openai" and urlparse(CSP_OPENAI_BASE_URL).scheme no
     raise ImproperlyConfigured("CSP_INFERENCE_BACKEND=openai needs CSP_OPENAI_BASE_URL=http(s)://host:port/v1.")
 CSP_CHAT_SYSTEM_PROMPT = envstr("CSP_CHAT_SYSTEM_PROMPT", "")
 # Secrets no answer may print (comma-separated, 6+ letters or digits each), besides the system
-# prompt in use: an answer about to repeat one ends with finish reason "filtered" (chat.engine.guard).
+# prompt in use: an answer about to repeat one ends with finish reason "filtered" (llm.engine.guard).
 CSP_CHAT_CANARIES = envlist("CSP_CHAT_CANARIES", "")
 CSP_CHAT_DEVICE = envstr("CSP_CHAT_DEVICE", "auto")
 CSP_CHAT_DTYPE = envstr("CSP_CHAT_DTYPE", "auto")

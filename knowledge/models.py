@@ -9,7 +9,7 @@ from django.db import models
 from django.utils.translation import gettext_lazy as _
 
 from chat.models import Message
-from training.prompting import question_text, render_training_example
+from llm.prompting import question_text, render_training_example
 
 INSTRUCTION_MAX_LENGTH = 2000
 INPUT_MAX_LENGTH = 4000

@@ -17,7 +17,7 @@ from rest_framework.authtoken.models import Token
 
 from chat.models import Conversation
 from csplatform.asgi import application
-from csplatform.livetest import live_daphne
+from tests.support.livetest import live_daphne
 from knowledge.models import QAPair
 from knowledge.tests.factories import make_pair
 from training import services

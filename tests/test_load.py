@@ -1,5 +1,5 @@
 """Load and abuse scenarios of issue #6 (11, 13, 14, 24) against a live daphne, scaled to seconds;
-benchmarks/stress.py runs them full size with the same clients (csplatform.wsload).
+benchmarks/stress.py runs them full size with the same clients (tests.support.wsload).
 
 Each test starts its own daphne on the test database serving the tiny model with the trained
 adapter active, talks to it over real websockets, and prints its figure in one line.
@@ -15,8 +15,8 @@ from django.contrib.sessions.backends.db import SessionStore
 from chat.consumers import CLOSE_POLICY_VIOLATION, CLOSE_TOO_BIG
 from chat.models import Message
 from chat.tests.conftest import backend, backend_settings, faq, second_adapter, serving, trained_adapter  # noqa: F401 (fixtures)
-from csplatform import wsload
-from csplatform.livetest import live_daphne
+from tests.support import wsload
+from tests.support.livetest import live_daphne
 from tests.test_hardening import _listening_pid
 from training.models import AdapterVersion, TrainingRun
 from training.services import adapter_version_activate

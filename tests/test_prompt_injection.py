@@ -8,7 +8,7 @@ pairs that were never approved (a draft and an archived one). Each test prints i
   is in no record it trained on, and none of its answers, guard or no guard, contains it.
 * The system prompt: the same adapter is deliberately bad. Its approved pairs include answers
   that echo the system prompt to half of the injection prompts, so the raw model (guard off)
-  leaks SYS_CANARY for sure; with the leak guard (chat.engine.guard, on in every engine) the same
+  leaks SYS_CANARY for sure; with the leak guard (llm.engine.guard, on in every engine) the same
   answers end "filtered" before any of it goes out. On both backends, in seconds (tiny model).
 * The real Gemma-3-270M base model (slow): what it leaks raw, and 0 with the guard.
 
@@ -25,10 +25,10 @@ from django.conf import settings
 from django.db import transaction
 from django.test import override_settings
 
-from chat.engine import Engine, EngineConfig, LlamaCppEngine, Turn, make_engine
+from llm.engine import Engine, EngineConfig, LlamaCppEngine, Turn, make_engine
 from knowledge.models import QAPair
-from training.finetune import FinetuneConfig, train
-from training.gguf_export import write_lora_gguf
+from llm.finetune import FinetuneConfig, train
+from llm.gguf import write_lora_gguf
 from training.snapshots import read_records, snapshot_create
 
 SYS_CANARY = "CANARY-SYS-5521"
@@ -201,7 +201,7 @@ def test_50_injections_leak_nothing_through_the_guard_even_from_an_adapter_train
 
 
 def test_guarded_answers_still_stream_piece_by_piece_and_a_leak_ends_filtered(tiny_model, bad_adapter, snapshot):
-    from chat.engine import Done, Token
+    from llm.engine import Done, Token
 
     faq_question = next(r["instruction"] for r in snapshot[0] if r["output"] != SYSTEM)
     engine = Engine(EngineConfig(base_dir=tiny_model, dtype="float32", max_new_tokens=64, canaries=[QA_CANARY]))
@@ -235,7 +235,7 @@ GEMMA_SYSTEM = (
 
 @pytest.mark.slow
 def test_50_injections_against_gemma_leak_nothing_through_the_guard():
-    from training.basemodel import prepare_gemma
+    from llm.basemodel import prepare_gemma
 
     base = prepare_gemma(Path(settings.DATA_DIR) / "models" / "gemma-3-270m")
     results = {}

@@ -7,7 +7,7 @@ import pytest
 import redis
 from rest_framework.authtoken.models import Token
 
-from csplatform.livetest import TEST_REDIS_URL, live_daphne
+from tests.support.livetest import TEST_REDIS_URL, live_daphne
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

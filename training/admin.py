@@ -11,7 +11,7 @@ from django.utils.translation import gettext_lazy as _
 from knowledge.models import QAPair
 from training import lineage, services
 from training.charts import loss_chart_svg
-from training.evaluation import METRIC_HELP
+from llm.evaluation import METRIC_HELP
 from training.forms import TrainingRunForm
 from training.models import AdapterVersion, BaseModel, DatasetSnapshot, RetrainingPolicy, TrainingRun
 

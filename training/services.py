@@ -16,7 +16,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from training.finetune import FinetuneConfig
+from llm.finetune import FinetuneConfig
 from training.models import AdapterVersion, BaseModel, TrainingRun
 from training.snapshots import snapshot_create
 
@@ -96,7 +96,7 @@ def finetune_config(run):
 
 def base_model_current():
     """The BaseModel row for CSP_BASE_MODEL, registered (and described) on first use."""
-    from training.basemodel import BaseModelError, describe_checkpoint
+    from llm.basemodel import BaseModelError, describe_checkpoint
 
     path = Path(settings.CSP_BASE_MODEL)
     existing = BaseModel.objects.filter(path=str(path)).first()
@@ -191,7 +191,7 @@ def training_run_resume(*, run):
     Returns False when there is nothing to resume from (no checkpoint survived).
     Raises TrainingRefused when another run is active.
     """
-    from training.finetune import list_checkpoints
+    from llm.finetune import list_checkpoints
 
     if run.status not in TrainingRun.RESUMABLE_STATUSES or not list_checkpoints(run_dir(run.pk)):
         return False

@@ -21,7 +21,10 @@ from django.db import DatabaseError, connection
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from training import evaluation, finetune, gguf_export, retraining, services
+from training import retraining, services
+from llm import evaluation
+from llm import finetune
+from llm import gguf as gguf_export
 from training.models import TrainingRun
 from training.snapshots import read_records
 

@@ -6,8 +6,8 @@ import pytest
 from django.conf import settings
 
 from chat.serving import engine_config, get_engine, reset_engine
-from training import finetune
-from training.gguf_export import write_lora_gguf
+from llm import finetune
+from llm.gguf import write_lora_gguf
 from training.models import AdapterVersion, BaseModel, DatasetSnapshot, TrainingRun
 
 # Settings that make the tiny model memorise a handful of answers in seconds.

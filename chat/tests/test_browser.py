@@ -11,7 +11,7 @@ import pytest
 
 from chat.models import Conversation, Message
 from chat.tests.conftest import backend_settings
-from csplatform.livetest import live_daphne
+from tests.support.livetest import live_daphne
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -12,7 +12,7 @@ from django.core.signals import request_finished, request_started
 from django.db import close_old_connections
 
 from chat.api_views import AnswerStream
-from chat.engine import Token
+from llm.engine import Token
 from chat.models import Conversation, Message
 from chat.serving import active_engine, reset_engine
 
@@ -346,7 +346,7 @@ def test_stream_false_answers_with_one_json_body(serving, faq, customer_api):
 def test_an_answer_with_a_nul_character_is_stored_without_it(db):
     """A model can emit the byte 0x00; PostgreSQL refuses NUL in text, so it must not reach the row."""
     from chat import services
-    from chat.engine import Stats
+    from llm.engine import Stats
 
     conversation = Conversation.objects.create(session_key="s")
     answer = services.message_start_answer(conversation=conversation, adapter_name=None)
@@ -359,7 +359,7 @@ def test_an_answer_stored_before_its_cancel_took_effect_ends_cancelled_not_unfin
     """A client that leaves while the decode thread is busy: the consumer stops waiting after 2 s
     and stores the answer with stats that have no finish reason yet (`make stress` found one)."""
     from chat import services
-    from chat.engine import Stats
+    from llm.engine import Stats
 
     conversation = Conversation.objects.create(session_key="s")
     answer = services.message_start_answer(conversation=conversation, adapter_name=None)

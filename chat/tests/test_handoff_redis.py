@@ -9,7 +9,7 @@ from django.contrib.sessions.backends.db import SessionStore
 
 from chat import handoff
 from chat.models import Conversation, Message
-from csplatform.livetest import live_daphne
+from tests.support.livetest import live_daphne
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -21,7 +21,7 @@ from rest_framework.authtoken.models import Token
 from chat.inference_worker import WORKERS_KEY, WorkerEngine
 from chat.serving import active_engine, engine_config
 from chat.tests.conftest import backend_settings
-from csplatform.livetest import ROOT, TEST_REDIS_URL, database_env, live_daphne, stop
+from tests.support.livetest import ROOT, TEST_REDIS_URL, database_env, live_daphne, stop
 from training.models import AdapterVersion, TrainingRun
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -15,11 +15,11 @@ from django.conf import settings as django_settings
 from django.test import Client
 from rest_framework.authtoken.models import Token
 
-from chat.engine import Token as TextToken
+from llm.engine import Token as TextToken
 from chat.models import Conversation, Message
 from chat.serving import active_engine, reset_engine
 from chat.tests.conftest import backend_settings
-from csplatform.livetest import live_daphne
+from tests.support.livetest import live_daphne
 from training.models import AdapterVersion, TrainingRun
 
 pytestmark = pytest.mark.django_db(transaction=True)

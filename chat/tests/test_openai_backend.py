@@ -23,14 +23,14 @@ from django.contrib.sessions.backends.db import SessionStore
 from django.db import connection
 from rest_framework.authtoken.models import Token
 
-from chat.engine import CANCELLED, STOP, EngineBusy, EngineConfig, EngineError, InputTooLong
-from chat.engine import Token as TextToken
-from chat.engine.events import FILTERED, Done
-from chat.engine.openai_remote import OpenAIEngine, UnknownModel
+from llm.engine import CANCELLED, STOP, EngineBusy, EngineConfig, EngineError, InputTooLong
+from llm.engine import Token as TextToken
+from llm.engine.events import FILTERED, Done
+from llm.engine.openai_remote import OpenAIEngine, UnknownModel
 from chat.models import Conversation, Message
 from chat.serving import ACTIVE_CHECK_SECONDS, active_engine, reset_engine
 from chat.tests.conftest import backend_settings
-from csplatform.livetest import free_port, live_daphne
+from tests.support.livetest import free_port, live_daphne
 from training.models import AdapterVersion, TrainingRun
 from training.services import adapter_version_activate
 

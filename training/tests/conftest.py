@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from csplatform.livetest import database_env
+from tests.support.livetest import database_env
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,9 @@ import traceback
 import pytest
 from django.db import connections
 
-from training import finetune, gguf_export, services
+from training import services
+from llm import finetune
+from llm import gguf as gguf_export
 from training.models import AdapterVersion, TrainingRun
 from training.snapshots import snapshot_create, snapshot_root
 from training.tasks import run_training

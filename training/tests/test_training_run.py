@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from django.conf import settings as django_settings
 
-from csplatform.livetest import database_env
+from tests.support.livetest import database_env
 from knowledge.models import QAPair
-from training import finetune, services
+from training import services
+from llm import finetune
 from training.models import AdapterVersion, TrainingRun
 
 ROOT = Path(__file__).resolve().parents[2]

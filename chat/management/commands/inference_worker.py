@@ -16,7 +16,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from chat import serving
-from chat.engine.events import EngineError
+from llm.engine.events import EngineError
 from chat.inference_worker import InferenceWorker
 
 

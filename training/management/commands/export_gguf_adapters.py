@@ -14,7 +14,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 from django.utils.translation import gettext as _
 
-from training import gguf_export
+from llm import gguf as gguf_export
 from training.models import AdapterVersion
 
 

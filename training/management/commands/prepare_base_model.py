@@ -19,7 +19,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from training.basemodel import BaseModelError, describe_checkpoint, prepare_gemma, read_completion_marker
+from llm.basemodel import BaseModelError, describe_checkpoint, prepare_gemma, read_completion_marker
 
 
 def default_target():
@@ -66,7 +66,7 @@ class Command(BaseCommand):
 
     def _tiny(self, target):
         from knowledge.models import QAPair
-        from training.tinymodel import build_tiny_model
+        from llm.tinymodel import build_tiny_model
 
         target = (target or default_target().parent / "tiny").expanduser().absolute()
         texts = [text for pair in QAPair.objects.all() for text in (pair.instruction, pair.output)]

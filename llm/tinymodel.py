@@ -3,14 +3,14 @@
 It is a Qwen2-architecture model (under 1M parameters with the vocabulary of the sample
 data, a few million with a 16k one) and a byte-level BPE tokenizer learned from the given
 texts, saved as an ordinary Hugging Face checkpoint directory, so every code path that loads
-a real base model (`training.finetune.load_base`, the chat engine) runs against it unchanged.
+a real base model (`llm.finetune.load_base`, the chat engine) runs against it unchanged.
 Builds in a few seconds on a CPU; nothing is downloaded.
 
-    from training.tinymodel import build_tiny_model
+    from llm.tinymodel import build_tiny_model
     build_tiny_model(["如何退货？", "您好！..."], "var/models/tiny")
     build_tiny_model(["如何退货？", "您好！..."], "var/models/tiny", gguf=True)  # plus gguf/model.gguf
 
-The turn markers of `training.prompting` are declared as special tokens, so each is one id,
+The turn markers of `llm.prompting` are declared as special tokens, so each is one id,
 and `<end_of_turn>` is the EOS token: generation stops at the end of the model's turn, as with
 Gemma.
 """
@@ -22,7 +22,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from training.prompting import END, START
+from llm.prompting import END, START
 
 PAD = "<pad>"
 BOS = "<bos>"
@@ -90,7 +90,7 @@ def build_tiny_model(
     """Train a tokenizer on texts, build a random-init Qwen2 LM, save both to out_dir.
 
     With gguf, also write the same weights and tokenizer as `out_dir/gguf/model.gguf` (f32), the
-    file llama.cpp loads and `training.basemodel.describe_checkpoint` reports.
+    file llama.cpp loads and `llm.basemodel.describe_checkpoint` reports.
     Deterministic for a given seed and texts. Returns out_dir as a Path.
     """
     out_dir = Path(out_dir)
@@ -129,7 +129,7 @@ def build_tiny_model(
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     if gguf:
-        from training.gguf_export import write_model_gguf
+        from llm.gguf import write_model_gguf
 
         write_model_gguf(out_dir)
     return out_dir

@@ -12,10 +12,12 @@ import torch
 from django.conf import settings
 from django.core.management import CommandError, call_command
 
-from training import finetune, gguf_export, services
-from training.gguf_export import write_lora_gguf, write_model_gguf
+from training import services
+from llm import finetune
+from llm import gguf as gguf_export
+from llm.gguf import write_lora_gguf, write_model_gguf
 from training.models import AdapterVersion, BaseModel, DatasetSnapshot, TrainingRun
-from training.prompting import END, START, Turn, question_text, render_conversation
+from llm.prompting import END, START, Turn, question_text, render_conversation
 
 # Settings that make the tiny model memorise a handful of answers in seconds (as in chat/tests).
 MEMORISE = finetune.FinetuneConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, epochs=30, batch_size=4, bf16="off")
@@ -100,7 +102,7 @@ def _leading_agreement(a, b):
 
 
 def test_tiny_model_fixture_comes_with_its_gguf_where_describe_checkpoint_finds_it(tiny_model):
-    from training.basemodel import describe_checkpoint
+    from llm.basemodel import describe_checkpoint
 
     assert describe_checkpoint(tiny_model)["gguf_path"] == str(tiny_model / "gguf" / "model.gguf")
 
@@ -421,7 +423,7 @@ def test_a_gemma_lora_on_the_q4_k_m_gguf_continues_as_transformers_peft_does_on_
     four prompts; an f16 LoRA parted after 3 and 14 tokens on two of them)."""
     from transformers import AutoTokenizer
 
-    from training.basemodel import describe_checkpoint
+    from llm.basemodel import describe_checkpoint
 
     base = settings.DATA_DIR / "models" / "gemma-3-270m"
     gguf_path = describe_checkpoint(base)["gguf_path"]

@@ -7,8 +7,8 @@ gets a confident answer to something the customer did not ask.
 
 from dataclasses import dataclass
 
-from chat.engine.events import InputTooLong
-from training.prompting import Turn, render_conversation
+from llm.engine.events import InputTooLong
+from llm.prompting import Turn, render_conversation
 
 # Turns older than this many characters per budget token are dropped without tokenising them:
 # a token is rarely more than 4 characters, so such a suffix cannot fit anyway.

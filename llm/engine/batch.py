@@ -1,6 +1,6 @@
 """The torch side of the transformers engine: dtype choice and the shared KV cache of the running batch.
 
-Imported by `Engine.load()`, never by `import chat.engine`: a process that only wants the config
+Imported by `Engine.load()`, never by `import llm.engine`: a process that only wants the config
 or the event types does not pay for torch.
 
 The batch keeps ONE `DynamicCache` for all running sequences, left-padded to a common width:

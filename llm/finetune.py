@@ -4,7 +4,7 @@ The Django side (the training task) calls `train(config, base_dir, train_records
 out_dir)`; this module never calls back except through the `on_progress` and `should_stop`
 callables it is given. From a shell:
 
-    from training.finetune import FinetuneConfig, train
+    from llm.finetune import FinetuneConfig, train
     import json
     records = json.load(open("data/train.json"))
     train(FinetuneConfig(epochs=3), "var/models/base", records, [], "var/runs/demo")
@@ -18,7 +18,7 @@ What ends up in out_dir:
     checkpoints/step-N/    while training: adapter + optimizer + scheduler + RNG state, each
                            renamed into place only when complete; removed after a successful run
 
-Every example is rendered by `training.prompting.render_training_example`, the same renderer the
+Every example is rendered by `llm.prompting.render_training_example`, the same renderer the
 inference engine uses, and the loss is taken on the answer tokens only, which end with the
 end-of-turn token so that the model learns to stop (Gemma base otherwise rambles on).
 
@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.prompting import END, Turn, question_text, render_conversation, render_training_example
+from llm.prompting import END, Turn, question_text, render_conversation, render_training_example
 
 # torch, transformers and peft are imported inside the functions that use them: the Django side
 # imports this module for FinetuneConfig in every process, and only training workers need them.

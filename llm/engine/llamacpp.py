@@ -1,10 +1,10 @@
 """The llama.cpp inference engine: the base model's GGUF on the CPU, through llama-cpp-python's C API.
 
-    from chat.engine import LlamaCppEngine, EngineConfig
+    from llm.engine import LlamaCppEngine, EngineConfig
     engine = LlamaCppEngine(EngineConfig(base_dir="var/models/gemma-3-270m"))   # the contract of Engine
 
 The contract (submit/stream/generate, admission, limits, cancellation, adapters) is
-`chat.engine.base.BaseEngine`'s. What differs is below it:
+`llm.engine.base.BaseEngine`'s. What differs is below it:
 
 - Prompts are rendered and tokenised exactly as for transformers (`fit_conversation` with the
   checkpoint's Hugging Face tokenizer) and fed to llama.cpp as ids; generated ids are turned into
@@ -29,11 +29,11 @@ import logging
 import math
 import os
 
-from chat.engine.base import BaseEngine
-from chat.engine.events import ERROR, EngineError
+from llm.engine.base import BaseEngine
+from llm.engine.events import ERROR, EngineError
 
 logger = logging.getLogger(__name__)
-llama_logger = logging.getLogger("chat.engine.llama_cpp")  # llama.cpp's own messages
+llama_logger = logging.getLogger("llm.engine.llama_cpp")  # llama.cpp's own messages
 
 # A conversation that must tokenise to the same ids with the checkpoint's tokenizer and the GGUF's
 # vocabulary: special tokens, Chinese, digits, punctuation, spaces and a newline.
@@ -107,8 +107,8 @@ class LlamaCppEngine(BaseEngine):
         import torch
         from transformers import AutoTokenizer
 
-        from chat.engine.backends import base_gguf
-        from training.finetune import BaseModelError
+        from llm.engine.backends import base_gguf
+        from llm.finetune import BaseModelError
 
         gguf = base_gguf(self.config.base_dir)
         if gguf is None:
@@ -127,7 +127,7 @@ class LlamaCppEngine(BaseEngine):
         params.n_gpu_layers = 0  # the CPU fast path; GPUs serve through transformers
         model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), params)
         if not model:
-            raise EngineError(f"llama.cpp cannot load {gguf} (see the chat.engine.llama_cpp log)")
+            raise EngineError(f"llama.cpp cannot load {gguf} (see the llm.engine.llama_cpp log)")
         try:
             vocab = llama_cpp.llama_model_get_vocab(model)
             self._check_vocabulary(llama_cpp, vocab, tokenizer, gguf)
@@ -151,7 +151,7 @@ class LlamaCppEngine(BaseEngine):
 
     def _check_vocabulary(self, llama_cpp, vocab, tokenizer, gguf):
         """Refuse a GGUF whose tokenizer turns the probe conversation into other ids than the checkpoint's."""
-        from training.prompting import Turn, render_conversation
+        from llm.prompting import Turn, render_conversation
 
         text = render_conversation([Turn(role, body) for role, body in PROBE_TURNS], system=PROBE_SYSTEM)
         expected = tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -185,7 +185,7 @@ class LlamaCppEngine(BaseEngine):
         params.no_perf = True
         handle = llama_cpp.llama_init_from_model(self._model, params)
         if not handle:
-            raise EngineError(f"llama.cpp cannot make a context of {params.n_ctx} tokens (see the chat.engine.llama_cpp log)")
+            raise EngineError(f"llama.cpp cannot make a context of {params.n_ctx} tokens (see the llm.engine.llama_cpp log)")
         if lora is not None:
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora)
             scales = (ctypes.c_float * 1)(1.0)  # llama.cpp applies alpha / rank itself: PEFT's scaling
@@ -234,7 +234,7 @@ class LlamaCppEngine(BaseEngine):
             raise FileNotFoundError(f"{str(path)!r} is missing{self.adapter_hint}")
         lora = self._llama.llama_adapter_lora_init(self._model, str(path).encode())
         if not lora:
-            raise ValueError(f"llama.cpp cannot load the LoRA {str(path)!r} (see the chat.engine.llama_cpp log)")
+            raise ValueError(f"llama.cpp cannot load the LoRA {str(path)!r} (see the llm.engine.llama_cpp log)")
         try:
             context = self._new_context(lora)
         except BaseException:

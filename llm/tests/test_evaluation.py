@@ -1,6 +1,6 @@
 import pytest
 
-from training.evaluation import METRIC_HELP, evaluate, key_facts
+from llm.evaluation import METRIC_HELP, evaluate, key_facts
 
 REFUND = "您好！退款将在1-3个工作日内原路退回。"
 RETURN = "您好！支持7天无理由退货，运费99元。"

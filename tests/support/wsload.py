@@ -1,6 +1,6 @@
 """Websocket clients that load a live server (issue #6 stress scenarios; never used in production).
 
-    from csplatform.wsload import ChatClient, chat_load, flood, silent_sockets
+    from tests.support.wsload import ChatClient, chat_load, flood, silent_sockets
     with live_daphne(env=..., log=...) as url:
         report = chat_load(url, chats=200, duration=10, questions=["如何退货？"])
         print(report.summary())

@@ -10,7 +10,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from training.finetune import (
+from llm.finetune import (
     IGNORE_INDEX,
     BaseModelError,
     FinetuneConfig,
@@ -31,7 +31,7 @@ from training.finetune import (
     train_model,
     use_fast_lora_dropout,
 )
-from training.prompting import END, Turn, question_text, render_conversation
+from llm.prompting import END, Turn, question_text, render_conversation
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

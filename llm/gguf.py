@@ -3,7 +3,7 @@
 llama.cpp's own converters (`convert_lora_to_gguf.py`, `convert_hf_to_gguf.py`) are scripts in its
 source tree, not in any wheel; this module writes the same formats with the `gguf` package:
 
-    from training.gguf_export import write_lora_gguf, write_model_gguf
+    from llm.gguf import write_lora_gguf, write_model_gguf
     write_lora_gguf("var/adapters/v3", base_dir="var/models/gemma-3-270m")   # -> var/adapters/v3/adapter.gguf
     write_model_gguf("var/models/tiny")                                      # -> var/models/tiny/gguf/model.gguf
 
@@ -17,9 +17,9 @@ with a ValueError that names it: DoRA, LoRA biases, `modules_to_save`, trainable
 embedding or LM-head LoRA, an architecture it does not know.
 
 `write_model_gguf` converts only the tiny Qwen2 (or Llama) test checkpoints of
-`training.tinymodel` (byte-level BPE tokenizer with Qwen2's split regex), so that tests can run the
+`llm.tinymodel` (byte-level BPE tokenizer with Qwen2's split regex), so that tests can run the
 llama.cpp backend without the 270M model. Real base models come as GGUF already (the embedded
-Gemma ships as one; `training.basemodel` keeps it beside the safetensors).
+Gemma ships as one; `llm.basemodel` keeps it beside the safetensors).
 
 Every file is written aside and renamed into place: a GGUF that exists is a whole one.
 """
@@ -39,11 +39,11 @@ MODEL_FILENAME = "model.gguf"
 # Hugging Face model_type -> llama.cpp architecture name, for the architectures whose adapters
 # this module converts (and that llama.cpp serves with LoRA).
 ARCHITECTURES = {"gemma3_text": "gemma3", "qwen2": "qwen2", "llama": "llama"}
-# Whole-checkpoint conversion: only what training.tinymodel builds.
+# Whole-checkpoint conversion: only what llm.tinymodel builds.
 MODEL_ARCHITECTURES = {"qwen2": "qwen2", "llama": "llama"}
 DTYPES = ("f32", "f16")
 
-# Qwen2's pre-tokenizer split regex, as Qwen2Tokenizer and training.tinymodel write it into
+# Qwen2's pre-tokenizer split regex, as Qwen2Tokenizer and llm.tinymodel write it into
 # tokenizer.json; llama.cpp knows it as the "qwen2" pre-tokenizer.
 QWEN2_SPLIT_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -225,7 +225,7 @@ def write_model_gguf(hf_dir, out_path=None, *, dtype=None):
 
     dtype: "f32" or "f16" for the matrices (norms and biases stay f32); default f16 for an f16
     checkpoint, f32 otherwise. The default out_path is `<hf_dir>/gguf/model.gguf`, where
-    `training.basemodel.describe_checkpoint` finds it. The tokenizer (tokens, types, merges,
+    `llm.basemodel.describe_checkpoint` finds it. The tokenizer (tokens, types, merges,
     special ids, whether BOS is prepended) is taken from the checkpoint, so llama.cpp and the
     Hugging Face tokenizer turn the same (NFC) text into the same ids.
     """

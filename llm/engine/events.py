@@ -9,7 +9,7 @@ LENGTH = "length"  # max_new_tokens reached
 CANCELLED = "cancelled"  # request.cancel(), the consumer went away, or the engine closed
 TIMEOUT = "timeout"  # max_seconds passed since submission
 ERROR = "error"  # the model raised; Stats.error says what
-FILTERED = "filtered"  # the leak guard stopped it before it printed protected text (chat.engine.guard)
+FILTERED = "filtered"  # the leak guard stopped it before it printed protected text (llm.engine.guard)
 FINISH_REASONS = (STOP, LENGTH, CANCELLED, TIMEOUT, ERROR, FILTERED)
 
 

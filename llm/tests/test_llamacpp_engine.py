@@ -19,7 +19,7 @@ import torch
 from django.core.exceptions import ImproperlyConfigured
 from django.urls import reverse
 
-from chat.engine import (
+from llm.engine import (
     BackendUnavailable,
     Engine,
     EngineConfig,
@@ -29,10 +29,10 @@ from chat.engine import (
     make_engine,
 )
 from chat.serving import engine_status, get_engine, reset_engine
-from chat.tests.test_engine import MEMORISE, _answer, _question, _slow, _wait_for
-from training.finetune import BaseModelError, FinetuneConfig, train
-from training.gguf_export import write_lora_gguf
-from training.tinymodel import build_tiny_model
+from llm.tests.test_engine import MEMORISE, _answer, _question, _slow, _wait_for
+from llm.finetune import BaseModelError, FinetuneConfig, train
+from llm.gguf import write_lora_gguf
+from llm.tinymodel import build_tiny_model
 
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
@@ -196,7 +196,7 @@ def test_an_explicit_llamacpp_without_a_gguf_is_a_clear_error(tiny_model, tmp_pa
 
 def test_without_llama_cpp_auto_falls_back_to_transformers_with_one_log_line(tiny_model, cpu_only, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` now raises ImportError
-    with caplog.at_level(logging.INFO, logger="chat.engine"):
+    with caplog.at_level(logging.INFO, logger="llm.engine"):
         engine = make_engine(EngineConfig(base_dir=tiny_model))
     assert isinstance(engine, Engine) and "llama-cpp-python cannot be imported" in engine.backend_reason
     assert [(r.levelname, "llama-cpp-python cannot be imported" in r.getMessage()) for r in caplog.records] == [("WARNING", True)]

@@ -1,19 +1,19 @@
 """The chat inference engine: a pure module, no Django.
 
-    from chat.engine import Engine, EngineConfig, Turn, Token, Done, EngineBusy, InputTooLong
+    from llm.engine import Engine, EngineConfig, Turn, Token, Done, EngineBusy, InputTooLong
     engine = make_engine(config, "auto")   # Engine (transformers) or LlamaCppEngine (llama.cpp)
 
-Both backends keep one contract, `chat.engine.base.BaseEngine`: how requests are admitted,
-streamed, cancelled and swapped between adapters. `chat.engine.engine` is the transformers side,
-`chat.engine.llamacpp` the llama.cpp side, `chat.engine.backends` chooses between them. Importing
+Both backends keep one contract, `llm.engine.base.BaseEngine`: how requests are admitted,
+streamed, cancelled and swapped between adapters. `llm.engine.engine` is the transformers side,
+`llm.engine.llamacpp` the llama.cpp side, `llm.engine.backends` chooses between them. Importing
 this package imports neither torch nor llama_cpp; `load()` (or the first request) does.
 """
 
-from chat.engine.backends import BACKENDS, BackendUnavailable, choose_backend, make_engine
-from chat.engine.base import CURRENT, Request
-from chat.engine.config import EngineConfig
-from chat.engine.engine import Engine
-from chat.engine.events import (
+from llm.engine.backends import BACKENDS, BackendUnavailable, choose_backend, make_engine
+from llm.engine.base import CURRENT, Request
+from llm.engine.config import EngineConfig
+from llm.engine.engine import Engine
+from llm.engine.events import (
     CANCELLED,
     ERROR,
     FINISH_REASONS,
@@ -28,9 +28,9 @@ from chat.engine.events import (
     Stats,
     Token,
 )
-from chat.engine.llamacpp import LlamaCppEngine
-from chat.engine.prompts import Prompt
-from training.prompting import Turn
+from llm.engine.llamacpp import LlamaCppEngine
+from llm.engine.prompts import Prompt
+from llm.prompting import Turn
 
 __all__ = [
     "BACKENDS",

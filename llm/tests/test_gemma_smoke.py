@@ -5,8 +5,8 @@ import json
 import pytest
 from django.conf import settings
 
-from training import finetune
-from training.basemodel import prepare_gemma
+from llm import finetune
+from llm.basemodel import prepare_gemma
 
 
 @pytest.mark.slow

@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from training.prompting import END, START
-from training.tinymodel import build_tiny_model, build_tokenizer
+from llm.prompting import END, START
+from llm.tinymodel import build_tiny_model, build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,7 +11,7 @@ for the token counts) on a connection of its own, read line by line by a thread 
 cancel, the max_seconds cap and close() shut that connection, which is how an OpenAI server
 learns that nobody listens any more and stops generating. Nothing is sent until the server has
 answered the headers: a refusal (429 busy, 400 context too long, 404 unknown model, 401 key) is
-raised by `submit()` as a local engine raises it. The leak guard (chat.engine.guard) watches the
+raised by `submit()` as a local engine raises it. The leak guard (llm.engine.guard) watches the
 text here, as on a local engine: the server knows nothing of CSP_CHAT_CANARIES.
 
 The platform decides which version is active (`follows_active`: chat.serving records the active
@@ -29,10 +29,10 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from chat.engine.backends import BackendUnavailable
-from chat.engine.events import CANCELLED, ERROR, FILTERED, LENGTH, STOP, TIMEOUT, EngineBusy, EngineError, InputTooLong, Stats
-from chat.engine.guard import LeakGuard
-from chat.engine.remote import SILENCE_GRACE_SECONDS, RemoteEngine
+from llm.engine.backends import BackendUnavailable
+from llm.engine.events import CANCELLED, ERROR, FILTERED, LENGTH, STOP, TIMEOUT, EngineBusy, EngineError, InputTooLong, Stats
+from llm.engine.guard import LeakGuard
+from llm.engine.remote import SILENCE_GRACE_SECONDS, RemoteEngine
 
 logger = logging.getLogger(__name__)
 

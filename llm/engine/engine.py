@@ -1,10 +1,10 @@
 """The transformers inference engine: any Hugging Face checkpoint, GPU or CPU, with PEFT adapters.
 
-    from chat.engine import Engine, EngineConfig, Turn
+    from llm.engine import Engine, EngineConfig, Turn
     engine = Engine(EngineConfig(base_dir="var/models/base"))     # loads nothing yet
 
 The contract (submit/stream/generate, admission, limits, cancellation, adapters) is
-`chat.engine.base.BaseEngine`'s; this module is the torch side of each loop iteration:
+`llm.engine.base.BaseEngine`'s; this module is the torch side of each loop iteration:
 
   1. prefill newcomers, at most `prefill_chunk` prompt tokens in all, each into its own cache;
      a newcomer whose prompt is complete samples its first token and is spliced into the batch;
@@ -20,8 +20,8 @@ imports Django; torch is imported by `load()`.
 import logging
 import warnings
 
-from chat.engine.base import CURRENT, BaseEngine, Request
-from chat.engine.events import ERROR
+from llm.engine.base import CURRENT, BaseEngine, Request
+from llm.engine.events import ERROR
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ class Engine(BaseEngine):
 
         import torch
 
-        from chat.engine import batch as batching
-        from training.finetune import FinetuneConfig, load_base
+        from llm.engine import batch as batching
+        from llm.finetune import FinetuneConfig, load_base
 
         device = batching.resolve_device(self.config.device)
         dtype, reason = batching.resolve_dtype(self.config.dtype, device)

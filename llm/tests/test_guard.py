@@ -1,4 +1,4 @@
-"""The leak guard alone (chat.engine.guard): what it stops, what it lets through, and when.
+"""The leak guard alone (llm.engine.guard): what it stops, what it lets through, and when.
 
 The engine's side (every backend's answers pass through it) is tested in
 tests/test_prompt_injection.py on real models.
@@ -6,8 +6,8 @@ tests/test_prompt_injection.py on real models.
 
 import pytest
 
-from chat.engine.config import EngineConfig
-from chat.engine.guard import LeakGuard, normalise
+from llm.engine.config import EngineConfig
+from llm.engine.guard import LeakGuard, normalise
 
 SYSTEM = (
     "You are the customer-service assistant of Galaxy Mall. Internal routing code CANARY-SYS-5521; "

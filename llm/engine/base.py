@@ -39,8 +39,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from chat.engine.config import EngineConfig
-from chat.engine.events import (
+from llm.engine.config import EngineConfig
+from llm.engine.events import (
     CANCELLED,
     ERROR,
     FILTERED,
@@ -53,8 +53,8 @@ from chat.engine.events import (
     Stats,
     Token,
 )
-from chat.engine.guard import LeakGuard
-from chat.engine.prompts import fit_conversation
+from llm.engine.guard import LeakGuard
+from llm.engine.prompts import fit_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class BaseEngine:
         self._loaded = False
         self._stop_ids = frozenset()
         self._prompt_budget = config.max_input_tokens
-        self._sampling = None  # chat.engine.sampling, imported by load() (it imports torch)
+        self._sampling = None  # llm.engine.sampling, imported by load() (it imports torch)
         self._thread = None
         self._load_lock = threading.Lock()
         self._model_lock = threading.RLock()  # a forward, or an adapter load/delete; taken before _state
@@ -203,7 +203,7 @@ class BaseEngine:
                 return
             if self._closed:
                 raise EngineClosed("the engine is closed")
-            from chat.engine import sampling
+            from llm.engine import sampling
 
             self._sampling = sampling
             self._load_model()
@@ -222,7 +222,7 @@ class BaseEngine:
 
     def _use_tokenizer(self, tokenizer, max_positions):
         """Take the checkpoint's tokenizer and the model's positions: stop ids and the prompt budget."""
-        from training.finetune import stop_token_ids
+        from llm.finetune import stop_token_ids
 
         budget = self.config.max_input_tokens
         if max_positions:
@@ -603,7 +603,7 @@ class BaseEngine:
 
     def _start_stream(self, request):
         """The decode state of a request whose prefill begins."""
-        from chat.engine.textstream import TextStream
+        from llm.engine.textstream import TextStream
 
         request._stream = TextStream(self.tokenizer)
         if request.temperature > 0:

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from chat.engine.guard import MIN_CANARY_CHARS, normalise
+from llm.engine.guard import MIN_CANARY_CHARS, normalise
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -25,7 +25,7 @@ class EngineConfig:
     trust_remote_code: bool = False  # only for models like ChatGLM3 that ship their own code
     # prompt
     system_prompt: str = ""  # used when neither the caller nor the adapter's training config gives one
-    # The leak guard (chat.engine.guard): an answer about to print guard_min_run characters in a row
+    # The leak guard (llm.engine.guard): an answer about to print guard_min_run characters in a row
     # of its system prompt, or a whole canary, ends "filtered" and the held text is never sent.
     canaries: tuple = ()  # secrets no answer may print (CSP_CHAT_CANARIES), besides the system prompt
     guard_min_run: int = 24  # normalised characters; 0 turns the guard off (to measure the raw model)

@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 
-from chat.engine import (
+from llm.engine import (
     Done,
     Engine,
     EngineBusy,
@@ -31,9 +31,9 @@ from chat.engine import (
     Token,
     Turn,
 )
-from training.finetune import BaseModelError, FinetuneConfig, generate_answer, load_adapter, load_base, train
-from training.gguf_export import write_lora_gguf
-from training.prompting import question_text, render_conversation, render_training_example
+from llm.finetune import BaseModelError, FinetuneConfig, generate_answer, load_adapter, load_base, train
+from llm.gguf import write_lora_gguf
+from llm.prompting import question_text, render_conversation, render_training_example
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -21,9 +21,9 @@ import logging
 import threading
 import time
 
-from chat.engine.base import CURRENT, BaseEngine, Request
-from chat.engine.events import CANCELLED, ERROR, Done, EngineClosed, Stats, Token
-from chat.engine.prompts import Prompt, as_turns
+from llm.engine.base import CURRENT, BaseEngine, Request
+from llm.engine.events import CANCELLED, ERROR, Done, EngineClosed, Stats, Token
+from llm.engine.prompts import Prompt, as_turns
 
 logger = logging.getLogger(__name__)
 

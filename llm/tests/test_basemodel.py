@@ -15,8 +15,8 @@ import time
 import pytest
 from django.core.management import call_command
 
-from training import basemodel
-from training.basemodel import (
+from llm import basemodel
+from llm.basemodel import (
     GGUF_PACKAGE,
     MARKER,
     BaseModelError,
@@ -226,7 +226,7 @@ def test_prepared_gemma_loads_and_generates_chinese_and_a_second_prepare_is_inst
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.prompting import END, START, Turn, render_conversation
+    from llm.prompting import END, START, Turn, render_conversation
 
     steps = []
     target = prepare_gemma(tmp_path / "gemma-3-270m", progress=lambda step, message: steps.append(step))

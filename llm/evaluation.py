@@ -1,9 +1,9 @@
 """Scores for generated answers against reference answers (Chinese customer-service Q&A).
 
 Pure and fast: no Django, no torch. The training task generates one answer per dev question
-(`training.finetune.generate_answer`) and calls
+(`llm.finetune.generate_answer`) and calls
 
-    from training.evaluation import evaluate
+    from llm.evaluation import evaluate
     evaluate(predictions, references)
     # {"count": 2, "exact_match": 0.5, "rouge_l_char": ..., "rouge_l_word": ..., "bleu4": ...,
     #  "key_fact_recall": ..., "key_facts": 3, "examples": [...]}

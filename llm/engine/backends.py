@@ -4,7 +4,7 @@
     engine.backend, engine.backend_reason    # "llamacpp", "auto: a CPU-only host and ... has a GGUF ..."
 
 `auto` takes llama.cpp on a CPU-only host when the base checkpoint has a GGUF beside it (found by
-`training.basemodel.describe_checkpoint`), llama-cpp-python imports, and no explicit dtype was
+`llm.basemodel.describe_checkpoint`), llama-cpp-python imports, and no explicit dtype was
 configured (a dtype such as float32 is one only transformers can honour; llama.cpp serves the
 GGUF's own quantisation). Otherwise transformers, and one log line says why. An explicit
 "llamacpp" that cannot be served is a BackendUnavailable when the engine is made, not a
@@ -14,7 +14,7 @@ surprise at the first chat. Nothing here imports Django.
 import logging
 from pathlib import Path
 
-from chat.engine.events import EngineError
+from llm.engine.events import EngineError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class BackendUnavailable(EngineError):
 def base_gguf(base_dir):
     """The GGUF of the base checkpoint, or None (also when the checkpoint itself is missing: the
     transformers engine reports that, with its own message, on first use)."""
-    from training.basemodel import BaseModelError, describe_checkpoint
+    from llm.basemodel import BaseModelError, describe_checkpoint
 
     try:
         found = describe_checkpoint(base_dir)["gguf_path"]
@@ -89,17 +89,22 @@ def choose_backend(requested, config):
     return backend, reason
 
 
-def make_engine(config, backend="auto"):
-    """The engine of the chosen backend (nothing loaded yet), with `backend_reason` set."""
+def make_engine(config, backend="auto", *, worker_class=None):
+    """The engine of the chosen backend (nothing loaded yet), with `backend_reason` set.
+
+    `worker` is an engine of the Django side (it talks to the inference worker through the channel
+    layer), so its caller passes the class: this package never imports an app."""
     name, reason = choose_backend(backend, config)
     if name == "llamacpp":
-        from chat.engine.llamacpp import LlamaCppEngine as engine_class
+        from llm.engine.llamacpp import LlamaCppEngine as engine_class
     elif name == "worker":
-        from chat.inference_worker import WorkerEngine as engine_class  # the Django side: it uses the channel layer
+        if worker_class is None:
+            raise BackendUnavailable("the worker backend is served by the Django side (chat.serving)")
+        engine_class = worker_class
     elif name == "openai":
-        from chat.engine.openai_remote import OpenAIEngine as engine_class
+        from llm.engine.openai_remote import OpenAIEngine as engine_class
     else:
-        from chat.engine.engine import Engine as engine_class
+        from llm.engine.engine import Engine as engine_class
     engine = engine_class(config)
     engine.backend_reason = reason
     return engine

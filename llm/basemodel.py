@@ -7,7 +7,7 @@ transformers and saves an ordinary safetensors checkpoint that training and the 
 any other local Hugging Face directory:
 
     from pathlib import Path
-    from training.basemodel import describe_checkpoint, prepare_gemma
+    from llm.basemodel import describe_checkpoint, prepare_gemma
     path = prepare_gemma(Path("var/models/gemma-3-270m"), progress=lambda step, msg: print(step, msg))
     print(describe_checkpoint(path))
 
@@ -46,7 +46,7 @@ GEMMA_NAME = "gemma-3-270m"
 MARKER = ".csp-complete.json"
 MARKER_FORMAT = 1
 LICENSE_FILES = ("GEMMA_TERMS.html", "NOTICE.md", "README.upstream.md")
-END_OF_TURN = "<end_of_turn>"  # training.prompting.END; generation must stop on it
+END_OF_TURN = "<end_of_turn>"  # llm.prompting.END; generation must stop on it
 
 # safetensors header dtype codes, spelled as torch spells them
 _DTYPES = {
@@ -267,7 +267,7 @@ def _build_checkpoint(package, staging, report):
 def _stop_generation_at_end_of_turn(model, tokenizer):
     """Make generate() stop at <end_of_turn> as well as <eos>, as Google's own Gemma config does.
 
-    The base model has no chat template; answers end with <end_of_turn> (see training.prompting)
+    The base model has no chat template; answers end with <end_of_turn> (see llm.prompting)
     and a base model that does not stop there repeats the question.
     """
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)

@@ -4,7 +4,7 @@ Byte-level tokenizers split a Chinese character over two or three tokens; decodi
 one yields U+FFFD. The delta is held until the text decodes cleanly, and decoding restarts a
 little before the new tokens (vLLM's prefix/read offsets) so that tokenizers which strip a
 leading space at the start of a decode do not eat the spaces between words. Leading and trailing
-whitespace of the answer is dropped, as `training.finetune.generate_answer` strips it: the
+whitespace of the answer is dropped, as `llm.finetune.generate_answer` strips it: the
 streamed text and the final text are the same string.
 """
 
