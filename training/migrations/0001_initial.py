@@ -71,7 +71,7 @@ class Migration(migrations.Migration):
                 ('started_at', models.DateTimeField(blank=True, null=True, verbose_name='started at')),
                 ('finished_at', models.DateTimeField(blank=True, null=True, verbose_name='finished at')),
                 ('created_at', models.DateTimeField(auto_now_add=True, verbose_name='created at')),
-                ('base_model', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='runs', to='llm.basemodel', verbose_name='base model')),
+                ('base_model', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='runs', to='training.basemodel', verbose_name='base model')),
                 ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, to=settings.AUTH_USER_MODEL, verbose_name='started by')),
                 ('snapshot', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='runs', to='training.datasetsnapshot', verbose_name='dataset snapshot')),
             ],
@@ -92,7 +92,7 @@ class Migration(migrations.Migration):
                 ('is_active', models.BooleanField(default=False, verbose_name='active')),
                 ('activated_at', models.DateTimeField(blank=True, null=True, verbose_name='activated at')),
                 ('created_at', models.DateTimeField(auto_now_add=True, verbose_name='created at')),
-                ('base_model', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='adapters', to='llm.basemodel', verbose_name='base model')),
+                ('base_model', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='adapters', to='training.basemodel', verbose_name='base model')),
                 ('run', models.OneToOneField(on_delete=django.db.models.deletion.PROTECT, related_name='adapter', to='training.trainingrun', verbose_name='training run')),
             ],
             options={
