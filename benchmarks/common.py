@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/, not the root, on the path
     sys.path.insert(0, str(ROOT))
 
+from tests.support.stats import percentile  # noqa: E402,F401 (the benchmarks call common.percentile)
+
 DEFAULT_BASE = ROOT / "var" / "models" / "gemma-3-270m"
 DEFAULT_WORK = Path("/tmp/csp-bench")
 TRAIN_JSON = ROOT / "data" / "train.json"
@@ -88,7 +90,8 @@ def quick_adapter(base_dir, work_dir, *, name="a", pairs=8, offset=0, seed=1, ep
     that answers of a fixed number of tokens can be timed. More epochs make it answer the trained
     questions (the parity check of decode.py).
     """
-    from llm.finetune import FinetuneConfig, train
+    from llm.finetune.config import FinetuneConfig
+    from llm.finetune.loop import train
 
     chosen = records()[offset : offset + pairs]
     config = FinetuneConfig(epochs=epochs, batch_size=4, seed=seed, checkpoint_every=0)
@@ -185,7 +188,8 @@ class Timed:
 
 def hf_model(base_dir, adapter_dir):
     """The plain baseline: base + adapter through PEFT in fp32, on the CPU, as `load_adapter` gives it."""
-    from llm.finetune import FinetuneConfig, load_adapter
+    from llm.finetune.config import FinetuneConfig
+    from llm.modeling import load_adapter
 
     model, tokenizer = load_adapter(base_dir, adapter_dir, FinetuneConfig(device="cpu"))
     return model, tokenizer
@@ -268,13 +272,6 @@ def profiled(run, *, rows=14):
         print(line[:66] + line[108:] if len(line) > 108 else line)
     sys.stdout.flush()
     return result
-
-
-def percentile(values, q):
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.4999)))
-    return ordered[rank - 1]
 
 
 def median(values):

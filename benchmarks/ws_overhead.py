@@ -34,12 +34,7 @@ import tempfile
 import time
 
 import common
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from tests.support.livetest import free_port  # common put the repository on the path
 
 
 def wait_for_port(port, process, timeout=60):

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -10,21 +9,20 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+import pytest
+
+from tests.support.livetest import free_port
+
+pytestmark = pytest.mark.live
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_runs_web_and_queue_and_ctrl_c_stops_every_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env.update(CSP_DATA_DIR=str(tmp_path), CSP_ADMIN_PASSWORD="a-long-chosen-pass")
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True, timeout=300)
-    port = _free_port()
+    port = free_port()
     serve = subprocess.Popen(
         [sys.executable, "manage.py", "serve", "--port", str(port)], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: tests/support/livetest.py
 # The local Redis (started before the session and by .ci/run); tests use their own database in it.
 TEST_REDIS_URL = "redis://127.0.0.1:6379/14"
 

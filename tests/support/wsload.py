@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import websocket
 
+from tests.support.stats import percentile
+
 # Malformed client frames and the error code each must get back (the socket stays open).
 GARBAGE = [
     ("{not json", "invalid"),
@@ -49,13 +51,6 @@ FLOODER_ADDRESS = "127.0.0.2"
 def ws_url(base_url):
     """ws://host:port/ws/chat/ for the server at http://host:port."""
     return "ws://" + base_url.split("://", 1)[1].rstrip("/") + "/ws/chat/"
-
-
-def percentile(values, q):
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.4999)))
-    return ordered[rank - 1]
 
 
 class Closed(Exception):
