@@ -7,6 +7,24 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 
+# What some fixtures need, as markers (pytest.ini) on every test that uses them, wherever it is
+# written: a test that starts a q2 cluster by the fixture is a `live` one, and runs again on
+# PostgreSQL + Redis; one on the Redis channel layer needs Redis.
+MARKERS_OF_FIXTURES = {
+    "qcluster": ("live", "services"),
+    "redis_channel_layer": ("services",),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, markers in MARKERS_OF_FIXTURES.items():
+            if fixture in item.fixturenames:
+                for marker in markers:
+                    item.add_marker(marker)
+
+
 @pytest.fixture(autouse=True)
 def _english_outside_requests():
     # Services and commands speak the default language (zh-hans); tests read their messages in
@@ -91,6 +109,46 @@ def tiny_model(tmp_path_factory):
         for record in json.loads(path.read_text(encoding="utf-8")):
             texts += [record["instruction"], record["output"]]
     return build_tiny_model(texts, tmp_path_factory.mktemp("tiny-model"), gguf=True)
+
+
+@pytest.fixture(scope="session")
+def faq():
+    """The first six sample pairs: what `trained_adapter` memorised."""
+    import json
+
+    from django.conf import settings
+
+    return json.loads(settings.CSP_SAMPLE_DATA[0].read_text(encoding="utf-8"))[:6]
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tiny_model, faq, tmp_path_factory):
+    """The tiny model's adapter that memorised `faq` (tests/support/memorise.py), with its
+    adapter.gguf as a training run writes it (llama.cpp serves it too). Trained once a session,
+    for every app's tests: the chats answer `faq` with it word for word."""
+    from llm.finetune.config import FinetuneConfig
+    from llm.finetune.loop import train
+    from llm.gguf import write_lora_gguf
+    from tests.support.memorise import MEMORISE
+
+    out = tmp_path_factory.mktemp("trained-adapter")
+    train(FinetuneConfig(**MEMORISE), tiny_model, faq, [], out)
+    write_lora_gguf(out / "adapter", base_dir=tiny_model)
+    return out / "adapter"
+
+
+@pytest.fixture(scope="session")
+def second_adapter(tiny_model, faq, tmp_path_factory):
+    """A barely trained adapter (one epoch, lr 1e-3), with its adapter.gguf: its answers differ
+    from `trained_adapter`'s, so a test can tell which version answered."""
+    from llm.finetune.config import FinetuneConfig
+    from llm.finetune.loop import train
+    from llm.gguf import write_lora_gguf
+
+    out = tmp_path_factory.mktemp("second-adapter")
+    train(FinetuneConfig(epochs=1, learning_rate=1e-3, bf16="off"), tiny_model, faq, [], out)
+    write_lora_gguf(out / "adapter", base_dir=tiny_model)
+    return out / "adapter"
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,8 @@ def prepare_model(args):
     """(base dir, v1 adapter dir, v2 adapter dir), trained once into --work and reused."""
     from django.conf import settings
 
-    from llm import finetune
+    from llm.finetune.config import FinetuneConfig
+    from llm.finetune.loop import train
     from llm.gguf import write_lora_gguf
     from llm.tinymodel import build_tiny_model
 
@@ -99,14 +100,14 @@ def prepare_model(args):
         base = Path(args.base).resolve()
     adapters = []
     configs = {  # v1 answers its questions, v2 barely trained: the two versions answer differently
-        "v1": finetune.FinetuneConfig(lora_r=16, lora_alpha=32, learning_rate=1e-2 if args.base == "tiny" else 5e-4, epochs=30 if args.base == "tiny" else 2, batch_size=4, checkpoint_every=0),
-        "v2": finetune.FinetuneConfig(epochs=1, learning_rate=1e-3, batch_size=4, checkpoint_every=0),
+        "v1": FinetuneConfig(lora_r=16, lora_alpha=32, learning_rate=1e-2 if args.base == "tiny" else 5e-4, epochs=30 if args.base == "tiny" else 2, batch_size=4, checkpoint_every=0),
+        "v2": FinetuneConfig(epochs=1, learning_rate=1e-3, batch_size=4, checkpoint_every=0),
     }
     for name, config in configs.items():
         out = work / name
         if not (out / "adapter" / "adapter_config.json").is_file():
             print(f"training adapter {name} into {out} ...", flush=True)
-            finetune.train(config, base, pairs[:6], [], out, resume=False)
+            train(config, base, pairs[:6], [], out, resume=False)
         if args.backend == "llamacpp" and not (out / "adapter" / "adapter.gguf").is_file():
             write_lora_gguf(out / "adapter", base_dir=base)
         adapters.append(out / "adapter")
@@ -114,15 +115,13 @@ def prepare_model(args):
 
 
 def make_versions(base_dir, v1_dir, v2_dir):
-    from training.models import AdapterVersion, BaseModel, DatasetSnapshot, TrainingRun
+    from training.tests.factories import make_adapter_version, make_base_model, make_run, make_snapshot
 
-    base = BaseModel.objects.create(name="stress", path=str(base_dir))
-    snapshot = DatasetSnapshot.objects.create(sha256="0" * 64, path="/x", train_count=6, dev_count=0)
-    versions = []
-    for name, path in (("v1", v1_dir), ("v2", v2_dir)):  # a version per training run
-        run = TrainingRun.objects.create(base_model=base, snapshot=snapshot, status="succeeded")
-        versions.append(AdapterVersion.objects.create(name=name, run=run, base_model=base, path=str(path), is_active=name == "v1"))
-    return versions
+    base, snapshot = make_base_model("stress", base_dir), make_snapshot()
+    return [
+        make_adapter_version(name, path=path, run=make_run(base_model=base, snapshot=snapshot), is_active=name == "v1")
+        for name, path in (("v1", v1_dir), ("v2", v2_dir))  # a version per training run
+    ]
 
 
 def session_cookie():

@@ -14,14 +14,14 @@ from django.contrib.sessions.backends.db import SessionStore
 
 from chat.consumers import CLOSE_POLICY_VIOLATION, CLOSE_TOO_BIG
 from chat.models import Message
-from chat.tests.conftest import backend, backend_settings, faq, second_adapter, serving, trained_adapter  # noqa: F401 (fixtures)
+from chat.tests.conftest import backend, backend_settings, serving  # noqa: F401 (fixtures)
 from tests.support import wsload
 from tests.support.livetest import live_daphne
 from tests.test_hardening import _listening_pid
-from training.models import AdapterVersion, TrainingRun
 from training.services import adapter_version_activate
+from training.tests.factories import make_adapter_version
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.live, pytest.mark.load]
 
 MAX_NEW_TOKENS = 16  # short answers: the server, not the model, is under test
 
@@ -49,7 +49,7 @@ def cookie():
 
 
 @pytest.fixture
-def questions(faq):  # noqa: F811
+def questions(faq):
     return [pair["instruction"] for pair in faq]
 
 
@@ -131,8 +131,7 @@ def test_dead_peers_and_a_thousand_silent_sockets_are_dropped_by_ping_timeouts_w
 def test_activating_a_version_during_twenty_live_chats_loses_no_answer(
     serving, second_adapter, training_env, tiny_model, backend, cookie, questions  # noqa: F811
 ):
-    run = TrainingRun.objects.create(base_model=serving.base_model, snapshot=serving.run.snapshot, status="succeeded")
-    v2 = AdapterVersion.objects.create(name="v2", run=run, base_model=serving.base_model, path=str(second_adapter))
+    v2 = make_adapter_version("v2", path=second_adapter, beside=serving)
     seconds = 6
 
     def activate():

@@ -1,39 +1,10 @@
-"""Fixtures for the chat tests: a trained adapter served as the active version."""
-
-import json
+"""Fixtures for the chat tests: the session's trained adapter (root conftest) served as the
+active version, on one inference backend or both."""
 
 import pytest
-from django.conf import settings
 
 from chat.serving import engine_config, get_engine, reset_engine
-from llm import finetune
-from llm.gguf import write_lora_gguf
-from training.models import AdapterVersion, BaseModel, DatasetSnapshot, TrainingRun
-
-# Settings that make the tiny model memorise a handful of answers in seconds.
-MEMORISE = finetune.FinetuneConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, epochs=30, batch_size=4, bf16="off")
-
-
-@pytest.fixture(scope="session")
-def faq():
-    return json.loads(settings.CSP_SAMPLE_DATA[0].read_text(encoding="utf-8"))[:6]
-
-
-@pytest.fixture(scope="session")
-def trained_adapter(tiny_model, faq, tmp_path_factory):
-    out = tmp_path_factory.mktemp("chat-adapter")
-    finetune.train(MEMORISE, tiny_model, faq, [], out)
-    write_lora_gguf(out / "adapter", base_dir=tiny_model)  # as a training run does: llama.cpp serves it too
-    return out / "adapter"
-
-
-@pytest.fixture(scope="session")
-def second_adapter(tiny_model, faq, tmp_path_factory):
-    """A barely trained adapter: its answers differ from the memorised ones."""
-    out = tmp_path_factory.mktemp("chat-adapter-2")
-    finetune.train(finetune.FinetuneConfig(epochs=1, learning_rate=1e-3, bf16="off"), tiny_model, faq, [], out)
-    write_lora_gguf(out / "adapter", base_dir=tiny_model)
-    return out / "adapter"
+from training.tests.factories import make_adapter_version, make_base_model, make_run
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -77,7 +48,5 @@ def serving(settings, training_env, tiny_model, trained_adapter, backend):
     engine = get_engine()
     if engine.config != engine_config() or engine.backend != backend:  # made earlier with other settings
         reset_engine()
-    base = BaseModel.objects.create(name="tiny", path=str(tiny_model))
-    snapshot = DatasetSnapshot.objects.create(sha256="0" * 64, path="/x", train_count=6, dev_count=0)
-    run = TrainingRun.objects.create(base_model=base, snapshot=snapshot, status="succeeded")
-    return AdapterVersion.objects.create(name="v1", run=run, base_model=base, path=str(trained_adapter), is_active=True)
+    run = make_run(base_model=make_base_model(path=tiny_model))
+    return make_adapter_version("v1", path=trained_adapter, run=run, is_active=True)
