@@ -1,6 +1,6 @@
 # csplatform — the two commands a newcomer needs:
 #   make run    set everything up and start the platform (http://127.0.0.1:8000)
-#   make test   run the whole test suite
+#   make test   run the whole test suite (`make test-fast`: the quick tier, for the edit-test loop)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP := $(VENV)/.test-installed
 
-.PHONY: run test test-scaleout test-slow stress setup messages clean-venv
+.PHONY: run test test-fast test-scaleout test-slow stress setup messages clean-venv
 
 $(RUNTIME_STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,26 +27,26 @@ setup: $(RUNTIME_STAMP)
 run: setup
 	$(PY) manage.py serve
 
-# `make test` runs the suite on the embedded defaults (SQLite, in-memory channel layer, ORM
-# broker, local-memory cache), then runs the tests where the services matter a second time on the
-# scale-out settings: PostgreSQL, and Redis for the channel layer, the cache and the q2 broker.
+# Test tiers (pytest markers, pytest.ini): `make test` runs the whole suite on the embedded
+# defaults (SQLite, in-memory channel layer, ORM broker, local-memory cache), then the tests
+# marked `services` a second time on the scale-out settings: PostgreSQL, and Redis for the channel
+# layer, the cache and the q2 broker. `make test-fast` leaves out every test that starts a server
+# process, drives Chromium, loads a server or lints the whole code: the edit-test loop.
 SCALEOUT_ENV := DATABASE_URL=postgres://postgres@127.0.0.1:5432/csplatform \
 	REDIS_URL=redis://127.0.0.1:6379/13 CSP_CHANNEL_PREFIX=csp-test-scaleout
-SCALEOUT_TESTS := knowledge \
-	training/tests/test_training_run.py training/tests/test_training_start.py training/tests/test_training_service.py \
-	training/tests/test_snapshots.py training/tests/test_lineage.py training/tests/test_retraining.py \
-	chat/tests/test_websocket.py chat/tests/test_handoff.py chat/tests/test_chat_api.py chat/tests/test_analytics.py \
-	chat/tests/test_admin.py chat/tests/test_inference_worker.py \
-	tests/test_hardening.py tests/test_permission_matrix.py tests/test_scaleout_throttle.py tests/test_login_throttle.py
+FAST := not slow and not live and not browser and not load and not lint
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -m "not slow"
 	$(MAKE) --no-print-directory test-scaleout
 
+test-fast: $(TEST_STAMP)
+	$(PY) -m pytest -m "$(FAST)"
+
 test-scaleout: $(TEST_STAMP)
 	@pg_isready -h 127.0.0.1 -p 5432 -q || { echo "test-scaleout needs PostgreSQL on 127.0.0.1:5432 (see .ci/run)"; exit 1; }
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null || { echo "test-scaleout needs Redis on 127.0.0.1:6379 (see .ci/run)"; exit 1; }
-	$(SCALEOUT_ENV) $(PY) -m pytest -m "not slow" -p no:cacheprovider $(SCALEOUT_TESTS)
+	$(SCALEOUT_ENV) $(PY) -m pytest -m "services and not slow" -p no:cacheprovider
 
 test-slow: $(TEST_STAMP)
 	$(PY) -m pytest -m slow

@@ -23,6 +23,8 @@ from knowledge.tests.factories import make_pair
 from training import services
 from training.models import TrainingRun
 
+pytestmark = pytest.mark.services
+
 
 @pytest.mark.django_db
 def test_session_writes_and_the_admin_login_need_the_csrf_token(staff_user):
@@ -39,6 +41,7 @@ def test_session_writes_and_the_admin_login_need_the_csrf_token(staff_user):
     assert accepted.status_code == 201 and QAPair.objects.count() == 1
 
 
+@pytest.mark.live
 @pytest.mark.django_db(transaction=True)
 def test_bad_bodies_are_refused_without_memory_growth_of_a_live_server(staff_user, tmp_path):
     """Malformed JSON 400, wrong content type 415, a 3 MB body 413, all JSON; measured on a real

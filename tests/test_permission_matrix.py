@@ -17,7 +17,7 @@ from chat.models import Conversation, Message
 from knowledge.tests.factories import make_category, make_pair
 from training.models import AdapterVersion, BaseModel, DatasetSnapshot, TrainingRun
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.services]
 
 PUBLIC = ("/api/schema/",)
 CUSTOMER_OK = ("/api/v1/chat/",)  # the customer's own chat, conversations and ratings

@@ -9,7 +9,7 @@ from rest_framework.authtoken.models import Token
 
 from tests.support.livetest import TEST_REDIS_URL, live_daphne
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.live, pytest.mark.services]
 
 
 def _get(url, key):

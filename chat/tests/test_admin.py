@@ -7,7 +7,7 @@ from django.utils import timezone
 from chat.models import Conversation, Message
 from training.models import AdapterVersion, BaseModel, DatasetSnapshot, TrainingRun
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.services]
 
 
 def test_staff_read_conversations_with_their_messages_and_feedback(admin_client):

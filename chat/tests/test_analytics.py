@@ -10,7 +10,7 @@ from chat import analytics
 from chat.models import Conversation, Message
 from training.charts import series_chart_svg
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.services]
 
 DAY1 = datetime.date(2026, 11, 2)
 DAY2 = datetime.date(2026, 11, 3)

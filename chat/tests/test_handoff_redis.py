@@ -11,7 +11,7 @@ from chat import handoff
 from chat.models import Conversation, Message
 from tests.support.livetest import live_daphne
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.live, pytest.mark.services]
 
 
 def _receive(socket):

@@ -22,7 +22,7 @@ from chat.tests.conftest import backend_settings
 from tests.support.livetest import live_daphne
 from training.models import AdapterVersion, TrainingRun
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.live]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from chat.consumers import CLOSE_POLICY_VIOLATION, CLOSE_TOO_BIG
 from chat.models import Conversation, Message
 from csplatform.asgi import application
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services]
 ORIGIN = [(b"origin", b"http://localhost")]
 
 

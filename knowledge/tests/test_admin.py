@@ -7,7 +7,7 @@ from django.urls import reverse
 
 from knowledge.models import Category, QAPair
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.services]
 
 CHANGELIST = "admin:knowledge_qapair_changelist"
 IMPORT = "admin:knowledge_qapair_import"

@@ -19,7 +19,7 @@ from knowledge.models import Category, QAPair
 from knowledge.serializers import QAPairSerializer
 from knowledge.tests.factories import make_category, make_pair
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.services]
 
 PAIRS = "/api/v1/qa-pairs/"
 IMPORT = "/api/v1/qa-pairs/import/"

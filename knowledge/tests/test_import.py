@@ -9,7 +9,7 @@ from django.core.management import CommandError, call_command
 from knowledge import services
 from knowledge.models import Category, QAPair
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.services]
 
 
 def _json(rows):

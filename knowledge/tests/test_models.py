@@ -3,6 +3,8 @@ from django.core.exceptions import ValidationError
 
 from knowledge.models import INSTRUCTION_MAX_LENGTH, QAPair, normalise_question, question_hash
 
+pytestmark = pytest.mark.services
+
 
 def test_normalised_question_ignores_punctuation_width_case_and_prefix():
     assert normalise_question("用户问：如何退货？") == normalise_question("如何 退货")

@@ -9,7 +9,7 @@ from training import lineage
 from training.models import AdapterVersion, BaseModel, TrainingRun
 from training.snapshots import snapshot_create
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.services]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from knowledge.models import QAPair
 from training import retraining, services, tasks
 from training.models import AdapterVersion, BaseModel, DatasetSnapshot, RetrainingPolicy, TrainingRun
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.services]
 QUICK = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "learning_rate": 1e-2, "epochs": 3, "batch_size": 4}
 
 

@@ -7,7 +7,7 @@ from knowledge.models import QAPair
 from training.models import DatasetSnapshot
 from training.snapshots import assigned_split, read_records, snapshot_create
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.services]
 
 
 @pytest.fixture(autouse=True)

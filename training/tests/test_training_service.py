@@ -9,7 +9,7 @@ from knowledge.models import QAPair
 from training import services
 from training.models import AdapterVersion, TrainingRun
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.services]
 
 
 @pytest.fixture(autouse=True)

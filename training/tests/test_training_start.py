@@ -6,7 +6,7 @@ from django.urls import reverse
 from knowledge.models import QAPair
 from training.models import TrainingRun
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.services]
 
 
 @pytest.fixture(autouse=True)
