@@ -16,7 +16,7 @@ from llm.engine import Token
 from chat.models import Conversation, Message
 from chat.serving import active_engine, reset_engine
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.services]
 
 
 def _ask(api, text, conversation=None, **options):

@@ -11,6 +11,8 @@ from chat.models import Conversation, Message
 from chat.services import ChatError
 from csplatform.asgi import application
 
+pytestmark = pytest.mark.services
+
 ORIGIN = [(b"origin", b"http://localhost")]
 State = Conversation.State
 EVENTS = ("request", "take", "reply", "release", "close")

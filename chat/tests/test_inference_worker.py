@@ -24,7 +24,7 @@ from chat.tests.conftest import backend_settings
 from tests.support.livetest import ROOT, TEST_REDIS_URL, database_env, live_daphne, stop
 from training.models import AdapterVersion, TrainingRun
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.live, pytest.mark.services]
 
 QUESTION = "如何申请退货？"
 

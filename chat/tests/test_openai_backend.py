@@ -34,7 +34,7 @@ from tests.support.livetest import free_port, live_daphne
 from training.models import AdapterVersion, TrainingRun
 from training.services import adapter_version_activate
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.live]
 
 # The stand-in's API key: a DRF token key, chosen up front (a web process in front of the stand-in
 # gets it in its environment) and stored for the customer by each test (the database is emptied

@@ -17,6 +17,8 @@ from training import services
 from llm import finetune
 from training.models import AdapterVersion, TrainingRun
 
+pytestmark = pytest.mark.services
+
 ROOT = Path(__file__).resolve().parents[2]
 # Settings that make the tiny model memorise a dozen answers in seconds (see test_finetune.py).
 MEMORISE = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "learning_rate": 1e-2, "epochs": 30, "batch_size": 4}
@@ -91,6 +93,7 @@ def test_a_redelivered_task_does_not_train_twice(q2_sync):
     assert run_training(run.pk) == "skipped"
 
 
+@pytest.mark.live  # a q2 cluster of its own, killed mid-run
 @pytest.mark.django_db(transaction=True)
 def test_worker_killed_mid_run_fails_the_run_keeps_the_previous_adapter_and_resumes(settings, tmp_path, tiny_model):
     train_pairs, dev_pairs = _sample_pairs()
