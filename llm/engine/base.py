@@ -121,6 +121,12 @@ class Request:
         """The text streamed so far (all of it once done)."""
         return "".join(self._pieces)
 
+    @property
+    def token_ids(self):
+        """The ids generated so far, the stop token not counted: what the model said before the
+        text stream and the leak guard (empty for an answer generated in another process)."""
+        return list(self._stream.ids) if self._stream is not None else []
+
     def result(self, timeout=None):
         """Block until done; returns (text, stats). Not from an event loop: iterate instead."""
         if not self._done.wait(timeout):

@@ -153,19 +153,28 @@ def test_greedy_answer_with_adapter_equals_training_generate_answer(make_engine,
         assert 0 < stats.first_token_ms <= stats.latency_ms
 
 
-def test_streamed_text_of_a_rambling_model_equals_its_full_decode(make_engine, records, tiny_model):
+def test_streamed_text_of_a_rambling_model_equals_its_full_decode(make_engine, backend, records, tiny_model):
     # The random base model emits Chinese characters split over several byte-level tokens (and
-    # stray bytes): every Token must be complete text, and together they must be the full decode.
-    model, tokenizer = load_base(tiny_model)
+    # stray bytes): every Token must be complete text, and together they must be the full decode
+    # of the ids the engine generated. A backend is compared with itself: the random model's logits
+    # are near-ties, and llama.cpp's AVX-512 kernels round them differently from its AVX2 ones and
+    # from torch's, so another backend's greedy tokens part from these after a few and would test
+    # rounding, not streaming.
     engine = make_engine(max_new_tokens=80)
+    if backend == "transformers":  # the same library's own greedy decode: the same tokens
+        model, tokenizer = load_base(tiny_model)
     for record in records[:3]:
         events = []
-        text, stats = engine.generate(_question(record), on_event=events.append)
+        request = engine.submit(_question(record), on_event=events.append)
+        text, stats = request.result(30)
         tokens = [event.text for event in events if isinstance(event, Token)]
-        expected = generate_answer(model, tokenizer, record["instruction"], record["input"], max_new_tokens=80)
-        assert text == "".join(tokens) == expected.rstrip("\ufffd").strip()
-        assert stats.tokens > 20 and isinstance(events[-1], Done)
+        full = engine.tokenizer.decode(request.token_ids, skip_special_tokens=True)
+        assert text == "".join(tokens) == full.rstrip("\ufffd").strip()
+        assert len(request.token_ids) == stats.tokens > 20 and isinstance(events[-1], Done)
         assert not any(token.endswith("\ufffd") or not token for token in tokens)
+        if backend == "transformers":
+            expected = generate_answer(model, tokenizer, record["instruction"], record["input"], max_new_tokens=80)
+            assert text == expected.rstrip("\ufffd").strip()
 
 
 def test_four_concurrent_streams_are_decoded_in_one_batch_and_all_answer_correctly(make_engine, records, adapters):
