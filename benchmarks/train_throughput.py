@@ -6,7 +6,7 @@
 Both sides train the same base model (default: the embedded Gemma-3-270M in var/models) on the
 same examples of data/train.json with the same LoRA (r=8, alpha=32, dropout 0.05, all linear
 layers), learning rate, linear schedule, batch size, clipping and number of optimizer steps, one
-after the other in this one process. The platform runs `llm.finetune.train_model` as the
+after the other in this one process. The platform runs `llm.finetune.loop.train_model` as the
 training task does; the baseline is what a user would write with transformers: an fp32 model,
 `get_peft_model`, `DataCollatorForSeq2Seq` (dynamic padding) and `Trainer`.
 
@@ -39,13 +39,9 @@ if str(ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/, not 
 
 import torch  # noqa: E402
 
-from llm.finetune import (  # noqa: E402
-    IGNORE_INDEX,
-    FinetuneConfig,
-    encode_example,
-    length_grouped_batches,
-    train_model,
-)
+from llm.finetune.config import FinetuneConfig  # noqa: E402
+from llm.finetune.data import IGNORE_INDEX, encode_example, length_grouped_batches  # noqa: E402
+from llm.finetune.loop import train_model  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "var" / "models" / "gemma-3-270m"
 DEFAULT_DATA = ROOT / "data" / "train.json"
@@ -338,7 +334,7 @@ def main():
 
     baselines = {}
     with tempfile.TemporaryDirectory(prefix="csp-train-bench-") as work:
-        print("training: platform (llm.finetune.train_model) ...", flush=True)
+        print("training: platform (llm.finetune.loop.train_model) ...", flush=True)
         platform = platform_run(args, records, Path(work) / "platform")
         for order in orders:
             print(f"training: HF Trainer + PEFT baseline ({order} batches) ...", flush=True)

@@ -66,7 +66,8 @@ _DTYPES = {
 
 
 class BaseModelError(OSError):
-    """A base checkpoint is missing, incomplete or cannot be prepared; the message names the path."""
+    """A base checkpoint is missing, incomplete, or cannot be prepared or loaded; the message
+    names the path. The one such error of llm/: llm.modeling and the engines raise it too."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Scores for generated answers against reference answers (Chinese customer-service Q&A).
 
 Pure and fast: no Django, no torch. The training task generates one answer per dev question
-(`llm.finetune.generate_answer`) and calls
+(`llm.generation.generate_answer`) and calls
 
     from llm.evaluation import evaluate
     evaluate(predictions, references)

@@ -3,7 +3,7 @@
 It is a Qwen2-architecture model (under 1M parameters with the vocabulary of the sample
 data, a few million with a 16k one) and a byte-level BPE tokenizer learned from the given
 texts, saved as an ordinary Hugging Face checkpoint directory, so every code path that loads
-a real base model (`llm.finetune.load_base`, the chat engine) runs against it unchanged.
+a real base model (`llm.modeling.load_base`, the chat engine) runs against it unchanged.
 Builds in a few seconds on a CPU; nothing is downloaded.
 
     from llm.tinymodel import build_tiny_model

@@ -28,7 +28,8 @@ from django.test import override_settings
 from llm.engine import Engine, EngineConfig, LlamaCppEngine, Turn, make_engine
 from llm.engine.guard import normalise
 from knowledge.models import QAPair
-from llm.finetune import FinetuneConfig, train
+from llm.finetune.config import FinetuneConfig
+from llm.finetune.loop import train
 from llm.gguf import write_lora_gguf
 from training.snapshots import read_records, snapshot_create
 

@@ -16,7 +16,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from llm.finetune import FinetuneConfig
+from llm.finetune.config import FinetuneConfig
 from training.models import AdapterVersion, BaseModel, TrainingRun
 from training.snapshots import snapshot_create
 
@@ -191,7 +191,7 @@ def training_run_resume(*, run):
     Returns False when there is nothing to resume from (no checkpoint survived).
     Raises TrainingRefused when another run is active.
     """
-    from llm.finetune import list_checkpoints
+    from llm.finetune.checkpoints import list_checkpoints
 
     if run.status not in TrainingRun.RESUMABLE_STATUSES or not list_checkpoints(run_dir(run.pk)):
         return False

@@ -23,7 +23,9 @@ from django.utils.translation import gettext as _
 
 from training import retraining, services
 from llm import evaluation
-from llm import finetune
+from llm.finetune.loop import TrainingCancelled, TrainingInterrupted, train_model
+from llm.generation import generate_answer
+from llm.modeling import load_adapter
 from llm import gguf as gguf_export
 from training.models import TrainingRun
 from training.snapshots import read_records
@@ -60,7 +62,7 @@ class Heartbeat(threading.Thread):
 
 
 class ProgressReporter:
-    """on_progress / should_stop callbacks for finetune.train, writing to the run row."""
+    """on_progress / should_stop callbacks for llm.finetune.loop.train, writing to the run row."""
 
     def __init__(self, run):
         self.run = run
@@ -151,7 +153,7 @@ def _train(run_id, termination):
         train_records = read_records(run.snapshot, "train")
         dev_records = read_records(run.snapshot, "dev")
         reporter.log(f"training on {len(train_records)} pairs, evaluating on {len(dev_records)}; base {run.base_model.path}")
-        model, tokenizer, metrics = finetune.train_model(
+        model, tokenizer, metrics = train_model(
             config,
             run.base_model.path,
             train_records,
@@ -181,10 +183,10 @@ def _train(run_id, termination):
             )
             reporter.log(decision)
         outcome = version.name
-    except finetune.TrainingCancelled as exc:
+    except TrainingCancelled as exc:
         _finish(run, TrainingRun.Status.CANCELLED, str(exc))
         outcome = "cancelled"
-    except finetune.TrainingInterrupted as exc:
+    except TrainingInterrupted as exc:
         _finish(run, TrainingRun.Status.INTERRUPTED, str(exc))
         return "interrupted"  # its checkpoints stay: staff resume it
     except Exception as exc:  # the run must end failed with its traceback, whatever broke
@@ -247,7 +249,7 @@ def evaluate_answers(model, tokenizer, config, dev_records, reporter):
     predictions = []
     for index, record in enumerate(records, start=1):
         predictions.append(
-            finetune.generate_answer(
+            generate_answer(
                 model,
                 tokenizer,
                 record["instruction"],
@@ -268,7 +270,7 @@ def evaluate_answers(model, tokenizer, config, dev_records, reporter):
 def evaluate_version(version, config, dev_records, reporter):
     """Another version's metrics on these dev pairs (the scheduled-retraining comparison)."""
     reporter.log(f"evaluating the active version {version.name} on the same dev pairs")
-    model, tokenizer = finetune.load_adapter(version.base_model.path, version.path, config)
+    model, tokenizer = load_adapter(version.base_model.path, version.path, config)
     results = evaluate_answers(model, tokenizer, config, dev_records, reporter)
     del model
     return results

@@ -31,7 +31,11 @@ from llm.engine import (
     Token,
     Turn,
 )
-from llm.finetune import BaseModelError, FinetuneConfig, generate_answer, load_adapter, load_base, train
+from llm.basemodel import BaseModelError
+from llm.finetune.config import FinetuneConfig
+from llm.finetune.loop import train
+from llm.generation import generate_answer
+from llm.modeling import load_adapter, load_base
 from llm.gguf import write_lora_gguf
 from llm.prompting import question_text, render_conversation, render_training_example
 

@@ -5,33 +5,24 @@ dropout 0 / 25 epochs reproduced 28 of 28 answers for three seeds; 30 epochs lea
 """
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
 import torch
 
-from llm.finetune import (
-    IGNORE_INDEX,
-    BaseModelError,
-    FinetuneConfig,
-    TrainingCancelled,
-    add_lora,
-    answer_head_parts,
-    answer_loss,
-    checked_answer_head,
-    head_cross_entropy,
-    collate,
-    encode_example,
-    end_of_turn_id,
-    generate_answer,
-    list_checkpoints,
-    load_adapter,
-    load_base,
-    train,
-    train_model,
-    use_fast_lora_dropout,
-)
-from llm.prompting import END, Turn, question_text, render_conversation
+from llm.basemodel import BaseModelError
+from llm.finetune.checkpoints import list_checkpoints
+from llm.finetune.config import FinetuneConfig
+from llm.finetune.data import IGNORE_INDEX, collate, encode_example
+from llm.finetune.kernels import head_cross_entropy, use_fast_lora_dropout
+from llm.finetune.loop import TrainingCancelled, train, train_model
+from llm.finetune.loss import answer_head_parts, answer_loss, checked_answer_head
+from llm.generation import end_of_turn_id, generate_answer
+from llm.modeling import add_lora, load_adapter, load_base
+from llm.prompting import END, PromptFormat, Turn, question_text, read_prompt_format, render_conversation
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -98,6 +89,9 @@ def test_run_writes_adapter_config_and_metrics_and_no_checkpoints(memorised, rec
     saved_config = json.loads((out / "finetune_config.json").read_text())
     assert saved_config["lora_r"] == 16 and saved_config["target_modules"] == "all-linear"
     assert json.loads((out / "adapter" / "finetune_config.json").read_text()) == saved_config
+    # The tiny model has no chat template: trained, and to be served, in the Gemma format.
+    assert saved_config["prompt_format"] == metrics["prompt_format"] == "gemma"
+    assert read_prompt_format(out / "adapter") is PromptFormat.GEMMA
     assert json.loads((out / "metrics.json").read_text())["steps"] == metrics["steps"]
     assert not (out / "checkpoints").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
@@ -335,3 +329,11 @@ def test_config_refuses_unknown_choices():
     with pytest.raises(ValueError):
         FinetuneConfig(base_dtype="fp16")
     assert FinetuneConfig.from_dict({"lora_r": 4, "unknown": 1}).lora_r == 4
+
+
+def test_importing_the_finetune_config_does_not_import_torch():
+    # The Django side builds a FinetuneConfig in every process (training/services.py).
+    code = "import llm.finetune.config, sys; assert 'torch' not in sys.modules, 'torch was imported'"
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stderr

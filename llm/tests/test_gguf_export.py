@@ -13,14 +13,16 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from training import services
-from llm import finetune
+from llm.finetune.config import FinetuneConfig
+from llm.finetune.loop import train
+from llm.modeling import load_adapter, load_base
 from llm import gguf as gguf_export
 from llm.gguf import write_lora_gguf, write_model_gguf
 from training.models import AdapterVersion, BaseModel, DatasetSnapshot, TrainingRun
 from llm.prompting import END, START, Turn, question_text, render_conversation
 
 # Settings that make the tiny model memorise a handful of answers in seconds (as in chat/tests).
-MEMORISE = finetune.FinetuneConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, epochs=30, batch_size=4, bf16="off")
+MEMORISE = FinetuneConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, epochs=30, batch_size=4, bf16="off")
 # Measured: the f32 GGUF and transformers' fp32 agree on every greedy token of these prompts for
 # 128 tokens and more. Logits differ by ~1e-5 with an f32 KV cache, by ~5e-3 (logits up to ~5)
 # with llama.cpp's default f16 cache.
@@ -37,7 +39,7 @@ def faq():
 @pytest.fixture(scope="module")
 def memorised_adapter(tiny_model, faq, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf-adapter")
-    finetune.train(MEMORISE, tiny_model, faq, [], out)
+    train(MEMORISE, tiny_model, faq, [], out)
     return out / "adapter"
 
 
@@ -126,7 +128,7 @@ def test_llama_cpp_tokenises_text_with_turn_markers_exactly_like_the_hf_tokenize
 
 
 def test_tiny_model_gguf_continues_prompts_greedily_like_transformers_in_fp32(tiny_model, tokenizer, faq):
-    model, _ = finetune.load_base(tiny_model)
+    model, _ = load_base(tiny_model)
     llm = _llama(tiny_model / "gguf" / "model.gguf")
     exact = _llama(tiny_model / "gguf" / "model.gguf", f32_cache=True)
     prompts = [_prompt(faq[0]), _prompt(faq[3]), "您好！退货流程如下"]
@@ -189,7 +191,7 @@ def test_memorised_adapter_in_llama_cpp_answers_the_trained_questions_as_transfo
     tiny_model, tokenizer, memorised_adapter, faq, tmp_path
 ):
     lora = write_lora_gguf(memorised_adapter, tmp_path / "adapter.gguf")
-    peft_model, _ = finetune.load_adapter(tiny_model, memorised_adapter)
+    peft_model, _ = load_adapter(tiny_model, memorised_adapter)
     base = _llama(tiny_model / "gguf" / "model.gguf")
     adapted = _llama(tiny_model / "gguf" / "model.gguf", lora)
     stop = tokenizer.eos_token_id
@@ -221,7 +223,7 @@ def test_peft_scalings_other_than_alpha_over_r_give_the_same_update_in_llama_cpp
     (adapter / "adapter_config.json").write_text(json.dumps(config))
 
     lora = write_lora_gguf(adapter, base_dir=tiny_model)
-    peft_model, _ = finetune.load_adapter(tiny_model, adapter)
+    peft_model, _ = load_adapter(tiny_model, adapter)
     adapted = _llama(tiny_model / "gguf" / "model.gguf", lora, f32_cache=True)
     ids = tokenizer(_prompt(faq[0])).input_ids
     with torch.no_grad():
@@ -428,14 +430,14 @@ def test_a_gemma_lora_on_the_q4_k_m_gguf_continues_as_transformers_peft_does_on_
     base = settings.DATA_DIR / "models" / "gemma-3-270m"
     gguf_path = describe_checkpoint(base)["gguf_path"]
     records = json.loads(settings.CSP_SAMPLE_DATA[0].read_text(encoding="utf-8"))[:4]
-    config = finetune.FinetuneConfig(lora_r=8, lora_alpha=32, lora_dropout=0.0, epochs=8, batch_size=4, max_length=160, learning_rate=2e-3)
-    finetune.train(config, base, records, [], tmp_path / "run")
+    config = FinetuneConfig(lora_r=8, lora_alpha=32, lora_dropout=0.0, epochs=8, batch_size=4, max_length=160, learning_rate=2e-3)
+    train(config, base, records, [], tmp_path / "run")
     lora = write_lora_gguf(tmp_path / "run" / "adapter", base_dir=base)
     reader = gguf.GGUFReader(lora)
     assert reader.fields["general.architecture"].contents() == "gemma3" and len(reader.tensors) == 18 * 7 * 2
 
     tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    model, _ = finetune.load_adapter(base, tmp_path / "run" / "adapter")
+    model, _ = load_adapter(base, tmp_path / "run" / "adapter")
     plain, adapted = _llama(gguf_path), _llama(gguf_path, lora)
     stop = tokenizer.convert_tokens_to_ids(END)
     for record in records[:2]:

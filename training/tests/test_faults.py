@@ -15,7 +15,9 @@ import pytest
 from django.db import connections
 
 from training import services
-from llm import finetune
+from llm.finetune.checkpoints import list_checkpoints, save_adapter
+from llm.finetune.config import FinetuneConfig
+from llm.modeling import add_lora, load_adapter, load_base
 from llm import gguf as gguf_export
 from training.models import AdapterVersion, TrainingRun
 from training.snapshots import snapshot_create, snapshot_root
@@ -89,7 +91,7 @@ def test_sigterm_interrupts_the_run_at_a_checkpoint_and_resuming_loses_at_most_o
     assert run.status == TrainingRun.Status.INTERRUPTED, run.error or cluster.log_tail()
     assert f"interrupted at step {run.step} of 36" in run.log and not run.error
     interrupted_at = run.step
-    assert [step for step, _ in finetune.list_checkpoints(services.run_dir(run.pk))][-1] == interrupted_at >= signalled_at
+    assert [step for step, _ in list_checkpoints(services.run_dir(run.pk))][-1] == interrupted_at >= signalled_at
     assert not AdapterVersion.objects.exists()
 
     response = staff_api.post(f"/api/v1/training-runs/{run.pk}/resume/")  # staff resume it as a failed one
@@ -134,7 +136,7 @@ def _save_in_child(model, config, run, marker, tiny_model):
                     param.fill_(marker)
         work = services.run_dir(run.pk)
         work.mkdir(parents=True, exist_ok=True)
-        finetune.save_adapter(model, config, {"marker": marker}, work)
+        save_adapter(model, config, {"marker": marker}, work)
         gguf_export.write_lora_gguf(work / "adapter", base_dir=tiny_model)
         services.adapter_version_create(run=run, adapter_dir=work / "adapter", metrics={"marker": marker})
         status = 0
@@ -163,7 +165,7 @@ def _active_loads(tiny_model):
     """Whether the active version loads with peft, as the transformers engine loads it, with its own weights."""
     active = AdapterVersion.objects.get(is_active=True)
     try:
-        model, _tokenizer = finetune.load_adapter(tiny_model, active.path)
+        model, _tokenizer = load_adapter(tiny_model, active.path)
     except (OSError, ValueError, RuntimeError):
         return False
     weights = {name: param for name, param in model.named_parameters() if "lora_B" in name}
@@ -178,12 +180,12 @@ def _new_run(snapshot, base):
 def test_kill_during_adapter_save_at_50_random_points_leaves_the_active_adapter_loadable(tiny_model, training_env):
     _sample_pairs()
     base, snapshot = services.base_model_current(), snapshot_create()
-    config = finetune.FinetuneConfig(device="cpu")
-    model, _tokenizer = finetune.load_base(tiny_model, config)
-    model = finetune.add_lora(model, config)
+    config = FinetuneConfig(device="cpu")
+    model, _tokenizer = load_base(tiny_model, config)
+    model = add_lora(model, config)
     # Warm up here what a save imports on first use, or every forked child would import it again.
     (training_env / "warm-up").mkdir()
-    finetune.save_adapter(model, config, {}, training_env / "warm-up")
+    save_adapter(model, config, {}, training_env / "warm-up")
     gguf_export.write_lora_gguf(training_env / "warm-up" / "adapter", base_dir=tiny_model)
 
     # Two complete saves (v1 is the active one) measure how long a save takes.
@@ -237,21 +239,21 @@ def _stages_text(stages):
 def test_a_version_folder_left_by_a_killed_save_is_replaced_not_nested_into(tiny_model):
     _sample_pairs()
     base, snapshot = services.base_model_current(), snapshot_create()
-    config = finetune.FinetuneConfig(device="cpu")
-    model = finetune.add_lora(finetune.load_base(tiny_model, config)[0], config)
+    config = FinetuneConfig(device="cpu")
+    model = add_lora(load_base(tiny_model, config)[0], config)
     orphan_run, run = _new_run(snapshot, base), _new_run(snapshot, base)
     for each in (orphan_run, run):
         services.run_dir(each.pk).mkdir(parents=True)
     # A save killed between its rename and its commit: a complete v1 folder that no row names.
     for param in (p for n, p in model.named_parameters() if "lora_B" in n):
         param.data.fill_(7.0)
-    finetune.save_adapter(model, config, {}, services.run_dir(orphan_run.pk))
+    save_adapter(model, config, {}, services.run_dir(orphan_run.pk))
     services.adapters_root().mkdir(parents=True)
     os.rename(services.run_dir(orphan_run.pk) / "adapter", services.adapters_root() / "v1")
 
     for param in (p for n, p in model.named_parameters() if "lora_B" in n):
         param.data.fill_(3.0)
-    finetune.save_adapter(model, config, {}, services.run_dir(run.pk))
+    save_adapter(model, config, {}, services.run_dir(run.pk))
     version = services.adapter_version_create(run=run, adapter_dir=services.run_dir(run.pk) / "adapter", metrics={})
     assert version.name == "v1" and _lora_marker(services.adapters_root() / "v1") == 3.0
     assert not (services.adapters_root() / "v1" / "adapter").exists()
@@ -299,7 +301,7 @@ def test_a_full_disk_while_saving_fails_the_run_with_a_readable_reason_and_no_te
 
     # Space freed: the run resumes from what it had saved and ends with its version.
     monkeypatch.undo()
-    checkpoints = [step for step, _ in finetune.list_checkpoints(work)]
+    checkpoints = [step for step, _ in list_checkpoints(work)]
     assert services.training_run_resume(run=run) == bool(checkpoints)
     if checkpoints:
         assert run_training(run.pk) == "v1"

@@ -14,7 +14,8 @@ from django.conf import settings as django_settings
 from tests.support.livetest import database_env
 from knowledge.models import QAPair
 from training import services
-from llm import finetune
+from llm.generation import generate_answer
+from llm.modeling import load_adapter, load_base
 from training.models import AdapterVersion, TrainingRun
 
 pytestmark = pytest.mark.services
@@ -42,7 +43,7 @@ def _sample_pairs(train=12, dev=3):
 
 
 def _reproduced(model, tokenizer, pairs):
-    hits = [finetune.generate_answer(model, tokenizer, p.instruction, max_new_tokens=200) == p.output for p in pairs]
+    hits = [generate_answer(model, tokenizer, p.instruction, max_new_tokens=200) == p.output for p in pairs]
     return sum(hits) / len(hits)
 
 
@@ -64,9 +65,9 @@ def test_approved_pairs_become_an_active_adapter_version_through_the_q2_task(
     assert version.run == run and version.name == "v1" and version.is_active  # the first version serves at once
     assert version.size_bytes > 0 and not services.run_dir(run.pk).exists()  # work folder cleaned up
 
-    model, tokenizer = finetune.load_adapter(tiny_model, version.path)
+    model, tokenizer = load_adapter(tiny_model, version.path)
     assert _reproduced(model, tokenizer, train_pairs) >= 0.9
-    base, tokenizer = finetune.load_base(tiny_model)
+    base, tokenizer = load_base(tiny_model)
     assert _reproduced(base, tokenizer, train_pairs) == 0
 
 
@@ -141,7 +142,7 @@ def test_worker_killed_mid_run_fails_the_run_keeps_the_previous_adapter_and_resu
     assert run.status == TrainingRun.Status.FAILED and "heartbeat" in run.error
     assert AdapterVersion.objects.get(is_active=True) == previous
     assert sorted(p.name for p in services.adapters_root().iterdir()) == ["v1"]  # nothing half-written
-    model, tokenizer = finetune.load_adapter(tiny_model, previous.path)
+    model, tokenizer = load_adapter(tiny_model, previous.path)
     assert _reproduced(model, tokenizer, train_pairs) >= 0.9
 
     # Resume: the run continues from its last checkpoint, losing at most one interval.
