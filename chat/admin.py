@@ -1,9 +1,12 @@
 """Conversations and messages, read-only: the chat writes them, staff read and filter them.
+Also the review queue (chat.review_admin), and what chat, the top app, adds to the admin pages of
+the apps below it: a Q&A pair's source answer, and the adapter versions' serving status.
 
 The filters on answers (adapter version, rating) are subqueries (Exists), not joins: a join on
 messages would repeat a conversation once per matching answer and inflate the counts beside it.
 """
 
+from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import Avg, Case, Count, Exists, IntegerField, OuterRef, Prefetch, Q, Value, When
 from django.utils.html import format_html
@@ -11,7 +14,13 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from chat.handoff_admin import HandoffAdminMixin
-from chat.models import Conversation, Message
+from chat.inference_worker import workers as recent_workers
+from chat.models import Conversation, Message, ReviewItem
+from chat.review import review_flag
+from chat.review_admin import ReviewItemAdmin, drafted_from
+from chat.serving import engine_status
+from knowledge.admin import QAPairAdmin
+from training.admin import AdapterVersionAdmin
 from training.models import AdapterVersion
 
 ASSISTANT = Message.Role.ASSISTANT
@@ -195,12 +204,10 @@ class MessageAdmin(admin.ModelAdmin):
     actions = ("flag_for_review",)
 
     def has_flag_permission(self, request):
-        return request.user.has_perm("knowledge.change_reviewitem")
+        return request.user.has_perm("chat.change_reviewitem")
 
     @admin.action(description=_("Flag selected answers for the review queue"), permissions=["flag"])
     def flag_for_review(self, request, queryset):
-        from knowledge.services import review_flag
-
         changed = review_flag(answers=queryset, user=request.user)
         self.message_user(
             request, ngettext("%d answer flagged for review.", "%d answers flagged for review.", changed) % changed, messages.SUCCESS
@@ -215,3 +222,16 @@ class MessageAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+admin.site.register(ReviewItem, ReviewItemAdmin)
+QAPairAdmin.add_lineage(drafted_from)
+
+
+def serving_status(request):
+    """What serves the adapter versions: this process's engine, and in worker mode the workers."""
+    workers = recent_workers() if settings.CSP_INFERENCE_BACKEND == "worker" else None  # the model lives there
+    return {"engine": engine_status(), "workers": workers}
+
+
+AdapterVersionAdmin.add_changelist_context(serving_status)

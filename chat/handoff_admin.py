@@ -16,7 +16,9 @@ from django.utils.translation import gettext as _
 
 from chat import handoff
 from chat.models import Conversation, Message
+from chat.review import review_draft_pair
 from chat.services import ChatError
+from knowledge.models import QAPair
 
 
 class HandoffAdminMixin:
@@ -80,9 +82,6 @@ class HandoffAdminMixin:
             self._draft(request, conversation)
 
     def _draft(self, request, conversation):
-        from knowledge.models import QAPair
-        from knowledge.services import review_draft_pair
-
         if not request.user.has_perm("knowledge.add_qapair"):
             raise PermissionDenied
         reply_id = request.POST.get("draft", "").strip()

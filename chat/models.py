@@ -99,6 +99,14 @@ class Message(models.Model):
         related_name="+",
     )
     reviewed_at = models.DateTimeField(_("reviewed at"), null=True, blank=True)
+    draft_pairs = models.ManyToManyField(
+        "knowledge.QAPair",
+        through="DraftedPair",
+        verbose_name=_("draft pairs"),
+        related_name="drafted_from",
+        blank=True,
+        help_text=_("Q&A pairs drafted from this answer (or from this staff reply in a handoff)."),
+    )
     created_at = models.DateTimeField(_("created at"), auto_now_add=True, db_index=True)
 
     class Meta:
@@ -126,3 +134,46 @@ class Message(models.Model):
             .order_by("-id")
             .values("text")[:1]
         )
+
+
+class DraftedPair(models.Model):
+    """A Q&A pair drafted from a chat message: the review queue's answer, or a staff reply.
+
+    The link lives in chat, not on the pair, because the knowledge base sits below chat and
+    knows nothing of conversations. A pair comes from at most one message (one-to-one); a
+    message may be drafted into several pairs. Deleting either side drops the link only.
+    """
+
+    message = models.ForeignKey(Message, verbose_name=_("from answer"), on_delete=models.CASCADE, related_name="+")
+    pair = models.OneToOneField(
+        "knowledge.QAPair", verbose_name=_("Q&A pair"), on_delete=models.CASCADE, related_name="+"
+    )
+
+    class Meta:
+        verbose_name = _("pair drafted from an answer")
+        verbose_name_plural = _("pairs drafted from answers")
+
+    def __str__(self):
+        return f"#{self.pair_id} ← #{self.message_id}"
+
+
+class ReviewQueueManager(models.Manager):
+    def get_queryset(self):
+        return (
+            super()
+            .get_queryset()
+            .filter(role=Message.Role.ASSISTANT)
+            .filter(models.Q(rating=-1) | models.Q(flagged=True))
+        )
+
+
+class ReviewItem(Message):
+    """An answer rated 👎 or flagged by staff: the curation review queue (a proxy of Message)."""
+
+    objects = ReviewQueueManager()
+
+    class Meta:
+        proxy = True
+        ordering = ["-created_at", "-id"]
+        verbose_name = _("answer to review")
+        verbose_name_plural = _("review queue")

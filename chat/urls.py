@@ -3,11 +3,12 @@
 from django.urls import path
 from rest_framework.routers import DefaultRouter
 
-from chat import api_views
+from chat import api_views, review_views
 
 router = DefaultRouter(trailing_slash=True)
 router.include_root_view = False
 router.register("chat/conversations", api_views.ConversationViewSet, basename="conversation")
 router.register("chat/messages", api_views.MessageViewSet, basename="message")
+router.register("review-queue", review_views.ReviewItemViewSet, basename="reviewitem")
 
 urlpatterns = [path("chat/", api_views.ChatView.as_view(), name="chat"), *router.urls]

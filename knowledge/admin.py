@@ -1,20 +1,16 @@
 from django.contrib import admin, messages
-from django.contrib.admin.utils import unquote
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count
 from django.http import HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils.html import format_html, format_html_join
-from django.utils.text import Truncator
+from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from knowledge import formats, services
-from chat.models import Message
-from knowledge.forms import DraftFromAnswerForm, ImportForm, MoveToCategoryForm
-from knowledge.models import Category, QAPair, ReviewItem
-from training.lineage import versions_trained_on
+from knowledge.forms import ImportForm, MoveToCategoryForm
+from knowledge.models import Category, QAPair
 
 
 @admin.register(Category)
@@ -40,8 +36,7 @@ class QAPairAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     list_per_page = 50
     readonly_fields = (
-        "training_preview", "trained_into", "source_answer", "question_hash", "source", "created_by", "created_at",
-        "updated_by", "updated_at",
+        "training_preview", "question_hash", "source", "created_by", "created_at", "updated_by", "updated_at",
     )
     fieldsets = (
         (None, {"fields": ("instruction", "input", "output")}),
@@ -57,9 +52,12 @@ class QAPairAdmin(admin.ModelAdmin):
                 ),
             },
         ),
-        (_("Lineage"), {"fields": ("trained_into", "source_answer")}),
         (_("Record"), {"classes": ("collapse",), "fields": ("question_hash", "source", "created_by", "created_at", "updated_by", "updated_at")}),
     )
+    # Where a pair went and came from is known to the apps above the knowledge base (training: the
+    # versions trained on it; chat: the answer it was drafted from). Each adds its display function
+    # with add_lineage(), so this admin shows them without importing either.
+    lineage = ()
     actions = ("approve", "archive", "move_to_category", "export_json", "export_jsonl", "export_csv", "train_adapter")
 
     @admin.display(description=_("question"), ordering="instruction")
@@ -72,27 +70,19 @@ class QAPairAdmin(admin.ModelAdmin):
             return _("Save the pair to see its training text.")
         return format_html('<pre style="white-space: pre-wrap; margin: 0">{}</pre>', obj.training_text())
 
-    @admin.display(description=_("adapter versions trained on it"))
-    def trained_into(self, obj):
-        if obj.pk is None:
-            return "—"
-        versions = versions_trained_on(obj)
-        if not versions:
-            return _("None yet: approved pairs join the next training run's snapshot.")
-        return format_html_join(
-            ", ", '<a href="{}">{}</a>', ((reverse("admin:training_adapterversion_change", args=[v.pk]), v.name) for v in versions)
-        )
+    @classmethod
+    def add_lineage(cls, display):
+        """Show `display(pair)` (an @admin.display function) in the change form's Lineage section."""
+        cls.lineage = (*cls.lineage, display)
 
-    @admin.display(description=_("drafted from"))
-    def source_answer(self, obj):
-        answer = obj.source_message
-        if answer is None:
-            return "—"
-        return format_html(
-            '<a href="{}">{}</a> ({})', reverse("admin:knowledge_reviewitem_change", args=[answer.pk])
-            if answer.role == Message.Role.ASSISTANT else reverse("admin:chat_conversation_handoff", args=[answer.conversation_id]),
-            answer, answer.get_role_display(),
-        )
+    def get_readonly_fields(self, request, obj=None):
+        return (*super().get_readonly_fields(request, obj), *self.lineage)
+
+    def get_fieldsets(self, request, obj=None):
+        fieldsets = super().get_fieldsets(request, obj)
+        if not self.lineage:
+            return fieldsets
+        return (*fieldsets[:-1], (_("Lineage"), {"fields": self.lineage}), fieldsets[-1])
 
     def save_model(self, request, obj, form, change):
         if not change:
@@ -233,135 +223,3 @@ class QAPairAdmin(admin.ModelAdmin):
         changelist = self.get_changelist_instance(request)
         return self._export(changelist.get_queryset(request), file_format)
 
-
-# --- The review queue: answers rated 👎 or flagged, turned into draft pairs ---
-
-
-class ReviewStatusFilter(admin.SimpleListFilter):
-    """Waiting answers by default: the queue is the work still to do."""
-
-    title = _("review")
-    parameter_name = "review"
-    ALL = "all"
-
-    def lookups(self, request, model_admin):
-        return [
-            (None, _("Waiting for review")),
-            (Message.ReviewStatus.DRAFTED, _("Drafted")),
-            (Message.ReviewStatus.DISMISSED, _("Dismissed")),
-            (self.ALL, _("All")),
-        ]
-
-    def choices(self, changelist):
-        for value, label in self.lookup_choices:
-            yield {
-                "selected": self.value() == value,
-                "query_string": changelist.get_query_string({self.parameter_name: value} if value else {}, [self.parameter_name]),
-                "display": label,
-            }
-
-    def queryset(self, request, queryset):
-        value = self.value()
-        if value == self.ALL:
-            return queryset
-        if value in (Message.ReviewStatus.DRAFTED, Message.ReviewStatus.DISMISSED):
-            return queryset.filter(review_status=value)
-        return queryset.filter(review_status=Message.ReviewStatus.PENDING)
-
-
-class ReviewReasonFilter(admin.SimpleListFilter):
-    title = _("reason")
-    parameter_name = "reason"
-
-    def lookups(self, request, model_admin):
-        return [("disliked", _("Rated 👎 by the customer")), ("flagged", _("Flagged by staff"))]
-
-    def queryset(self, request, queryset):
-        if self.value() == "disliked":
-            return queryset.filter(rating=-1)
-        if self.value() == "flagged":
-            return queryset.filter(flagged=True)
-        return queryset
-
-
-@admin.register(ReviewItem)
-class ReviewItemAdmin(admin.ModelAdmin):
-    """Open an answer to see its conversation and turn it into a draft pair with a corrected answer."""
-
-    list_display = ("created_at", "customer_question", "answer", "rating", "flagged", "feedback_comment", "adapter_version", "review_status")
-    list_display_links = ("created_at", "customer_question")
-    list_filter = (ReviewStatusFilter, ReviewReasonFilter, "adapter_version", "conversation__channel")
-    list_select_related = ("adapter_version",)
-    search_fields = ("text", "feedback_comment")
-    date_hierarchy = "created_at"
-    list_per_page = 50
-    actions = ("dismiss",)
-
-    def get_queryset(self, request):
-        return super().get_queryset(request).annotate(_question=Message.question_text())
-
-    @admin.display(description=_("customer's question"), ordering="_question")
-    def customer_question(self, obj):
-        return Truncator(obj._question or "").chars(80)
-
-    @admin.display(description=_("answer"))
-    def answer(self, obj):
-        return Truncator(obj.text).chars(80)
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
-    @admin.action(description=_("Dismiss selected answers (no pair needed)"), permissions=["change"])
-    def dismiss(self, request, queryset):
-        changed = services.review_dismiss(answers=queryset, user=request.user)
-        self.message_user(request, ngettext("%d answer dismissed.", "%d answers dismissed.", changed) % changed, messages.SUCCESS)
-
-    def change_view(self, request, object_id, form_url="", extra_context=None):
-        item = self.get_object(request, unquote(object_id))
-        if item is None:
-            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
-        if not self.has_view_or_change_permission(request, item):
-            raise PermissionDenied
-        can_draft = self.has_change_permission(request, item) and request.user.has_perm("knowledge.add_qapair")
-        question = item.question()
-        if request.method == "POST":
-            if not can_draft:
-                raise PermissionDenied
-            if "dismiss" in request.POST:
-                services.review_dismiss(answers=ReviewItem.objects.filter(pk=item.pk), user=request.user)
-                self.message_user(request, _("The answer was dismissed."), messages.SUCCESS)
-                return HttpResponseRedirect(reverse("admin:knowledge_reviewitem_changelist"))
-            form = DraftFromAnswerForm(request.POST)
-            if form.is_valid():
-                try:
-                    pair = services.review_draft_pair(answer=item, user=request.user, **form.cleaned_data)
-                except ValidationError as exc:
-                    for field, errors in exc.message_dict.items():
-                        form.add_error(field if field in form.fields else None, errors)
-                else:
-                    url = reverse("admin:knowledge_qapair_change", args=[pair.pk])
-                    self.message_user(
-                        request,
-                        format_html(_('Draft pair <a href="{}">#{}</a> created; approve it to train on it.'), url, pair.pk),
-                        messages.SUCCESS,
-                    )
-                    return HttpResponseRedirect(reverse("admin:knowledge_reviewitem_changelist"))
-        else:
-            form = DraftFromAnswerForm(initial={"instruction": question.text if question else "", "output": item.text})
-        context = {
-            **self.admin_site.each_context(request),
-            "opts": self.opts,
-            "title": _("Review an answer"),
-            "item": item,
-            "question": question,
-            "conversation": item.conversation.messages.select_related("adapter_version").order_by("created_at", "id"),
-            "drafts": item.draft_pairs.all(),
-            "form": form,
-            "can_draft": can_draft,
-            "original": item,
-            "has_view_permission": True,
-        }
-        return TemplateResponse(request, "admin/knowledge/reviewitem/review.html", context)

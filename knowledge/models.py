@@ -8,7 +8,6 @@ from django.core.validators import MaxLengthValidator
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
-from chat.models import Message
 from llm.prompting import question_text, render_training_example
 
 INSTRUCTION_MAX_LENGTH = 2000
@@ -100,16 +99,6 @@ class QAPair(models.Model):
         editable=False,
         help_text=_("SHA-256 of the normalised question; the same question is stored once."),
     )
-    source_message = models.ForeignKey(
-        "chat.Message",
-        verbose_name=_("from answer"),
-        null=True,
-        blank=True,
-        on_delete=models.SET_NULL,
-        related_name="draft_pairs",
-        editable=False,
-        help_text=_("The chat answer this pair was drafted from (feedback or a staff reply in a handoff)."),
-    )
     created_at = models.DateTimeField(_("created at"), auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(_("updated at"), auto_now=True)
     created_by = models.ForeignKey(
@@ -188,24 +177,3 @@ class QAPair(models.Model):
             "id": self.pk,
         }
 
-
-class ReviewQueueManager(models.Manager):
-    def get_queryset(self):
-        return (
-            super()
-            .get_queryset()
-            .filter(role=Message.Role.ASSISTANT)
-            .filter(models.Q(rating=-1) | models.Q(flagged=True))
-        )
-
-
-class ReviewItem(Message):
-    """An answer rated 👎 or flagged by staff: the curation review queue (a proxy of chat.Message)."""
-
-    objects = ReviewQueueManager()
-
-    class Meta:
-        proxy = True
-        ordering = ["-created_at", "-id"]
-        verbose_name = _("answer to review")
-        verbose_name_plural = _("review queue")

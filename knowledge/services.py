@@ -10,10 +10,8 @@ from django.conf import settings
 from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from chat.models import Message
 from knowledge import formats
 from knowledge.models import (
     INPUT_MAX_LENGTH,
@@ -342,28 +340,23 @@ def qa_move_to_category(*, pairs, category, user):
     return _bulk_update(pairs, user, _("Moved to category %(name)s.") % {"name": category.name}, category=category)
 
 
-# --- Curation from chat: the review queue ---
+# --- Drafts from elsewhere (chat's review queue and handoff replies) ---
 
 
-def review_draft_pair(*, answer, output, instruction=None, input="", category=None, user=None, source=None):
-    """Turn a chat answer into a draft QAPair: the customer's question, a corrected answer.
+def qa_draft_create(*, instruction, output, source, note, input="", category=None, user=None):
+    """Store a draft QAPair after the checks the admin runs; returns it, recorded in the history.
 
-    `instruction` defaults to the customer's message the answer replied to. The pair keeps a link
-    to the answer (`source_message`), which leaves the review queue as "drafted". Raises
-    ValidationError (by field: instruction, input, output) and stores nothing when the pair is not
-    acceptable, e.g. when the same question is already stored (the error names that pair).
+    Raises ValidationError (by field: instruction, input, output) and stores nothing when the
+    pair is not acceptable, e.g. when the same question is already stored (the error names that
+    pair). `note` says in the admin history where the draft came from.
     """
-    if instruction is None:
-        question = answer.question()
-        instruction = question.text if question is not None else ""
     pair = QAPair(
         instruction=(instruction or "").strip(),
         input=(input or "").strip(),
         output=(output or "").strip(),
         category=category,
         status=QAPair.Status.DRAFT,
-        source=source or QAPair.Source.FEEDBACK,
-        source_message=answer,
+        source=source,
         created_by=user,
         updated_by=user,
     )
@@ -376,25 +369,6 @@ def review_draft_pair(*, answer, output, instruction=None, input="", category=No
                 errors.setdefault(name, messages)  # a field's own error first; clean() repeats "blank"
     if errors:
         raise ValidationError(errors)
-    with transaction.atomic():
-        pair.save()
-        answer.review_status = Message.ReviewStatus.DRAFTED
-        answer.reviewed_by = user
-        answer.reviewed_at = timezone.now()
-        answer.save(update_fields=["review_status", "reviewed_by", "reviewed_at"])
-        _log(user, [pair], ADDITION, _("Drafted from chat answer #%(id)s.") % {"id": answer.pk})
+    pair.save()
+    _log(user, [pair], ADDITION, note)
     return pair
-
-
-def review_dismiss(*, answers, user=None):
-    """Take answers out of the review queue without a pair; returns how many changed."""
-    return answers.filter(review_status=Message.ReviewStatus.PENDING).update(
-        review_status=Message.ReviewStatus.DISMISSED, reviewed_by=user, reviewed_at=timezone.now()
-    )
-
-
-def review_flag(*, answers, user=None):
-    """Put answers into the review queue (staff's own judgement, whatever the customer rated)."""
-    return answers.filter(role=Message.Role.ASSISTANT).exclude(flagged=True).update(
-        flagged=True, review_status=Message.ReviewStatus.PENDING
-    )

@@ -8,6 +8,5 @@ router = DefaultRouter(trailing_slash=True)
 router.include_root_view = False
 router.register("qa-pairs", views.QAPairViewSet, basename="qapair")
 router.register("categories", views.CategoryViewSet, basename="category")
-router.register("review-queue", views.ReviewItemViewSet, basename="reviewitem")
 
 urlpatterns = router.urls

@@ -1,4 +1,3 @@
-from django.conf import settings
 from django.contrib import admin, messages
 from django.http import HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404
@@ -8,6 +7,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
+from knowledge.admin import QAPairAdmin
 from knowledge.models import QAPair
 from training import lineage, services
 from training.charts import loss_chart_svg
@@ -209,15 +209,19 @@ class AdapterVersionAdmin(ReadOnlyAdmin):
     exclude = ("metrics",)
     actions = ("activate", "rollback")
 
+    # What serves the versions (the engine, the inference workers) is chat's, above training:
+    # chat.admin adds a function (request) -> context for this page with add_changelist_context().
+    changelist_context = ()
+
+    @classmethod
+    def add_changelist_context(cls, provider):
+        cls.changelist_context = (*cls.changelist_context, provider)
+
     def changelist_view(self, request, extra_context=None):
-        from chat.serving import engine_status
-
-        workers = None
-        if settings.CSP_INFERENCE_BACKEND == "worker":  # the model lives in the inference workers
-            from chat.inference_worker import workers as recent_workers
-
-            workers = recent_workers()
-        return super().changelist_view(request, {**(extra_context or {}), "engine": engine_status(), "workers": workers})
+        context = dict(extra_context or {})
+        for provider in self.changelist_context:
+            context.update(provider(request))
+        return super().changelist_view(request, context)
 
     def has_activate_permission(self, request):
         return request.user.has_perm("training.change_adapterversion")
@@ -296,3 +300,19 @@ class RetrainingPolicyAdmin(admin.ModelAdmin):
             _("next run"),
             schedule.next_run,
         )
+
+
+@admin.display(description=_("adapter versions trained on it"))
+def trained_into(pair):
+    """The Q&A pair page's link to the versions trained on the pair (knowledge knows no versions)."""
+    if pair.pk is None:
+        return "—"
+    versions = lineage.versions_trained_on(pair)
+    if not versions:
+        return _("None yet: approved pairs join the next training run's snapshot.")
+    return format_html_join(
+        ", ", '<a href="{}">{}</a>', ((reverse("admin:training_adapterversion_change", args=[v.pk]), v.name) for v in versions)
+    )
+
+
+QAPairAdmin.add_lineage(trained_into)

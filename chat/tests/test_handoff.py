@@ -227,7 +227,7 @@ def test_staff_work_a_handoff_from_the_admin(staff_client, staff_user):
     reply = conversation.messages.get(role="agent")
 
     staff_client.post(url, {"draft": str(reply.pk)})
-    pair = QAPair.objects.get(source_message=reply)
+    pair = QAPair.objects.get(drafted_from=reply)
     assert (pair.instruction, pair.output, pair.source, pair.status) == (
         "用户问：发票怎么开？", "在订单详情页点“申请发票”即可。", "handoff", "draft"
     )
@@ -260,7 +260,7 @@ def test_staff_without_the_change_permission_can_read_but_not_act(staff_client, 
 def test_staff_flag_answers_into_the_review_queue(staff_client):
     from django.urls import reverse
 
-    from knowledge.models import ReviewItem
+    from chat.models import ReviewItem
 
     conversation = Conversation.objects.create(session_key="s")
     question = Message.objects.create(conversation=conversation, role="user", text="用户问：几点发货？")

@@ -5,14 +5,15 @@ from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 
+from chat import review
 from chat import services as chat_services
-from chat.models import Conversation, Message
+from chat.models import Conversation, Message, ReviewItem
 from knowledge import services
-from knowledge.models import QAPair, ReviewItem
+from knowledge.models import QAPair
 from knowledge.tests.factories import make_category, make_pair
 from training.snapshots import snapshot_create
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.services]
 
 QUESTION = "用户问：运费险怎么理赔？"
 BAD_ANSWER = "您好，请联系客服。"
@@ -38,7 +39,7 @@ def test_the_queue_holds_disliked_and_flagged_answers_only():
     unrated = _exchange("用户问：包邮吗？", "满99包邮。")
     customer_question = Message.objects.get(conversation=disliked.conversation, text=QUESTION)
     assert list(ReviewItem.objects.all()) == [disliked]
-    services.review_flag(answers=Message.objects.filter(pk__in=[unrated.pk, customer_question.pk]))
+    review.review_flag(answers=Message.objects.filter(pk__in=[unrated.pk, customer_question.pk]))
     assert set(ReviewItem.objects.all()) == {disliked, unrated}  # a customer's message is never flagged
     assert liked.question().text == "用户问：几天发货？"
 
@@ -54,7 +55,7 @@ def test_dislike_to_draft_to_approved_pair_reaches_the_next_snapshot(staff_api, 
     assert response.status_code == 201, response.content
     pair = QAPair.objects.get(pk=response.json()["id"])
     assert (pair.instruction, pair.output, pair.status, pair.source) == (QUESTION, GOOD_ANSWER, "draft", "feedback")
-    assert pair.source_message == answer and pair.created_by == staff_user
+    assert list(pair.drafted_from.all()) == [answer] and pair.created_by == staff_user
     answer.refresh_from_db()
     assert answer.review_status == "drafted" and answer.reviewed_by == staff_user
     assert staff_api.get("/api/v1/review-queue/").json()["results"] == []  # it left the queue
@@ -103,11 +104,11 @@ def test_admin_review_page_shows_the_conversation_and_drafts_a_corrected_pair(st
     category = make_category("退换货")
     answer = _exchange(rating=-1)
     _exchange("用户问：几天发货？", "48小时内发货。", rating=1)
-    changelist = staff_client.get(reverse("admin:knowledge_reviewitem_changelist"))
+    changelist = staff_client.get(reverse("admin:chat_reviewitem_changelist"))
     assert changelist.status_code == 200
     assert list(changelist.context["cl"].result_list) == [answer]  # waiting ones only, by default
 
-    url = reverse("admin:knowledge_reviewitem_change", args=[answer.pk])
+    url = reverse("admin:chat_reviewitem_change", args=[answer.pk])
     page = staff_client.get(url)
     assert page.status_code == 200
     html = page.content.decode()
@@ -116,15 +117,15 @@ def test_admin_review_page_shows_the_conversation_and_drafts_a_corrected_pair(st
 
     posted = staff_client.post(url, {"instruction": QUESTION, "input": "", "output": GOOD_ANSWER, "category": category.pk, "draft": "1"})
     assert posted.status_code == 302
-    pair = QAPair.objects.get(source_message=answer)
+    pair = QAPair.objects.get(drafted_from=answer)
     assert (pair.output, pair.category, pair.status) == (GOOD_ANSWER, category, "draft")
-    assert list(staff_client.get(reverse("admin:knowledge_reviewitem_changelist")).context["cl"].result_list) == []
+    assert list(staff_client.get(reverse("admin:chat_reviewitem_changelist")).context["cl"].result_list) == []
 
 
 def test_admin_review_page_keeps_the_reviewers_text_when_the_pair_is_refused(staff_client):
     existing = make_pair(instruction=QUESTION)
     answer = _exchange(rating=-1)
-    url = reverse("admin:knowledge_reviewitem_change", args=[answer.pk])
+    url = reverse("admin:chat_reviewitem_change", args=[answer.pk])
     page = staff_client.post(url, {"instruction": QUESTION, "output": GOOD_ANSWER, "draft": "1"})
     assert page.status_code == 200
     assert f"#{existing.pk}" in page.context["form"].errors["instruction"][0]  # names the stored pair
@@ -134,3 +135,16 @@ def test_admin_review_page_keeps_the_reviewers_text_when_the_pair_is_refused(sta
     assert dismissed.status_code == 302
     answer.refresh_from_db()
     assert answer.review_status == "dismissed" and QAPair.objects.count() == 1
+
+
+def test_a_pair_page_links_to_the_answer_it_was_drafted_from_and_the_pair_outlives_the_answer(staff_client, staff_user):
+    answer = _exchange(rating=-1)
+    pair = review.review_draft_pair(answer=answer, output=GOOD_ANSWER, user=staff_user)
+    pair_page = reverse("admin:knowledge_qapair_change", args=[pair.pk])
+    answer_page = reverse("admin:chat_reviewitem_change", args=[answer.pk])
+    assert answer_page in staff_client.get(pair_page).content.decode()
+
+    answer.conversation.delete()
+    assert QAPair.objects.filter(pk=pair.pk).exists()  # the pair stays, only the link goes
+    page = staff_client.get(pair_page)
+    assert page.status_code == 200 and answer_page not in page.content.decode()
