@@ -18,7 +18,7 @@ import websocket
 from django.core.cache.backends.redis import RedisCache
 from rest_framework.authtoken.models import Token
 
-from chat.inference_worker import WORKERS_KEY, WorkerEngine
+from chat.inference.client import WORKERS_KEY, WorkerEngine
 from chat.serving import active_engine, engine_config
 from chat.tests.conftest import backend_settings
 from tests.support.livetest import ROOT, TEST_REDIS_URL, database_env, live_daphne, stop

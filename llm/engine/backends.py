@@ -1,6 +1,6 @@
 """Which inference backend serves, and why: transformers (any checkpoint, GPU) or llama.cpp (GGUF, CPU).
 
-    engine = make_engine(config, "auto")     # an Engine or a LlamaCppEngine, loaded on first use
+    engine = make_engine(config, "auto")     # a TransformersEngine or a LlamaCppEngine, loaded on first use
     engine.backend, engine.backend_reason    # "llamacpp", "auto: a CPU-only host and ... has a GGUF ..."
 
 `auto` takes llama.cpp on a CPU-only host when the base checkpoint has a GGUF beside it (found by
@@ -14,22 +14,22 @@ surprise at the first chat. Nothing here imports Django.
 import logging
 from pathlib import Path
 
-from llm.engine.events import EngineError
+from llm.basemodel import BaseModelError, describe_checkpoint
+from llm.engine.events import BackendUnavailable
+from llm.engine.llamacpp import LlamaCppEngine
+from llm.engine.openai import OpenAIEngine
+from llm.engine.transformers import TransformersEngine
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "transformers", "llamacpp", "worker", "openai")
 
-
-class BackendUnavailable(EngineError):
-    """The configured backend cannot serve this base model on this host."""
+__all__ = ["BACKENDS", "BackendUnavailable", "base_gguf", "choose_backend", "llamacpp_problem", "make_engine"]
 
 
 def base_gguf(base_dir):
     """The GGUF of the base checkpoint, or None (also when the checkpoint itself is missing: the
     transformers engine reports that, with its own message, on first use)."""
-    from llm.basemodel import BaseModelError, describe_checkpoint
-
     try:
         found = describe_checkpoint(base_dir)["gguf_path"]
     except BaseModelError:
@@ -96,15 +96,15 @@ def make_engine(config, backend="auto", *, worker_class=None):
     layer), so its caller passes the class: this package never imports an app."""
     name, reason = choose_backend(backend, config)
     if name == "llamacpp":
-        from llm.engine.llamacpp import LlamaCppEngine as engine_class
+        engine_class = LlamaCppEngine
     elif name == "worker":
         if worker_class is None:
             raise BackendUnavailable("the worker backend is served by the Django side (chat.serving)")
         engine_class = worker_class
     elif name == "openai":
-        from llm.engine.openai_remote import OpenAIEngine as engine_class
+        engine_class = OpenAIEngine
     else:
-        from llm.engine.engine import Engine as engine_class
+        engine_class = TransformersEngine
     engine = engine_class(config)
     engine.backend_reason = reason
     return engine

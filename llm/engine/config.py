@@ -83,3 +83,20 @@ class EngineConfig:
     @property
     def max_message_chars(self):
         return self.chars_per_token * self.max_input_tokens
+
+
+def clamp_limits(config, max_new_tokens, temperature, top_p):
+    """A client's (max_new_tokens, temperature, top_p), None for the defaults, clamped to the
+    server's caps; ValueError for what no clamp can mend. Remote engines apply it too."""
+    max_new_tokens = config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    temperature = config.temperature if temperature is None else float(temperature)
+    top_p = config.top_p if top_p is None else float(top_p)
+    if math.isnan(temperature) or math.isnan(top_p) or top_p <= 0:
+        raise ValueError(f"temperature must be a number and top_p in (0, 1]; got {temperature}, {top_p}")
+    return (
+        min(max_new_tokens, config.max_new_tokens),
+        min(max(temperature, 0.0), config.max_temperature),
+        min(top_p, 1.0),
+    )

@@ -40,25 +40,81 @@ class Done:
     stats: Stats
 
 
-class EngineError(Exception):
-    """Base class of the engine's refusals."""
+class WireError(Exception):
+    """An error with a `code`, the word every transport sends for it (the websocket's error frame,
+    the REST body, the inference worker's refusal), so a transport maps one code to its status
+    instead of keeping its own map of exception classes."""
+
+    code = "unavailable"
+
+    def details(self):
+        """The fields beside `code` and `message` that a client needs (retry_after, the limit)."""
+        return {}
+
+    def wire(self):
+        """{"code", "message", ...details}: JSON types only, what crosses a process boundary."""
+        return {"code": self.code, "message": str(self), **self.details()}
+
+
+class EngineError(WireError):
+    """Base class of the engine's refusals; as such: the model cannot answer now (it cannot be
+    loaded, a remote side does not answer)."""
+
+    code = "unavailable"
 
 
 class EngineBusy(EngineError):
     """K requests decode and Q wait already: come back in `retry_after` seconds (never queued)."""
 
+    code = "busy"
+
     def __init__(self, retry_after):
         self.retry_after = retry_after
         super().__init__(f"the engine is busy; retry in {retry_after} s")
+
+    def details(self):
+        return {"retry_after": self.retry_after}
 
 
 class InputTooLong(EngineError):
     """The new message (with the system prompt) cannot fit the prompt budget even alone."""
 
+    code = "too_long"
+
     def __init__(self, message, *, limit, size, unit):
         self.limit, self.size, self.unit = limit, size, unit
         super().__init__(message)
 
+    def details(self):
+        return {"limit": self.limit, "size": self.size, "unit": self.unit}
+
 
 class EngineClosed(EngineError):
     """The engine was closed; it takes no more requests."""
+
+    code = "closed"
+
+
+class BackendUnavailable(EngineError):
+    """The configured backend cannot serve this base model on this host."""
+
+
+class InvalidRequest(WireError, ValueError):
+    """The request itself is wrong (an option out of range, an adapter that is not there),
+    refused by another process: a ValueError, as a local engine raises it."""
+
+    code = "invalid"
+
+
+def error_from_wire(data):
+    """The exception a `wire()` dict stands for (an unknown code: EngineError, "unavailable")."""
+    code, message = data.get("code"), data.get("message", "")
+    if code == EngineBusy.code:
+        return EngineBusy(retry_after=data.get("retry_after", 1))
+    if code == InputTooLong.code:
+        return InputTooLong(message, limit=data.get("limit"), size=data.get("size"), unit=data.get("unit"))
+    if code == EngineClosed.code:
+        return EngineClosed(message)
+    if code == InvalidRequest.code:
+        return InvalidRequest(message)
+    return EngineError(message)

@@ -4,7 +4,7 @@
     engine = LlamaCppEngine(EngineConfig(base_dir="var/models/gemma-3-270m"))   # the contract of Engine
 
 The contract (submit/stream/generate, admission, limits, cancellation, adapters) is
-`llm.engine.base.BaseEngine`'s. What differs is below it:
+`llm.engine.local.LocalEngine`'s. What differs is below it:
 
 - Prompts are rendered and tokenised exactly as for transformers (`fit_conversation` with the
   checkpoint's Hugging Face tokenizer) and fed to llama.cpp as ids; generated ids are turned into
@@ -12,7 +12,7 @@ The contract (submit/stream/generate, admission, limits, cancellation, adapters)
   sides, else the GGUF is refused: its vocabulary is not the checkpoint's.
 - One llama model (the GGUF beside the checkpoint, memory-mapped) and one llama context per
   adapter version in use: a LoRA applies to a whole context, not to a sequence. The base model's
-  context serves adapter None. Each running request is a sequence id in its context's KV cache.
+  context serves adapter None. Each running Sequence is a sequence id in its context's KV cache.
 - Each loop iteration fills one `llama_batch` per context with a token for every decoding
   sequence plus up to `prefill_chunk` prompt tokens of newcomers (in all), runs one `llama_decode`
   per context, and takes the next token of each sequence that asked for logits (greedy or
@@ -28,9 +28,12 @@ import ctypes
 import logging
 import math
 import os
+from pathlib import Path
 
-from llm.engine.base import BaseEngine
+from llm.basemodel import BaseModelError, describe_checkpoint
 from llm.engine.events import ERROR, EngineError
+from llm.engine.local import LocalEngine
+from llm.engine.sequence import RUNNING
 
 logger = logging.getLogger(__name__)
 llama_logger = logging.getLogger("llm.engine.llama_cpp")  # llama.cpp's own messages
@@ -39,6 +42,16 @@ llama_logger = logging.getLogger("llm.engine.llama_cpp")  # llama.cpp's own mess
 # vocabulary: special tokens, Chinese, digits, punctuation, spaces and a newline.
 PROBE_TURNS = (("user", "如何退货？Order #12345 arrives in 3-5 days."), ("assistant", "您好！请在 7 天内申请。"), ("user", "OK, thanks"))
 PROBE_SYSTEM = "你是星河商城的客服。"
+
+
+def base_gguf(base_dir):
+    """The GGUF of the base checkpoint, or None (also when the checkpoint itself is missing: the
+    transformers engine reports that, with its own message, on first use)."""
+    try:
+        found = describe_checkpoint(base_dir)["gguf_path"]
+    except BaseModelError:
+        return None
+    return Path(found) if found and Path(found).is_file() else None
 
 
 def _log_to_python(level, text, user_data):
@@ -76,20 +89,20 @@ class _Context:
         self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
         self.free = list(range(sequences - 1, -1, -1))  # sequence ids not in use; pop() takes 0 first
         self.sequences = sequences
-        self.rows = []  # requests decoding in it (their prompt is in the cache)
+        self.rows = []  # sequences decoding in it (their prompt is in the cache)
 
     @property
     def idle(self):
         return len(self.free) == self.sequences
 
 
-class LlamaCppEngine(BaseEngine):
+class LlamaCppEngine(LocalEngine):
     backend = "llamacpp"
     adapter_file = "adapter.gguf"
     adapter_hint = "; `python manage.py export_gguf_adapters` writes it"
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, **options):
+        super().__init__(config, **options)
         self.gguf_path = None
         self._llama = self._numpy = self._torch = None  # modules, imported by load()
         self._model = None  # llama_model *
@@ -107,8 +120,7 @@ class LlamaCppEngine(BaseEngine):
         import torch
         from transformers import AutoTokenizer
 
-        from llm.engine.backends import base_gguf
-        from llm.finetune import BaseModelError
+        from llm.generation import stop_token_ids
 
         gguf = base_gguf(self.config.base_dir)
         if gguf is None:
@@ -131,7 +143,7 @@ class LlamaCppEngine(BaseEngine):
         try:
             vocab = llama_cpp.llama_model_get_vocab(model)
             self._check_vocabulary(llama_cpp, vocab, tokenizer, gguf)
-            self._use_tokenizer(tokenizer, llama_cpp.llama_model_n_ctx_train(model))
+            self._use_tokenizer(tokenizer, llama_cpp.llama_model_n_ctx_train(model), stop_token_ids(tokenizer))
             if self.config.max_active > llama_cpp.llama_max_parallel_sequences():
                 raise ValueError(
                     f"max_active={self.config.max_active} is more than the "
@@ -146,7 +158,7 @@ class LlamaCppEngine(BaseEngine):
         self.device = "cpu"
         self.dtype = quantisation_name(llama_cpp, llama_cpp.llama_model_ftype(model))
         self.dtype_reason = f"the quantisation of {gguf.name}, on {self._threads} CPU threads"
-        if self._current is None:
+        if self.adapters.current is None:
             self._contexts[None] = self._new_context(None)
 
     def _check_vocabulary(self, llama_cpp, vocab, tokenizer, gguf):
@@ -222,14 +234,11 @@ class LlamaCppEngine(BaseEngine):
     # -----------------------------------------------------------------------------------------
     # adapters
 
-    def _load_adapter_weights(self, name):
-        """Under _model_lock: load the adapter's GGUF LoRA and give it a context."""
-        adapter = self._adapters[name]
-        if adapter.loaded:
-            return
+    def _load_adapter_weights(self, name, path):
+        """Under the model lock: load the adapter's GGUF LoRA and give it a context."""
         if self._model is None:
             raise EngineError("the engine is closed")
-        path = adapter.path / self.adapter_file
+        path = path / self.adapter_file
         if not path.is_file():  # removed since it was read
             raise FileNotFoundError(f"{str(path)!r} is missing{self.adapter_hint}")
         lora = self._llama.llama_adapter_lora_init(self._model, str(path).encode())
@@ -241,7 +250,6 @@ class LlamaCppEngine(BaseEngine):
             self._llama.llama_adapter_lora_free(lora)
             raise
         self._loras[name], self._contexts[name] = lora, context
-        adapter.loaded = True
         logger.info("adapter %s loaded from %s", name, path)
 
     def _unload_adapter_weights(self, name):
@@ -262,96 +270,95 @@ class LlamaCppEngine(BaseEngine):
     def _base_context_unused(self):
         base = self._contexts.get(None)
         return (
-            base is not None and base.idle and self._current is not None
-            and not any(request.adapter is None for request in self._prefilling)
+            base is not None and base.idle and self.adapters.current is not None
+            and not any(sequence.adapter is None for sequence in self.scheduler.prefilling)
         )
 
     def _rows(self):
-        return [request for context in list(self._contexts.values()) for request in context.rows]
+        return [sequence for context in list(self._contexts.values()) for sequence in context.rows]
 
     def _clear_rows(self):
         for context in list(self._contexts.values()):
             context.rows.clear()
 
-    def _free_slot(self, request):
-        slot, request._slot = request._slot, None
+    def _free_slot(self, sequence):
+        slot, sequence.slot = sequence.slot, None
         if slot is None:
             return
-        context, sequence = slot
+        context, seq_id = slot
         with self._model_lock:
-            self._llama.llama_memory_seq_rm(context.memory, sequence, -1, -1)
-        if request in context.rows:
-            context.rows.remove(request)
-        context.free.append(sequence)
+            self._llama.llama_memory_seq_rm(context.memory, seq_id, -1, -1)
+        if sequence in context.rows:
+            context.rows.remove(sequence)
+        context.free.append(seq_id)
 
     def _step(self):
-        with self._model_lock, self._state:
+        with self._model_lock, self.scheduler.lock:
             if self._base_context_unused():  # the base model's context after a swap to an adapter
                 self._free_context(self._contexts.pop(None))
         for context in list(self._contexts.values()):
-            for request in list(context.rows):
-                reason = self._reason_to_end(request)
+            for sequence in list(context.rows):
+                reason = self._reason_to_end(sequence)
                 if reason:
-                    self._finish(request, reason)
+                    self._finish(sequence, reason)
         plans = self._plan()
         if not plans:
             return
-        results = []  # (request, chunk, token or None, error)
+        results = []  # (sequence, chunk, token or None, error)
         with self._model_lock:
             for context, entries in plans.items():
                 results += self._decode(context, entries)
         decoded = {}
-        for request, chunk, token, error in results:
+        for sequence, chunk, token, error in results:
             if error:
-                if request in self._prefilling:
-                    self._end_prefill(request, ERROR, error=error)
+                if sequence in self.scheduler.prefilling:
+                    self._end_prefill(sequence, ERROR, error=error)
                 else:
-                    self._finish(request, ERROR, error=error)
-            elif request._phase != "running":  # finished while the step ran
+                    self._finish(sequence, ERROR, error=error)
+            elif sequence.phase != RUNNING:  # finished while the step ran
                 continue
-            elif request._prefilled < len(request.prompt.ids):  # a prompt chunk
-                request._prefilled += len(chunk)
-                request._position = request._prefilled
+            elif sequence.prefilled < len(sequence.prompt_ids):  # a prompt chunk
+                sequence.prefilled += len(chunk)
+                sequence.position = sequence.prefilled
                 if token is not None:  # the prompt is complete: its first token
-                    self._prefilling.remove(request)
-                    context = request._slot[0]
-                    if self._accept(request, token):
-                        context.rows.append(request)
+                    self._end_prefill(sequence, None)
+                    context = sequence.slot[0]
+                    if self._accept(sequence, token):
+                        context.rows.append(sequence)
             else:  # a decode row
-                decoded[id(request._slot[0])] = decoded.get(id(request._slot[0]), 0) + 1
-                request._position += 1
-                self._accept(request, token)  # finishing frees the slot and leaves the rows
+                decoded[id(sequence.slot[0])] = decoded.get(id(sequence.slot[0]), 0) + 1
+                sequence.position += 1
+                self._accept(sequence, token)  # finishing frees the slot and leaves the rows
         if decoded:
-            self.decode_steps += 1
-            self.max_batch_seen = max(self.max_batch_seen, *decoded.values())
+            self.counters.step(max(decoded.values()))
 
     def _plan(self):
-        """{context: [(request, token ids, first position, wants logits)]}: every decoding sequence's
+        """{context: [(sequence, token ids, first position, wants logits)]}: every decoding sequence's
         last token, then prompt chunks of newcomers, `prefill_chunk` tokens in all."""
         plans = {}
         for context in list(self._contexts.values()):
-            for request in context.rows:
-                plans.setdefault(context, []).append((request, [request._last], request._position, True))
+            for sequence in context.rows:
+                plans.setdefault(context, []).append((sequence, [sequence.last], sequence.position, True))
         budget = self.config.prefill_chunk
-        for request in self._prefill_queue():
+        for sequence in self._prefill_queue():
             if budget <= 0:
                 break
-            if request._slot is None:
+            if sequence.slot is None:
                 try:
-                    request._slot = self._take_sequence(request.adapter)
+                    sequence.slot = self._take_sequence(sequence.adapter)
                 except EngineError as error:
-                    self._end_prefill(request, ERROR, error=str(error))
+                    self._end_prefill(sequence, ERROR, error=str(error))
                     continue
-                self._start_stream(request)
-            ids = request.prompt.ids
-            chunk = ids[request._prefilled : request._prefilled + budget]
+                self._start_output(sequence)
+            ids = sequence.prompt_ids
+            chunk = ids[sequence.prefilled : sequence.prefilled + budget]
             budget -= len(chunk)
-            complete = request._prefilled + len(chunk) == len(ids)
-            plans.setdefault(request._slot[0], []).append((request, chunk, request._prefilled, complete))
+            complete = sequence.prefilled + len(chunk) == len(ids)
+            plans.setdefault(sequence.slot[0], []).append((sequence, chunk, sequence.prefilled, complete))
         return plans
 
     def _take_sequence(self, adapter):
-        """(context, sequence id) for a request starting its prefill; the base context is made on demand."""
+        """(context, sequence id) for a sequence starting its prefill; the base context is made on demand."""
         with self._model_lock:
             context = self._contexts.get(adapter)
             if context is None:
@@ -361,17 +368,17 @@ class LlamaCppEngine(BaseEngine):
         return context, context.free.pop()
 
     def _decode(self, context, entries):
-        """Under _model_lock: one llama_decode of `entries` in `context`; [(request, chunk, token, error)]."""
+        """Under the model lock: one llama_decode of `entries` in `context`; [(sequence, chunk, token, error)]."""
         llama_cpp, batch = self._llama, context.batch
         count = 0
         outputs = []
-        for request, tokens, start, wants_logits in entries:
-            sequence = request._slot[1]
+        for sequence, tokens, start, wants_logits in entries:
+            seq_id = sequence.slot[1]
             for offset, token in enumerate(tokens):
                 batch.token[count] = token
                 batch.pos[count] = start + offset
                 batch.n_seq_id[count] = 1
-                batch.seq_id[count][0] = sequence
+                batch.seq_id[count][0] = seq_id
                 batch.logits[count] = 0
                 count += 1
             if wants_logits:
@@ -381,19 +388,19 @@ class LlamaCppEngine(BaseEngine):
         status = llama_cpp.llama_decode(context.handle, batch)
         if status != 0:
             logger.error("llama_decode returned %d for %d sequences", status, len(entries))
-            return [(request, tokens, None, f"llama_decode returned {status}") for request, tokens, _, _ in entries]
+            return [(sequence, tokens, None, f"llama_decode returned {status}") for sequence, tokens, _, _ in entries]
         results = []
         logits_at = iter(outputs)
-        for request, tokens, _, wants_logits in entries:
+        for sequence, tokens, _, wants_logits in entries:
             token = None
             if wants_logits:
                 pointer = llama_cpp.llama_get_logits_ith(context.handle, next(logits_at))
                 row = self._numpy.ctypeslib.as_array(pointer, shape=(self._n_vocab,))  # a view, valid until the next decode
-                if request.temperature <= 0:
+                if sequence.temperature <= 0:
                     # numpy's argmax is one thread: torch's would wake its OpenMP pool, whose
                     # spinning threads then compete with llama.cpp's for the same cores.
                     token = int(row.argmax())
                 else:
-                    token = self._next_token(request, self._torch.from_numpy(row))
-            results.append((request, tokens, token, None))
+                    token = self._next_token(sequence, self._torch.from_numpy(row))
+            results.append((sequence, tokens, token, None))
         return results

@@ -4,7 +4,7 @@ Byte-level tokenizers split a Chinese character over two or three tokens; decodi
 one yields U+FFFD. The delta is held until the text decodes cleanly, and decoding restarts a
 little before the new tokens (vLLM's prefix/read offsets) so that tokenizers which strip a
 leading space at the start of a decode do not eat the spaces between words. Leading and trailing
-whitespace of the answer is dropped, as `llm.finetune.generate_answer` strips it: the
+whitespace of the answer is dropped, as `llm.generation.generate_answer` strips it: the
 streamed text and the final text are the same string.
 """
 
@@ -54,3 +54,39 @@ class TextStream:
             self.started = True
             self.text += body
         return body
+
+
+class AnswerText:
+    """Generated ids in, the text that may be sent out: the TextStream, then the leak guard
+    (llm.engine.guard) when there is one. Once the guard trips nothing more comes out."""
+
+    def __init__(self, tokenizer, guard=None):
+        self.stream = TextStream(tokenizer)
+        self.guard = guard
+
+    @property
+    def ids(self):
+        return self.stream.ids
+
+    @property
+    def tripped(self):
+        return self.guard is not None and self.guard.tripped
+
+    def push(self, token_id):
+        """The text that may be sent for one more id ("" maybe; check `tripped` after)."""
+        return self._guarded(self.stream.push(token_id))
+
+    def finish(self):
+        """The pieces to send at the end: the stream's tail through the guard, then what the guard
+        held (it was safe after all); nothing once tripped."""
+        tail = self._guarded(self.stream.finish())
+        if self.tripped:
+            return []
+        return [tail, self.guard.finish() if self.guard is not None else ""]
+
+    def _guarded(self, piece):
+        if self.guard is None:
+            return piece
+        if self.guard.tripped:
+            return ""
+        return self.guard.push(piece)

@@ -3,21 +3,19 @@
 The contract both backends share (streaming, batching, admission, cancellation, timeouts, limits,
 hot swap, pinning) is tested on both in test_engine.py. Here: what only llama.cpp has (the GGUF
 vocabulary check, GGUF LoRA files, a context per version), greedy parity with the transformers
-engine on the tiny model with a memorising adapter, and CSP_INFERENCE_BACKEND.
+engine on the tiny model with a memorising adapter, and how a backend is chosen. How the Django
+side follows CSP_INFERENCE_BACKEND is in chat/tests/test_serving.py.
 """
 
 import json
 import logging
 import re
 import shutil
-import subprocess
 import sys
 import threading
 
 import pytest
 import torch
-from django.core.exceptions import ImproperlyConfigured
-from django.urls import reverse
 
 from llm.engine import (
     BackendUnavailable,
@@ -28,9 +26,10 @@ from llm.engine import (
     choose_backend,
     make_engine,
 )
-from chat.serving import engine_status, get_engine, reset_engine
 from llm.tests.test_engine import MEMORISE, _answer, _question, _slow, _wait_for
-from llm.finetune import BaseModelError, FinetuneConfig, train
+from llm.basemodel import BaseModelError
+from llm.finetune.config import FinetuneConfig
+from llm.finetune.loop import train
 from llm.gguf import write_lora_gguf
 from llm.tinymodel import build_tiny_model
 
@@ -202,52 +201,3 @@ def test_without_llama_cpp_auto_falls_back_to_transformers_with_one_log_line(tin
     assert [(r.levelname, "llama-cpp-python cannot be imported" in r.getMessage()) for r in caplog.records] == [("WARNING", True)]
     with pytest.raises(BackendUnavailable, match="llama-cpp-python cannot be imported"):
         make_engine(EngineConfig(base_dir=tiny_model), "llamacpp")
-
-
-@pytest.fixture
-def fresh_engine():
-    reset_engine()
-    yield
-    reset_engine()
-
-
-@pytest.mark.django_db
-def test_the_process_engine_follows_the_setting_and_the_admin_shows_it(settings, tiny_model, tmp_path, cpu_only, fresh_engine, staff_client):
-    settings.CSP_BASE_MODEL, settings.CSP_CHAT_DEVICE, settings.CSP_CHAT_DTYPE = tiny_model, "auto", "auto"
-    settings.CSP_INFERENCE_BACKEND = "auto"
-    assert isinstance(get_engine(), LlamaCppEngine)
-    status = engine_status()
-    assert status["backend"] == "llamacpp" and "model.gguf" in status["backend_reason"]
-    page = staff_client.get(reverse("admin:training_adapterversion_changelist"), HTTP_ACCEPT_LANGUAGE="en").content.decode()
-    assert "Inference backend: llamacpp (auto: a CPU-only host" in page
-
-    reset_engine()
-    settings.CSP_INFERENCE_BACKEND = "llamacpp"
-    settings.CSP_BASE_MODEL = _without_gguf(tiny_model, tmp_path)
-    with pytest.raises(ImproperlyConfigured, match="CSP_INFERENCE_BACKEND=llamacpp: .*no GGUF file"):
-        get_engine()
-
-
-def test_an_unknown_backend_setting_stops_start_up_naming_the_variable():
-    result = subprocess.run(
-        [sys.executable, "-c", "import csplatform.settings"],
-        env={"PATH": "/usr/bin:/bin", "CSP_INFERENCE_BACKEND": "gpu"}, capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode != 0
-    assert "CSP_INFERENCE_BACKEND='gpu' must be auto, transformers, llamacpp, worker or openai" in result.stderr
-
-
-@pytest.mark.parametrize(
-    ("env", "message"),
-    [
-        ({"CSP_INFERENCE_BACKEND": "worker"}, "CSP_INFERENCE_BACKEND=worker needs REDIS_URL"),
-        ({"CSP_INFERENCE_BACKEND": "openai"}, "CSP_INFERENCE_BACKEND=openai needs CSP_OPENAI_BASE_URL"),
-        ({"CSP_INFERENCE_BACKEND": "openai", "CSP_OPENAI_BASE_URL": "gpu-host:8000"}, "needs CSP_OPENAI_BASE_URL=http"),
-    ],
-)
-def test_a_remote_backend_without_its_connection_stops_start_up(env, message):
-    result = subprocess.run(
-        [sys.executable, "-c", "import csplatform.settings"],
-        env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode != 0 and message in result.stderr, result.stderr

@@ -1,5 +1,5 @@
 """Run a dedicated inference worker: the process that holds the model for web processes that
-run with CSP_INFERENCE_BACKEND=worker (see chat/inference_worker.py and docs/deployment.md).
+run with CSP_INFERENCE_BACKEND=worker (see chat/inference/ and docs/deployment.md).
 
     REDIS_URL=redis://127.0.0.1:6379/0 python manage.py inference_worker            # backend: auto
     REDIS_URL=... CSP_CHAT_DEVICE=cuda python manage.py inference_worker --backend transformers
@@ -16,8 +16,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from chat import serving
+from chat.inference.worker import InferenceWorker
 from llm.engine.events import EngineError
-from chat.inference_worker import InferenceWorker
 
 
 class Command(BaseCommand):
@@ -35,7 +35,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, backend, channel, **options):
         serving.serve_locally(backend)
-        worker = InferenceWorker(channel)
+        worker = InferenceWorker(serving.holder, channel)
 
         async def main():
             loop = asyncio.get_running_loop()

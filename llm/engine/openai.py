@@ -17,7 +17,8 @@ text here, as on a local engine: the server knows nothing of CSP_CHAT_CANARIES.
 The platform decides which version is active (`follows_active`: chat.serving records the active
 version's name here, a cheap assignment); the server only has to serve every version by name, as
 `vllm serve ... --enable-lora --lora-modules v3=...` does. Standard library only; nothing here
-imports Django.
+imports Django. (A module named `openai` inside this package does not shadow the PyPI client,
+which this platform does not use anyway: imports are absolute.)
 """
 
 import http.client
@@ -29,8 +30,19 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from llm.engine.backends import BackendUnavailable
-from llm.engine.events import CANCELLED, ERROR, FILTERED, LENGTH, STOP, TIMEOUT, EngineBusy, EngineError, InputTooLong, Stats
+from llm.engine.events import (
+    CANCELLED,
+    ERROR,
+    FILTERED,
+    LENGTH,
+    STOP,
+    TIMEOUT,
+    BackendUnavailable,
+    EngineBusy,
+    EngineError,
+    InputTooLong,
+    Stats,
+)
 from llm.engine.guard import LeakGuard
 from llm.engine.remote import SILENCE_GRACE_SECONDS, RemoteEngine
 
@@ -88,7 +100,7 @@ class OpenAIEngine(RemoteEngine):
         self.dtype_reason = f"served by the OpenAI-compatible server at {self.url}"
         self._streams = {}  # request id -> _Stream
 
-    # -- the contract of RemoteEngine
+    # -- what RemoteEngine asks of a subclass
 
     def model_for(self, adapter):
         """The `model` a request for `adapter` (None: the base model) names."""
@@ -98,13 +110,13 @@ class OpenAIEngine(RemoteEngine):
         return None if model == self.config.remote_base_model else model
 
     def _start(self, request, payload):
-        model = self.model_for(payload["adapter"] if payload["pinned"] else self._current)
+        model = self.model_for(payload["adapter"] if payload["pinned"] else self.current_adapter)
         guard = None
         if self.config.guard_min_run:  # the server's default system prompt is presumably the platform's
             system = payload["system"] if payload["system"] is not None else self.config.system_prompt
             guard = LeakGuard([system, *self.config.canaries], min_run=self.config.guard_min_run)
         stream = _Stream(self._connection_class(self._host, self._port, timeout=CONNECT_TIMEOUT_SECONDS), guard)
-        with self._state:
+        with self._lock:
             self._streams[request.id] = stream
         stream.timer = threading.Timer(self.config.max_seconds, self._time_out, args=(request,))
         stream.timer.daemon = True
@@ -122,19 +134,19 @@ class OpenAIEngine(RemoteEngine):
             self._drop(request)
             raise
         request.remote = {"model": model}
-        request._accepted(self.adapter_for(model))
+        request.accepted(self.adapter_for(model))
         threading.Thread(
             target=self._read, args=(request, stream, response), name=f"openai-{request.id}", daemon=True
         ).start()
 
     def _cancel(self, request):
-        with self._state:
+        with self._lock:
             stream = self._streams.get(request.id)
         if stream is not None:
             stream.shut()
 
     def _disconnect(self):
-        with self._state:
+        with self._lock:
             streams = list(self._streams.values())
         for stream in streams:
             stream.shut()
@@ -214,7 +226,7 @@ class OpenAIEngine(RemoteEngine):
                     text = (choice.get("delta") or {}).get("content")
                     if text:
                         pieces += 1
-                        request._feed(stream.guard.push(text) if stream.guard else text)
+                        request.feed(stream.guard.push(text) if stream.guard else text)
                         if stream.guard and stream.guard.tripped:  # closing the connection stops the server
                             logger.warning("request %s stopped: its answer began to repeat protected text", request.id)
                             finish = FILTERED
@@ -237,28 +249,28 @@ class OpenAIEngine(RemoteEngine):
         elif finish is None:
             finish, error = ERROR, f"the stream from {self.url} ended before the answer did"
         if stream.guard and finish not in (CANCELLED, FILTERED):
-            request._feed(stream.guard.finish())  # the held tail was safe after all
+            request.feed(stream.guard.finish())  # the held tail was safe after all
         self.requests_finished += 1
-        request._end(Stats(
+        request.end(Stats(
             request_id=request.id,
             adapter=self.adapter_for(answered_by),
             finish_reason=finish,
             tokens=usage.get("completion_tokens", pieces),
             prompt_tokens=usage.get("prompt_tokens", 0),
             first_token_ms=request.stats.first_token_ms,
-            latency_ms=(time.monotonic() - request._created) * 1000,
+            latency_ms=(time.monotonic() - request.created) * 1000,
             error=error,
         ))
 
     def _time_out(self, request):
-        with self._state:
+        with self._lock:
             stream = self._streams.get(request.id)
         if stream is not None:
             stream.timed_out = True
             stream.shut()
 
     def _drop(self, request):
-        with self._state:
+        with self._lock:
             stream = self._streams.pop(request.id, None)
         if stream is not None:
             if stream.timer is not None:

@@ -1,10 +1,11 @@
 """The transformers inference engine: any Hugging Face checkpoint, GPU or CPU, with PEFT adapters.
 
-    from llm.engine import Engine, EngineConfig, Turn
-    engine = Engine(EngineConfig(base_dir="var/models/base"))     # loads nothing yet
+    from llm.engine import TransformersEngine, EngineConfig, Turn
+    engine = TransformersEngine(EngineConfig(base_dir="var/models/base"))     # loads nothing yet
 
-The contract (submit/stream/generate, admission, limits, cancellation, adapters) is
-`llm.engine.base.BaseEngine`'s; this module is the torch side of each loop iteration:
+(`llm.engine.Engine` is the same class, its older name.) The contract (submit/stream/generate,
+admission, limits, cancellation, adapters) is `llm.engine.local.LocalEngine`'s; this module is
+the torch side of each loop iteration:
 
   1. prefill newcomers, at most `prefill_chunk` prompt tokens in all, each into its own cache;
      a newcomer whose prompt is complete samples its first token and is spliced into the batch;
@@ -14,18 +15,17 @@ The contract (submit/stream/generate, admission, limits, cancellation, adapters)
 Rows may use different adapters: a batch on one adapter runs the plain PEFT forward; a mixed batch
 passes PEFT's per-row `adapter_names` (the base model is "__base__"). An adapter that is no longer
 current is deleted from the model once the last request bound to it has finished. Nothing here
-imports Django; torch is imported by `load()`.
+imports Django; torch is imported by `load()`. (A module named `transformers` inside this
+package does not shadow the PyPI one: imports are absolute.)
 """
 
 import logging
 import warnings
 
-from llm.engine.base import CURRENT, BaseEngine, Request
 from llm.engine.events import ERROR
+from llm.engine.local import LocalEngine
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["CURRENT", "Engine", "Request"]
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -41,11 +41,11 @@ def _fresh_input(module, args):
     return (args[0].contiguous().clone(), *args[1:])
 
 
-class Engine(BaseEngine):
+class TransformersEngine(LocalEngine):
     backend = "transformers"
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, **options):
+        super().__init__(config, **options)
         self._model = None  # the transformers model (LoRA layers injected once an adapter is loaded)
         self._peft = None  # the PeftModel around it, from the first adapter on
         self._peft_selected = None  # the adapter this engine last selected in PEFT for a whole batch
@@ -60,7 +60,9 @@ class Engine(BaseEngine):
         import torch
 
         from llm.engine import batch as batching
-        from llm.finetune import FinetuneConfig, load_base
+        from llm.finetune.config import FinetuneConfig
+        from llm.generation import stop_token_ids
+        from llm.modeling import load_base
 
         device = batching.resolve_device(self.config.device)
         dtype, reason = batching.resolve_dtype(self.config.dtype, device)
@@ -71,7 +73,7 @@ class Engine(BaseEngine):
         head = model.get_output_embeddings()
         if head is not None:
             head.register_forward_pre_hook(_fresh_input)
-        self._use_tokenizer(tokenizer, getattr(model.config, "max_position_embeddings", None))
+        self._use_tokenizer(tokenizer, getattr(model.config, "max_position_embeddings", None), stop_token_ids(tokenizer))
         self._torch, self._batching = torch, batching
         self.device, self.dtype, self.dtype_reason = device, dtype, reason
         parameters = inspect.signature(model.forward).parameters
@@ -84,21 +86,17 @@ class Engine(BaseEngine):
     # -----------------------------------------------------------------------------------------
     # adapters
 
-    def _load_adapter_weights(self, name):
-        """Under _model_lock: put the adapter's weights in the model if they are not there yet."""
-        adapter = self._adapters[name]
-        if adapter.loaded:
-            return
+    def _load_adapter_weights(self, name, path):
+        """Under the model lock: put the adapter's weights in the model."""
         from peft import PeftModel
 
         if self._peft is None:
-            self._peft = PeftModel.from_pretrained(self._model, adapter.path, adapter_name=name, is_trainable=False)
+            self._peft = PeftModel.from_pretrained(self._model, path, adapter_name=name, is_trainable=False)
         else:
-            self._peft.load_adapter(adapter.path, adapter_name=name, is_trainable=False)
+            self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
         self._peft.eval()
         self._peft_selected = None  # loading may change PEFT's active adapter
-        adapter.loaded = True
-        logger.info("adapter %s loaded from %s", name, adapter.path)
+        logger.info("adapter %s loaded from %s", name, path)
 
     def _unload_adapter_weights(self, name):
         with warnings.catch_warnings():  # "... was active, setting active adapter to ...": expected
@@ -147,65 +145,64 @@ class Engine(BaseEngine):
     def _prefill(self):
         """Prefill waiting prompts, `prefill_chunk` tokens in all; complete ones join the batch."""
         budget = self.config.prefill_chunk
-        for request in self._prefill_queue():
+        for sequence in self._prefill_queue():
             if budget <= 0:
                 break
-            ids = request.prompt.ids
-            if request._slot is None:
-                request._slot = self._batching.new_cache()
-                self._start_stream(request)
-            chunk = ids[request._prefilled : request._prefilled + budget]
-            inputs = self._batching.prefill_inputs(chunk, request._prefilled, self.device)
-            inputs[self._cache_kwarg] = request._slot
+            ids = sequence.prompt_ids
+            if sequence.slot is None:
+                sequence.slot = self._batching.new_cache()
+                self._start_output(sequence)
+            chunk = ids[sequence.prefilled : sequence.prefilled + budget]
+            inputs = self._batching.prefill_inputs(chunk, sequence.prefilled, self.device)
+            inputs[self._cache_kwarg] = sequence.slot
             try:
-                logits = self._forward([request.adapter], inputs)
+                logits = self._forward([sequence.adapter], inputs)
             except Exception as error:
-                logger.exception("prefill of request %s failed", request.id)
-                self._end_prefill(request, ERROR, error=f"{type(error).__name__}: {error}")
+                logger.exception("prefill of request %s failed", sequence.id)
+                self._end_prefill(sequence, ERROR, error=f"{type(error).__name__}: {error}")
                 continue
-            request._prefilled += len(chunk)
+            sequence.prefilled += len(chunk)
             budget -= len(chunk)
-            if request._prefilled < len(ids):
+            if sequence.prefilled < len(ids):
                 continue  # the rest in the next iterations, between decode steps
-            self._prefilling.remove(request)
-            request._position = len(ids)
-            cache, request._slot = request._slot, None
-            if self._accept(request, self._next_token(request, logits[0])):
-                self._batch.add(request, cache, len(ids))
+            self._end_prefill(sequence, None)
+            sequence.position = len(ids)
+            cache, sequence.slot = sequence.slot, None
+            if self._accept(sequence, self._next_token(sequence, logits[0])):
+                self._batch.add(sequence, cache, len(ids))
 
     def _decode_step(self):
         batch = self._batch
-        ended = [(r, reason) for r in batch.rows if (reason := self._reason_to_end(r))]
+        ended = [(s, reason) for s in batch.rows if (reason := self._reason_to_end(s))]
         if ended:
-            batch.remove([r for r, _ in ended])
-            for request, reason in ended:
-                self._finish(request, reason)
+            batch.remove([s for s, _ in ended])
+            for sequence, reason in ended:
+                self._finish(sequence, reason)
         rows = list(batch.rows)
         if not rows:
             return
-        inputs = batch.step_inputs([r._last for r in rows], [r._position for r in rows])
+        inputs = batch.step_inputs([s.last for s in rows], [s.position for s in rows])
         inputs[self._cache_kwarg] = batch.cache
         try:
-            logits = self._forward([r.adapter for r in rows], inputs)
+            logits = self._forward([s.adapter for s in rows], inputs)
         except Exception as error:
             # Some layers may hold the new column and some not: the shared cache is lost.
             logger.exception("decode step failed for %d requests", len(rows))
             self._batch = self._batching.Batch(self.device)
-            for request in rows:
-                self._finish(request, ERROR, error=f"{type(error).__name__}: {error}")
+            for sequence in rows:
+                self._finish(sequence, ERROR, error=f"{type(error).__name__}: {error}")
             return
-        self.decode_steps += 1
-        self.max_batch_seen = max(self.max_batch_seen, len(rows))
-        greedy = self._sampling.greedy(logits) if any(r.temperature <= 0 for r in rows) else None
+        self.counters.step(len(rows))
+        greedy = self._sampling.greedy(logits) if any(s.temperature <= 0 for s in rows) else None
         finished = []
-        for index, request in enumerate(rows):
-            request._position += 1
-            reason = self._reason_to_end(request)
+        for index, sequence in enumerate(rows):
+            sequence.position += 1
+            reason = self._reason_to_end(sequence)
             if reason:  # cancelled (or out of time) during this step: its token is not sent
-                finished.append(request)
-                self._finish(request, reason)
+                finished.append(sequence)
+                self._finish(sequence, reason)
                 continue
-            token = greedy[index] if request.temperature <= 0 else self._next_token(request, logits[index])
-            if not self._accept(request, token):
-                finished.append(request)
+            token = greedy[index] if sequence.temperature <= 0 else self._next_token(sequence, logits[index])
+            if not self._accept(sequence, token):
+                finished.append(sequence)
         batch.remove(finished)
