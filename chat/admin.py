@@ -14,7 +14,7 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from chat.handoff_admin import HandoffAdminMixin
-from chat.inference_worker import workers as recent_workers
+from chat.inference.client import workers as recent_workers
 from chat.models import Conversation, Message, ReviewItem
 from chat.review import review_flag
 from chat.review_admin import ReviewItemAdmin, drafted_from

@@ -6,7 +6,7 @@ import pytest
 from django.core.cache import cache
 from django.urls import reverse
 
-from chat.inference_worker import WORKERS_KEY
+from chat.inference.client import WORKERS_KEY
 
 pytestmark = [pytest.mark.django_db, pytest.mark.services]
 
