@@ -81,14 +81,6 @@ def weight_bytes(model):
     return total, lora
 
 
-def engine_weight_bytes(engine):
-    """(bytes of weights one decode step reads, LoRA part of them) for either backend."""
-    if engine.backend == "llamacpp":
-        lora = (engine._adapters["a"].path / "adapter.gguf").stat().st_size
-        return engine._llama.llama_model_size(engine._model) + lora, lora
-    return weight_bytes(engine._model)  # the engine's model with LoRA layers injected
-
-
 def parity(engines, args):
     """Greedy answers of both backends to the questions their adapter was trained on."""
     # About 75 optimizer steps (batch 4), as the default config takes on 100 pairs in 3 epochs: enough
@@ -170,7 +162,7 @@ def main():
 
     measured = [("HF generate fp32 (baseline)", baseline, bandwidth / base_bytes, None)]
     for engine in engines:
-        engine_bytes, engine_lora = engine_weight_bytes(engine)
+        engine_bytes, engine_lora = engine.weight_bytes() if engine.backend == "llamacpp" else weight_bytes(engine.model)
         measured.append((common.engine_label(engine), served[id(engine)], bandwidth / engine_bytes, (engine, engine_bytes, engine_lora)))
     rows = []
     for label, runs, ceil, _ in measured:
@@ -193,7 +185,7 @@ def main():
         print(f"{label}: weights read per step {engine_bytes / 1e6:.0f} MB (LoRA {engine_lora / 1e6:.1f} MB)")
         step_s = 1 / med(runs, "decode_tokens_per_s")
         if engine.backend == "transformers":
-            head_s, head_rate = head_gemv(engine._model)
+            head_s, head_rate = head_gemv(engine.model)
             print(
                 f"  LM head GEMV alone: {head_s * 1000:.1f} ms = {head_s / step_s:.0%} of a decode step "
                 f"({step_s * 1000:.0f} ms), reading at {head_rate / 1e9:.1f} GB/s"

@@ -111,6 +111,12 @@ class LlamaCppEngine(LocalEngine):
         self._contexts = {}  # adapter name (None = base model) -> _Context
         self._loras = {}  # adapter name -> llama_adapter_lora *
 
+    def weight_bytes(self):
+        """(bytes of weights one decode step reads, the LoRA part of them): the base GGUF's tensors
+        plus the GGUF LoRA of each adapter in use."""
+        lora = sum((self.adapters.path(name) / self.adapter_file).stat().st_size for name in self.adapters.loaded_names())
+        return self._llama.llama_model_size(self._model) + lora, lora
+
     # -----------------------------------------------------------------------------------------
     # loading
 

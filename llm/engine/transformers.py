@@ -54,6 +54,12 @@ class TransformersEngine(LocalEngine):
         self._torch = self._batching = None
         self._batch = None
 
+    @property
+    def model(self):
+        """The loaded transformers model (LoRA layers injected once an adapter is loaded), or None;
+        read-only, for measurements such as benchmarks/decode.py."""
+        return self._model
+
     def _load_model(self):
         import inspect
 
