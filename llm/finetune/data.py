@@ -24,7 +24,10 @@ def encode_example(tokenizer, record, config, prompt_format=PromptFormat.GEMMA):
     # The answer's last id must be the end-of-turn id itself: it is what generation stops on.
     # What the format writes after it (a newline, the next turn) is not the answer's to learn;
     # what a template writes before the answer in the model's turn is.
-    answer_text = completion[: completion.find(answer) + len(answer)]
+    answer_at = completion.find(answer)
+    if answer_at < 0:
+        raise ValueError("the chat template rewrites answers, so its rendered answers cannot be labelled")
+    answer_text = completion[: answer_at + len(answer)]
     prompt_ids = encode_prompt(tokenizer, prompt, prompt_format)
     answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer, prompt_format)]
     input_ids = (prompt_ids + answer_ids)[: config.max_length]

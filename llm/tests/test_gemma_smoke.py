@@ -5,11 +5,11 @@ import json
 import pytest
 from django.conf import settings
 
+from llm.basemodel import prepare_gemma
 from llm.finetune.config import FinetuneConfig
 from llm.finetune.loop import train
 from llm.generation import generate_answer
 from llm.modeling import load_adapter
-from llm.basemodel import prepare_gemma
 
 
 @pytest.mark.slow

@@ -129,6 +129,12 @@ def test_a_template_without_a_system_role_gets_the_system_prompt_in_the_first_us
     assert text == "[user] 你是客服。\n\n如何退货？<eos>[assistant] "
 
 
+def test_a_template_that_rewrites_answers_is_refused_for_training(tokenizer):
+    tokenizer.chat_template = TEMPLATE.replace("{{ m.content }}", "{{ m.content | replace('退货', '换货') }}")
+    with pytest.raises(ValueError, match="rewrites answers"):
+        encode_example(tokenizer, RECORD, FinetuneConfig(), PromptFormat.CHAT_TEMPLATE)
+
+
 def test_the_chat_template_format_needs_a_tokenizer_with_a_template(tokenizer):
     with pytest.raises(ValueError, match="chat template"):
         render_conversation([Turn("user", "?")], prompt_format=PromptFormat.CHAT_TEMPLATE)
