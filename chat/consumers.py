@@ -15,10 +15,13 @@ Each socket follows one conversation's channel-layer group (chat.handoff.group_n
 how staff replies and state changes reach it from any process.
 
 The consumer stays small: it parses, checks limits, calls chat.services, and owns the one
-generation task of its connection (cancelled on `cancel` and on disconnect).
+generation task of its connection (cancelled on `cancel` and on disconnect). The answer itself is
+chat.answering's, as for the REST chat and the OpenAI-compatible API: the task only turns its
+events into frames.
 """
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -27,9 +30,9 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils.translation import gettext as _
 
-from chat import handoff, services
-from llm.engine import Done, EngineBusy, EngineError, InputTooLong, Token
-from chat.serving import active_engine, busy_now
+from chat import answering, handoff, services
+from chat.models import Conversation
+from chat.serving import busy_now
 from csplatform.login_throttle import trusted_client
 
 # Close codes, in the application range: daphne (autobahn) refuses to send a protocol code such as
@@ -66,17 +69,10 @@ def _cool_down(scope):
     _cooling_down[address] = now + FLOOD_COOLDOWN_SECONDS
 
 
-def _wait_until_done(request, timeout):
-    try:
-        request.result(timeout)
-    except TimeoutError:
-        pass
-
-
 class ChatConsumer(AsyncWebsocketConsumer):
     async def connect(self):
-        self.generation = None
-        self.streaming = None  # (request, answer row) of the answer being generated
+        self.generation = None  # the task streaming the answer being generated
+        self.session = None  # its chat.answering.AnswerSession
         self.frame_times = []
         self.following = None  # the conversation whose group this socket is in
         self.following_state = None  # its handoff state as last heard (bot, waiting, agent, closed)
@@ -190,7 +186,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def on_cancel(self, frame):
         answer = await self._stop_generation()
         if answer is not None:  # the stopped answer ends like any other, marked cancelled
-            await self.send_json(self._done_frame(answer, answer.tokens, answer.adapter_name or None))
+            await self.send_json(self._done_frame(answer, answer.adapter_name or None))
 
     async def on_feedback(self, frame):
         answer = await database_sync_to_async(services.message_rate)(
@@ -211,7 +207,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         """The customer asks for a person (the page's button); an answer being generated stops."""
         stopped = await self._stop_generation()
         if stopped is not None:  # it ends like a cancelled one, so the page closes its bubble
-            await self.send_json(self._done_frame(stopped, stopped.tokens, stopped.adapter_name or None))
+            await self.send_json(self._done_frame(stopped, stopped.adapter_name or None))
 
         def request():
             conversation = self._own_conversation(frame.get("conversation"), create=True)
@@ -261,57 +257,60 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send_json({"type": "received", "conversation": str(conversation.pk), "message": message.pk})
             await self.send_json({"type": "handoff", "state": conversation.state, "conversation": str(conversation.pk)})
             return
-        # The request is queued from a worker thread: its events come back to this loop through here.
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
         try:
-            engine = await database_sync_to_async(active_engine)()
-            await engine.aload()
-            conversation, request, answer = await database_sync_to_async(services.answer_start)(
-                engine=engine,
+            session = await answering.answer_astart(
+                channel=Conversation.Channel.WEB,
                 text=text,
                 conversation_id=frame.get("conversation"),
                 session_key=self.session_key,
                 user=self.user,
-                on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
             )
-        except EngineBusy as exc:
-            await self.send_json({"type": "busy", "retry_after": exc.retry_after})
+        except answering.AnswerRefused as refused:
+            if refused.code != "busy":
+                raise  # an error frame with its code (too_long, unavailable), as every ChatError
+            await self.send_json({"type": "busy", "retry_after": refused.retry_after})
             return
-        except InputTooLong as exc:
-            raise services.ChatError("too_long", str(exc)) from None
-        except (EngineError, OSError) as exc:  # OSError: the base model or adapter files are missing
-            raise services.ChatError("unavailable", str(exc)) from None
-        await self._follow(conversation.pk, conversation.state)
-        await self.send_json({"type": "start", "conversation": str(conversation.pk), "message": answer.pk, "adapter": request.adapter})
-        self.streaming = (request, answer)
-        self.generation = asyncio.create_task(self._stream(request, answer, events))
-
-    async def _stream(self, request, answer, events):
+        events = session.events()
         try:
-            while True:
-                event = await events.get()
-                if isinstance(event, Token):
-                    await self.send_json({"type": "token", "text": event.text})
-                elif isinstance(event, Done):
-                    await self._done(request, answer, event.stats)
-                    return
-        finally:
-            request.cancel()  # no-op when finished; stops the decode when we were cancelled
+            await self._follow(session.conversation.pk, session.conversation.state)
+            await self._send_event(await anext(events))  # `start`, before the socket's next frame is read
+        except BaseException:
+            await session.stop()
+            raise
+        self.session = session
+        self.generation = asyncio.create_task(self._stream(events))
 
-    async def _done(self, request, answer, stats):
-        await database_sync_to_async(services.message_finish_answer)(answer=answer, text=request.text, stats=stats)
-        if stats.finish_reason in ("timeout", "error"):
-            await self.error(stats.finish_reason, _("The answer was cut short (%(reason)s).") % {"reason": stats.finish_reason})
-        await self.send_json(self._done_frame(answer, stats.tokens, stats.adapter))
+    async def _stream(self, events):
+        async with contextlib.aclosing(events):
+            async for event in events:
+                await self._send_event(event)
+
+    async def _send_event(self, event):
+        """One event of the answer pipeline as this protocol's frames."""
+        if isinstance(event, answering.Started):
+            await self.send_json(
+                {"type": "start", "conversation": str(event.conversation.pk), "message": event.answer.pk, "adapter": event.adapter}
+            )
+        elif isinstance(event, answering.Text):
+            await self.send_json({"type": "token", "text": event.text})
+        elif isinstance(event, answering.Failed):  # the engine stopped answering
+            await self.error(event.code, answering.stopped_detail())
+            await self.send_json(self._done_frame(event.answer, event.stats.adapter))
+        else:
+            if event.stats.finish_reason in ("timeout", "error"):
+                reason = event.stats.finish_reason
+                await self.error(reason, _("The answer was cut short (%(reason)s).") % {"reason": reason})
+            await self.send_json(self._done_frame(event.answer, event.stats.adapter))
 
     @staticmethod
-    def _done_frame(answer, tokens, adapter):
+    def _done_frame(answer, adapter):
+        """The end of an answer, from its stored row (however it ended)."""
         return {
             "type": "done",
             "message": answer.pk,
             "latency_ms": answer.latency_ms,
             "first_token_ms": answer.first_token_ms,
-            "tokens": tokens,
+            "tokens": answer.tokens,
             "adapter": adapter,
             "finish_reason": answer.finish_reason,
         }
@@ -321,13 +320,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         task, self.generation = self.generation, None
         if task is None or task.done():
             return None
-        task.cancel()
+        task.cancel()  # the session stops the decode and stores what was said, marked cancelled
         try:
             await task
         except asyncio.CancelledError:
             pass
-        # Keep what was said before the stop, marked cancelled (the decode ends within a step).
-        request, answer = self.streaming
-        await asyncio.to_thread(_wait_until_done, request, 2.0)
-        await database_sync_to_async(services.message_finish_answer)(answer=answer, text=request.text, stats=request.stats)
-        return answer
+        await self.session.stop()  # a task cancelled before it first ran never read the session
+        return self.session.answer

@@ -9,7 +9,7 @@ Any OpenAI client works against it:
 Stateless, as OpenAI's API is: the conversation is exactly the request's `messages` (system
 or developer, user and assistant turns; the last one the user's). Each request is also stored as a
 Conversation with channel "openai" for analytics and feedback. The API key is a DRF token
-(`Authorization: Bearer <key>`).
+(`Authorization: Bearer <key>`), checked by DRF within the REST API's throttles (OpenAIView).
 
 `model` (required, as OpenAI requires it) picks who answers:
 
@@ -24,14 +24,14 @@ The response's `model` names the version that answered ("base" for the base mode
 lists the active version first ("base" when none is), then every other version, newest first,
 then "base".
 
-These are async views: generation runs on the engine's decode thread and events arrive through
-an asyncio queue, so neither waiting nor streaming (`stream: true`, Server-Sent Events ending
-with `data: [DONE]`) blocks the event loop. When the client goes away Django cancels the view
-(or closes the stream), and the engine request is cancelled with it. Errors use OpenAI's shape,
-{"error": {"message", "type", "param", "code"}}, so its clients raise their usual exceptions.
+The answer is chat.answering's, as for the websocket and the REST chat: these views format its
+events and map a refusal's code to OpenAI's errors. They are async views, so neither waiting nor
+streaming (`stream: true`, Server-Sent Events ending with `data: [DONE]`) holds the event loop or
+a thread; when the client goes away Django cancels the view (or closes the stream), and the
+answer is cancelled with it. Errors use OpenAI's shape, {"error": {"message", "type", "param",
+"code"}}, so its clients raise their usual exceptions.
 """
 
-import asyncio
 import json
 import logging
 import math
@@ -41,31 +41,21 @@ from dataclasses import dataclass
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.db import transaction
-from django.http import JsonResponse, StreamingHttpResponse
+from django.core.handlers.asgi import ASGIRequest
+from django.http import JsonResponse
 from django.urls import path
 from django.utils.translation import gettext as _
 from django.views.decorators.csrf import csrf_exempt
-from rest_framework.authtoken.models import Token
+from rest_framework.authentication import TokenAuthentication
+from rest_framework.exceptions import APIException, AuthenticationFailed, MethodNotAllowed, NotAuthenticated, Throttled
+from rest_framework.renderers import JSONRenderer
+from rest_framework.views import APIView
 
-from chat import services
-from chat.api_views import WAIT_GRACE_SECONDS
-from llm.engine import (
-    ERROR,
-    LENGTH,
-    STOP,
-    TIMEOUT,
-    EngineBusy,
-    EngineError,
-    InputTooLong,
-    Turn,
-)
-from llm.engine import Token as TextToken
-from llm.engine.events import FILTERED
-from chat.models import Conversation, Message
+from chat import answering
+from chat.models import Conversation
 from chat.serializers import MAX_CLIENT_TEMPERATURE, sampling_temperature
-from chat.serving import active_engine
-from llm.finetune import BaseModelError
+from llm.engine import ERROR, LENGTH, STOP, TIMEOUT, Turn
+from llm.engine.events import FILTERED
 from training.models import AdapterVersion
 
 logger = logging.getLogger(__name__)
@@ -88,18 +78,6 @@ def error_response(status, message, *, type="invalid_request_error", code=None, 
     return JsonResponse(body, status=status, headers=headers, json_dumps_params={"ensure_ascii": False})
 
 
-async def bearer_user(request):
-    """The active user whose DRF token is the request's bearer key, else None."""
-    scheme, _sep, key = request.headers.get("Authorization", "").partition(" ")
-    key = key.strip()
-    if scheme.lower() != "bearer" or not key:
-        return None
-    token = await Token.objects.select_related("user").filter(key=key).afirst()
-    if token is None or not token.user.is_active:
-        return None
-    return token.user
-
-
 def unauthorized():
     return error_response(
         401, _("Incorrect or missing API key: send a token key as 'Authorization: Bearer <key>'."), code="invalid_api_key"
@@ -109,6 +87,67 @@ def unauthorized():
 def method_not_allowed(allowed):
     return error_response(405, _("Method not allowed; use %(method)s.") % {"method": allowed}, code="method_not_allowed",
                           headers={"Allow": allowed})
+
+
+def api_error(exc, allowed):
+    """DRF's refusal `exc` in OpenAI's error shape, with the codes OpenAI's clients know."""
+    if isinstance(exc, (NotAuthenticated, AuthenticationFailed)):
+        return unauthorized()
+    if isinstance(exc, MethodNotAllowed):
+        return method_not_allowed(allowed)
+    if isinstance(exc, Throttled):  # the REST API's own rates (CSP_API_THROTTLE_RATES), not a busy engine
+        headers = {"Retry-After": str(exc.wait)} if exc.wait else None
+        return error_response(429, exc.detail, type="rate_limit_error", code="rate_limit_exceeded", headers=headers)
+    return error_response(exc.status_code, exc.detail, code=exc.default_code)
+
+
+class BearerTokenAuthentication(TokenAuthentication):
+    """The REST API's DRF tokens, sent the way OpenAI clients send their API key."""
+
+    keyword = "Bearer"
+
+
+class OpenAIView(APIView):
+    """DRF's authentication, permission and throttle checks in front of an async handler
+    `get|post(request, user)`: Bearer tokens, and the REST API's user/anon rates.
+
+    DRF dispatches to sync handlers only, while an answer here is awaited on the event loop (so that
+    a client that goes away cancels it). So `as_view` gives Django an async view that runs DRF's
+    checks (`initial`, as DRF's own dispatch does) in a thread, then awaits the handler. Refusals
+    are answered in OpenAI's error shape.
+    """
+
+    authentication_classes = [BearerTokenAuthentication]
+    # The answer's form follows the body's `stream`, as OpenAI's does, whatever Accept says.
+    renderer_classes = [JSONRenderer]
+
+    @classmethod
+    def as_view(cls, **initkwargs):
+        allowed = ", ".join(method.upper() for method in cls.http_method_names)
+
+        async def view(request, *args, **kwargs):
+            self = cls(**initkwargs)
+            self.setup(request, *args, **kwargs)
+            try:
+                user = await sync_to_async(self.checked_user)(request, *args, **kwargs)
+                if request.method.lower() not in self.http_method_names:
+                    raise MethodNotAllowed(request.method)
+                return await getattr(self, request.method.lower())(request, user)
+            except APIException as exc:
+                return api_error(exc, allowed)
+
+        return csrf_exempt(view)
+
+    def perform_content_negotiation(self, request, force=False):
+        return super().perform_content_negotiation(request, force=True)
+
+    def checked_user(self, request, *args, **kwargs):
+        """The authenticated user, within the throttles, or DRF's APIException (sync: reads the database)."""
+        self.args, self.kwargs = args, kwargs
+        self.request = self.initialize_request(request, *args, **kwargs)
+        self.headers = self.default_response_headers
+        self.initial(self.request, *args, **kwargs)
+        return self.request.user
 
 
 # --- the request ---
@@ -273,132 +312,35 @@ def model_not_found(model):
     )
 
 
-# --- the conversation record ---
-
-
-def conversation_record(*, user, turns, adapter_name):
-    """Store the request's turns as an "openai" conversation; returns the empty answer row."""
-    with transaction.atomic():
-        conversation = Conversation.objects.create(
-            channel=Conversation.Channel.OPENAI, user=user, title=turns[-1].text.strip()[:200]
-        )
-        Message.objects.bulk_create(
-            Message(conversation=conversation, role=turn.role, text=turn.text.strip()) for turn in turns
-        )
-        return services.message_start_answer(conversation=conversation, adapter_name=adapter_name)
-
-
-def answer_deadline():
-    """Seconds to wait for an answer: the engine ends each one by CSP_CHAT_MAX_SECONDS; one that
-    runs past that (and a grace) means the decode loop is gone, and the client is told."""
-    return settings.CSP_CHAT_MAX_SECONDS + WAIT_GRACE_SECONDS
-
-
-async def record_finish(pending, answer):
-    """Store the answer as it ended (cancelled ones keep their partial text)."""
-    if not pending.done:
-        try:  # a cancel takes effect within one decode step
-            await asyncio.to_thread(pending.result, 5)
-        except TimeoutError:
-            pass
-    await sync_to_async(services.message_finish_answer)(answer=answer, text=pending.text, stats=pending.stats)
-
-
 # --- views ---
 
 
-@csrf_exempt
-async def chat_completions(request):
-    user = await bearer_user(request)
-    if user is None:
-        return unauthorized()
-    if request.method != "POST":
-        return method_not_allowed("POST")
-    try:
-        body = json.loads(request.body)
-        params = parse_completion_request(body)
-    except RequestDataTooBig:
-        return error_response(413, _("The request body is too large."), code="request_too_large")
-    except ValueError:
-        return error_response(400, _("The body is not valid JSON."), code="invalid_json")
-    except InvalidRequest as exc:
-        return error_response(400, exc, param=exc.param, code=exc.code)
+def refusal_error(refused, *, model):
+    """A question the engine refused (chat.answering's codes) in OpenAI's error shape."""
+    if refused.code == "busy":
+        return error_response(429, refused.detail, type="rate_limit_error", code="rate_limit_exceeded",
+                              headers={"Retry-After": str(refused.retry_after)})
+    if refused.code == "too_long":
+        return error_response(400, refused.detail, param="messages", code="context_length_exceeded")
+    # The operator's problem: CSP_BASE_MODEL or a version's files are missing (or the engine holds a
+    # version of that name from another path), or the remote backend (an inference worker, an
+    # OpenAI-compatible server) does not answer. The log keeps which.
+    logger.error("OpenAI-compatible chat is unavailable (model %s): %s", model, refused.detail)
+    return error_response(503, answering.unavailable_detail(), type="server_error", code="model_unavailable")
 
-    try:
-        pin = await sync_to_async(pinned_adapter)(params.model)
-    except UnknownModel:
-        return model_not_found(params.model)
-    try:
-        engine = await sync_to_async(active_engine)()
-        pending = await engine.asubmit(
-            params.turns,
-            system=params.system,
-            max_new_tokens=params.max_new_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            seed=params.seed,
-            **pin,
-        )
-    except EngineBusy as exc:
-        return error_response(
-            429, _("The assistant is busy; retry in %(seconds)s s.") % {"seconds": exc.retry_after},
-            type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after)},
-        )
-    except InputTooLong as exc:
-        return error_response(400, exc, param="messages", code="context_length_exceeded")
-    except (BaseModelError, FileNotFoundError, EngineError, ValueError) as exc:
-        # The operator's problem: CSP_BASE_MODEL or a version's files are missing (ValueError:
-        # the engine holds a version of that name from another path), or the remote backend (an
-        # inference worker, an OpenAI-compatible server) does not answer. The log keeps which.
-        logger.error("OpenAI-compatible chat is unavailable (model %s): %s", params.model, exc)
-        return error_response(503, _("The assistant is not available: its model cannot be loaded."),
-                              type="server_error", code="model_unavailable")
-    try:
-        answer = await sync_to_async(conversation_record)(user=user, turns=params.turns, adapter_name=pending.adapter)
-    except BaseException:
-        pending.cancel()
-        raise
 
-    completion = {"id": f"chatcmpl-{pending.id}", "created": int(time.time()), "model": pending.adapter or BASE_MODEL_ID}
-    if params.stream:
-        response = StreamingHttpResponse(
-            stream_completion(pending, answer, completion, params.include_usage), content_type="text/event-stream"
-        )
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
-        return response
+def not_generated(reason):
+    """OpenAI's error for an answer that ended without a finish reason OpenAI has (cancelled, error)
+    or without an end at all (unavailable)."""
+    message = _("The answer could not be generated (%(reason)s).") % {"reason": reason}
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": reason}}
 
-    try:
-        async with asyncio.timeout(answer_deadline()):
-            async for _event in pending:
-                pass
-    except TimeoutError:
-        pass  # reported below: the stats have no finish reason
-    finally:
-        pending.cancel()  # no-op when it finished; the client went away otherwise
-        await record_finish(pending, answer)
-    stats = pending.stats
-    if stats.finish_reason not in FINISH_REASONS:
-        reason = stats.finish_reason or "unavailable"
-        return error_response(500 if reason == ERROR else 503,
-                              _("The answer could not be generated (%(reason)s).") % {"reason": reason},
-                              type="server_error", code=reason)
-    return JsonResponse(
-        {
-            **completion,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": pending.text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": FINISH_REASONS[stats.finish_reason],
-                }
-            ],
-            "usage": usage(stats),
-        },
-        json_dumps_params={"ensure_ascii": False},
-    )
+
+def end_reason(event):
+    """The engine's finish reason of the session's last event; "unavailable" when it never ended."""
+    if isinstance(event, answering.Failed):
+        return event.code
+    return event.stats.finish_reason or "unavailable"
 
 
 def usage(stats):
@@ -409,51 +351,88 @@ def usage(stats):
     }
 
 
-def event(data):
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-async def stream_completion(pending, answer, completion, include_usage):
-    """Server-Sent Events: chat.completion.chunk deltas, then data: [DONE]."""
+def chunk_renderer(completion, include_usage):
+    """The session's events as chat.completion.chunk Server-Sent Events, ending with data: [DONE]."""
 
     def chunk(delta, finish_reason=None):
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return event({**completion, "object": "chat.completion.chunk", "choices": [choice]})
+        return answering.sse({**completion, "object": "chat.completion.chunk", "choices": [choice]})
 
-    recorded = False
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        events = aiter(pending)
-        deadline = asyncio.get_running_loop().time() + answer_deadline()
-        while True:
-            try:
-                # The deadline covers the waits only, never a yield (it would cancel the sender).
-                async with asyncio.timeout_at(deadline):
-                    item = await anext(events)
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                pending.cancel()  # reported below: the stats have no finish reason
-                break
-            if isinstance(item, TextToken):
-                yield chunk({"content": item.text})
-        # Stored before the last events: a client that has read [DONE] finds the answer stored.
-        await record_finish(pending, answer)
-        recorded = True
-        stats = pending.stats
-        if stats.finish_reason in FINISH_REASONS:
-            yield chunk({}, FINISH_REASONS[stats.finish_reason])
-        else:  # the status line is sent already: say it in the stream, as OpenAI does
-            reason = stats.finish_reason or "unavailable"
-            message = _("The answer could not be generated (%(reason)s).") % {"reason": reason}
-            yield event({"error": {"message": message, "type": "server_error", "param": None, "code": reason}})
+    def render(event):
+        if isinstance(event, answering.Started):
+            return [chunk({"role": "assistant", "content": ""})]
+        if isinstance(event, answering.Text):
+            return [chunk({"content": event.text})]
+        reason = end_reason(event)
+        # The status line is sent already: an answer that was not generated is said in the stream, as OpenAI does.
+        frames = [chunk({}, FINISH_REASONS[reason]) if reason in FINISH_REASONS else answering.sse(not_generated(reason))]
         if include_usage:
-            yield event({**completion, "object": "chat.completion.chunk", "choices": [], "usage": usage(stats)})
-        yield "data: [DONE]\n\n"
-    finally:
-        if not recorded:  # the client went away: stop the decode, keep what was said
-            pending.cancel()
-            await record_finish(pending, answer)
+            frames.append(answering.sse({**completion, "object": "chat.completion.chunk", "choices": [], "usage": usage(event.stats)}))
+        return [*frames, answering.sse("[DONE]")]
+
+    return render
+
+
+class ChatCompletionsView(OpenAIView):
+    http_method_names = ["post"]
+
+    async def post(self, request, user):
+        try:
+            params = parse_completion_request(json.loads(request.body))
+        except RequestDataTooBig:
+            return error_response(413, _("The request body is too large."), code="request_too_large")
+        except ValueError:
+            return error_response(400, _("The body is not valid JSON."), code="invalid_json")
+        except InvalidRequest as exc:
+            return error_response(400, exc, param=exc.param, code=exc.code)
+        try:
+            pin = await sync_to_async(pinned_adapter)(params.model)
+        except UnknownModel:
+            return model_not_found(params.model)
+        try:
+            session = await answering.answer_astart(
+                channel=Conversation.Channel.OPENAI,
+                turns=params.turns,
+                user=user,
+                system=params.system,
+                max_new_tokens=params.max_new_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                seed=params.seed,
+                **pin,
+            )
+        except answering.AnswerRefused as refused:
+            return refusal_error(refused, model=params.model)
+
+        completion = {
+            "id": f"chatcmpl-{session.request.id}",
+            "created": int(time.time()),
+            "model": session.request.adapter or BASE_MODEL_ID,
+        }
+        if params.stream:
+            return answering.sse_response(
+                session, chunk_renderer(completion, params.include_usage), asgi=isinstance(request, ASGIRequest)
+            )
+        end = await session.result()  # a client that goes away cancels this view, and the answer with it
+        reason = end_reason(end)
+        if reason not in FINISH_REASONS:
+            return JsonResponse(not_generated(reason), status=500 if reason == ERROR else 503, json_dumps_params={"ensure_ascii": False})
+        return JsonResponse(
+            {
+                **completion,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": end.text, "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": FINISH_REASONS[reason],
+                    }
+                ],
+                "usage": usage(end.stats),
+            },
+            json_dumps_params={"ensure_ascii": False},
+        )
 
 
 def model_list():
@@ -470,18 +449,15 @@ def model_list():
     return [base, *listed] if active is None else [*listed, base]
 
 
-@csrf_exempt
-async def models(request):
-    user = await bearer_user(request)
-    if user is None:
-        return unauthorized()
-    if request.method != "GET":
-        return method_not_allowed("GET")
-    return JsonResponse({"object": "list", "data": await sync_to_async(model_list)()})
+class ModelsView(OpenAIView):
+    http_method_names = ["get"]
+
+    async def get(self, request, user):
+        return JsonResponse({"object": "list", "data": await sync_to_async(model_list)()})
 
 
 # Mounted at /v1/ by csplatform/urls.py, where OpenAI clients expect it (base_url=".../v1").
 urlpatterns = [
-    path("chat/completions", chat_completions, name="openai-chat-completions"),
-    path("models", models, name="openai-models"),
+    path("chat/completions", ChatCompletionsView.as_view(), name="openai-chat-completions"),
+    path("models", ModelsView.as_view(), name="openai-models"),
 ]

@@ -1,10 +1,10 @@
-"""Chat workflows shared by the websocket consumer and the HTTP APIs (all synchronous: async
-callers wrap them in database_sync_to_async)."""
+"""Chat workflows on the database shared by the websocket consumer and the HTTP APIs (all
+synchronous: async callers wrap them in database_sync_to_async). Starting and storing an answer
+is chat.answering's, built on the row functions here."""
 
 import uuid
 
 from django.conf import settings
-from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -71,26 +71,12 @@ def message_add_question(*, conversation, text):
     return history, question
 
 
-def answer_start(*, engine, text, conversation_id=None, session_key="", user=None, channel=Conversation.Channel.WEB, **options):
-    """Store the question, queue its answer on the (loaded) engine and create the answer row.
-
-    Returns (conversation, request, answer). One transaction: when the engine refuses (EngineBusy,
-    InputTooLong) or the conversation is not the caller's, nothing is stored, so a client that
-    retries leaves no duplicate question and no orphan conversation behind.
-    """
-    request = None
-    engine.check_room()  # a busy engine refuses before any database work (it is checked again at submit)
-    try:
-        with transaction.atomic():
-            conversation = conversation_for(conversation_id=conversation_id, session_key=session_key, user=user, channel=channel)
-            history, _question = message_add_question(conversation=conversation, text=text)
-            request = engine.submit(history, **options)
-            answer = message_start_answer(conversation=conversation, adapter_name=request.adapter)
-    except BaseException:
-        if request is not None:
-            request.cancel()
-        raise
-    return conversation, request, answer
+def conversation_record(*, turns, user, channel):
+    """A stateless client's whole conversation (the OpenAI API sends it with every request), stored
+    as a new conversation of its own: its turns, titled by the last question."""
+    conversation = Conversation.objects.create(channel=channel, user=user, title=turns[-1].text.strip()[:200])
+    Message.objects.bulk_create(Message(conversation=conversation, role=turn.role, text=turn.text.strip()) for turn in turns)
+    return conversation
 
 
 def message_start_answer(*, conversation, adapter_name):

@@ -1,4 +1,4 @@
-"""REST chat routes (mounted under /api/v1/). The OpenAI-compatible routes are in chat.openai_urls."""
+"""REST chat routes (mounted under /api/v1/). The OpenAI-compatible routes are chat.openai_views.urlpatterns (/v1/)."""
 
 from django.urls import path
 from rest_framework.routers import DefaultRouter

@@ -11,7 +11,7 @@ from django.core.handlers.asgi import ASGIHandler
 from django.core.signals import request_finished, request_started
 from django.db import close_old_connections
 
-from chat.api_views import AnswerStream
+from chat.answering import AnswerSession
 from llm.engine import Token
 from chat.models import Conversation, Message
 from chat.serving import active_engine, reset_engine
@@ -297,17 +297,17 @@ def test_under_asgi_the_stream_is_the_same(serving, faq, asgi_client):
 
 
 def test_a_client_that_hangs_up_cancels_its_answer_and_keeps_what_was_said(serving, faq, asgi_client, monkeypatch):
-    # The decode thread waits in the stream's callback after the first token until the request
+    # The decode thread waits in the session's callback after the first token until the request
     # is cancelled, so the answer cannot end on its own before the client's hang-up arrives.
-    deliver = AnswerStream.on_event
+    deliver = AnswerSession.on_event
 
-    def held(stream, event):
-        deliver(stream, event)
+    def held(session, event):
+        deliver(session, event)
         deadline = time.monotonic() + 10
-        while isinstance(event, Token) and not stream.pending.cancelled and time.monotonic() < deadline:
+        while isinstance(event, Token) and not session.request.cancelled and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    monkeypatch.setattr(AnswerStream, "on_event", held)
+    monkeypatch.setattr(AnswerSession, "on_event", held)
 
     status, _headers, body = asgi_client.post(
         "/api/v1/chat/", "stream=1", {"text": faq[0]["instruction"]}, hang_up=lambda received: b"event: token" in received
@@ -356,8 +356,9 @@ def test_an_answer_with_a_nul_character_is_stored_without_it(db):
 
 
 def test_an_answer_stored_before_its_cancel_took_effect_ends_cancelled_not_unfinished(db):
-    """A client that leaves while the decode thread is busy: the consumer stops waiting after 2 s
-    and stores the answer with stats that have no finish reason yet (`make stress` found one)."""
+    """A client that leaves while the decode thread is busy: the answer session stops waiting after
+    its cancel grace and stores the answer with stats that have no finish reason yet (`make stress`
+    found one)."""
     from chat import services
     from llm.engine import Stats
 
