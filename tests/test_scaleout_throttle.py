@@ -12,8 +12,8 @@ from tests.support.livetest import TEST_REDIS_URL, live_daphne
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.live, pytest.mark.services]
 
 
-def _get(url, key):
-    request = urllib.request.Request(f"{url}/api/v1/chat/conversations/", headers={"Authorization": f"Token {key}"})
+def _get(url, key, path="/api/v1/chat/conversations/", scheme="Token"):
+    request = urllib.request.Request(f"{url}{path}", headers={"Authorization": f"{scheme} {key}"})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, None
@@ -29,6 +29,9 @@ def test_two_processes_share_one_rate_limit(customer, tmp_path):
         statuses = [_get(url, key) for url in (first, second) * 3]  # 6 requests, alternating processes
         refused, retry_after = _get(first, key)
         also_refused, _ = _get(second, key)
+        # The OpenAI-compatible API goes through the same throttles, on the same shared count.
+        openai_refused = [_get(url, key, "/v1/models", "Bearer")[0] for url in (first, second)]
     assert [status for status, _ in statuses] == [200] * 6
     assert (refused, also_refused) == (429, 429)  # each process alone has seen only 3 or 4
     assert retry_after is not None and int(retry_after) > 0
+    assert openai_refused == [429, 429]

@@ -245,3 +245,75 @@ def test_a_missing_model_is_a_bad_request_naming_it(customer, model):
 
     assert response.status_code == 400 and response.json()["error"]["param"] == "model"
     assert not Conversation.objects.exists()
+
+
+# --- DRF authentication and the REST API's throttles (in process) ---
+
+
+def _v1(method, path, key=None, *, authorization=None):
+    """A request to the OpenAI-compatible API with a Bearer `key` (or a whole Authorization header)."""
+    headers = {"HTTP_AUTHORIZATION": authorization if authorization is not None else f"Bearer {key}"} if key or authorization else {}
+    if method == "get":
+        return Client().get(path, **headers)
+    # A body refused before the engine (no model): the throttle counts it like any other request.
+    return Client().post(path, {"messages": [{"role": "user", "content": "如何退货？"}]}, content_type="application/json", **headers)
+
+
+def _openai_error(response):
+    """The error object of an OpenAI-shaped error body (its clients read exactly these keys)."""
+    body = response.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"]), body
+    return body["error"]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("method, path", [("get", "/v1/models"), ("post", "/v1/chat/completions")])
+def test_requests_past_the_user_rate_are_429_in_openai_shape_with_retry_after(customer, settings, method, path):
+    settings.CSP_API_THROTTLE_RATES = {"anon": "2/min", "user": "3/min"}
+    key = Token.objects.create(user=customer).key
+
+    allowed = [_v1(method, path, key).status_code for _ in range(3)]
+    refused = _v1(method, path, key)
+
+    assert allowed == ([200] * 3 if method == "get" else [400] * 3)
+    assert refused.status_code == 429 and int(refused["Retry-After"]) > 0
+    error = _openai_error(refused)
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "rate_limit_error"
+
+
+@pytest.mark.django_db
+def test_v1_and_the_rest_api_count_against_one_rate(customer, settings):
+    settings.CSP_API_THROTTLE_RATES = {"anon": "2/min", "user": "3/min"}
+    key = Token.objects.create(user=customer).key
+
+    rest = [Client().get("/api/v1/chat/conversations/", HTTP_AUTHORIZATION=f"Token {key}").status_code for _ in range(3)]
+
+    assert rest == [200] * 3
+    assert _v1("get", "/v1/models", key).status_code == 429
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/chat/completions"])
+@pytest.mark.parametrize("authorization", ["", "Bearer", "Bearer not-a-token", "Bearer two words", "Token {key}", "Basic {key}", "Bearer {inactive}"])
+def test_an_absent_or_bad_bearer_key_is_401_in_openai_shape(customer, staff_user, path, authorization):
+    key = Token.objects.create(user=customer).key
+    inactive = Token.objects.create(user=staff_user).key
+    staff_user.is_active = False
+    staff_user.save(update_fields=["is_active"])
+
+    response = _v1("get" if path == "/v1/models" else "post", path, authorization=authorization.format(key=key, inactive=inactive))
+
+    assert response.status_code == 401
+    error = _openai_error(response)
+    assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error" and "Bearer" in error["message"]
+    assert not Conversation.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_method_other_than_the_routes_own_is_405_with_allow(customer):
+    key = Token.objects.create(user=customer).key
+
+    response = Client().delete("/v1/models", HTTP_AUTHORIZATION=f"Bearer {key}")
+
+    assert response.status_code == 405 and response["Allow"] == "GET"
+    assert _openai_error(response)["code"] == "method_not_allowed"
