@@ -24,6 +24,7 @@ import warnings
 
 from llm.engine.events import ERROR
 from llm.engine.local import LocalEngine
+from llm.finetune.config import FinetuneConfig
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ class TransformersEngine(LocalEngine):
         import torch
 
         from llm.engine import batch as batching
-        from llm.finetune.config import FinetuneConfig
         from llm.generation import stop_token_ids
         from llm.modeling import load_base
 
