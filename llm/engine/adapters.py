@@ -12,10 +12,12 @@ two callables it gives, always under `model_lock`; the table's own state is unde
 scheduler's Condition, so that new garbage wakes the decode loop).
 """
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+from llm.finetune.config import read_saved_record
+from llm.prompting import PromptFormat, read_prompt_format
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ CURRENT = object()  # submit(adapter=CURRENT): the adapter new requests get now 
 class Adapter:
     path: Path
     system_prompt: str | None  # what it was trained with (finetune_config.json), if recorded
+    prompt_format: PromptFormat = PromptFormat.GEMMA  # the format it was trained on: it is served in it
     refs: int = 0  # requests bound to it that have not finished
     loaded: bool = False  # its weights are in the backend
 
@@ -47,9 +50,8 @@ class AdapterTable:
         path = Path(path)
         if not (path / self.file).is_file():
             raise FileNotFoundError(f"no adapter in {str(path)!r} ({self.file} is missing{self.hint})")
-        saved = path / "finetune_config.json"
-        system = json.loads(saved.read_text(encoding="utf-8")).get("system_prompt") if saved.is_file() else None
-        return Adapter(path=path.resolve(), system_prompt=system)
+        system = read_saved_record(path).get("system_prompt")
+        return Adapter(path=path.resolve(), system_prompt=system, prompt_format=read_prompt_format(path))
 
     def path(self, name):
         with self.lock:
@@ -62,6 +64,11 @@ class AdapterTable:
     def system_prompt(self, name):
         """Under `lock`: the prompt `name` was trained with (None: not recorded, or the base model)."""
         return self._entries[name].system_prompt if name is not None else None
+
+    def prompt_format(self, name):
+        """Under `lock`: the PromptFormat `name` was trained on (None for the base model: the
+        checkpoint's own format, which only the engine's tokenizer knows)."""
+        return self._entries[name].prompt_format if name is not None else None
 
     def load_current(self):
         """Under `model_lock`, as the model has just loaded: the current adapter's weights."""

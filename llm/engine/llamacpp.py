@@ -7,9 +7,11 @@ The contract (submit/stream/generate, admission, limits, cancellation, adapters)
 `llm.engine.local.LocalEngine`'s. What differs is below it:
 
 - Prompts are rendered and tokenised exactly as for transformers (`fit_conversation` with the
-  checkpoint's Hugging Face tokenizer) and fed to llama.cpp as ids; generated ids are turned into
-  text by the same TextStream. At load a probe conversation must tokenise to the same ids on both
-  sides, else the GGUF is refused: its vocabulary is not the checkpoint's.
+  checkpoint's Hugging Face tokenizer, in the adapter's prompt format, a chat template's prompt
+  without a second BOS) and fed to llama.cpp as ids; each sequence stops on its format's ids;
+  generated ids are turned into text by the same TextStream. At load a probe conversation must
+  tokenise to the same ids on both sides, in each format the engine may serve, else the GGUF is
+  refused: its vocabulary is not the checkpoint's.
 - One llama model (the GGUF beside the checkpoint, memory-mapped) and one llama context per
   adapter version in use: a LoRA applies to a whole context, not to a sequence. The base model's
   context serves adapter None. Each running Sequence is a sequence id in its context's KV cache.
@@ -126,8 +128,6 @@ class LlamaCppEngine(LocalEngine):
         import torch
         from transformers import AutoTokenizer
 
-        from llm.generation import stop_token_ids
-
         gguf = base_gguf(self.config.base_dir)
         if gguf is None:
             raise BaseModelError(
@@ -149,7 +149,7 @@ class LlamaCppEngine(LocalEngine):
         try:
             vocab = llama_cpp.llama_model_get_vocab(model)
             self._check_vocabulary(llama_cpp, vocab, tokenizer, gguf)
-            self._use_tokenizer(tokenizer, llama_cpp.llama_model_n_ctx_train(model), stop_token_ids(tokenizer))
+            self._use_tokenizer(tokenizer, llama_cpp.llama_model_n_ctx_train(model))
             if self.config.max_active > llama_cpp.llama_max_parallel_sequences():
                 raise ValueError(
                     f"max_active={self.config.max_active} is more than the "
@@ -168,21 +168,27 @@ class LlamaCppEngine(LocalEngine):
             self._contexts[None] = self._new_context(None)
 
     def _check_vocabulary(self, llama_cpp, vocab, tokenizer, gguf):
-        """Refuse a GGUF whose tokenizer turns the probe conversation into other ids than the checkpoint's."""
-        from llm.prompting import Turn, render_conversation
+        """Refuse a GGUF whose tokenizer turns the probe conversation into other ids than the checkpoint's,
+        in each prompt format this engine may serve (Gemma's, and the checkpoint's chat template when
+        it has one: its markers are special tokens the vocabulary must know too)."""
+        from llm.prompting import PromptFormat, Turn, encode_prompt, prompt_format_for, render_conversation
 
-        text = render_conversation([Turn(role, body) for role, body in PROBE_TURNS], system=PROBE_SYSTEM)
-        expected = tokenizer(text, add_special_tokens=True)["input_ids"]
-        data = text.encode("utf-8")
-        room = len(data) + 8
-        ids = (llama_cpp.llama_token * room)()
-        count = llama_cpp.llama_tokenize(vocab, data, len(data), ids, room, True, True)
-        got = list(ids[: max(count, 0)])
-        if got != expected:
-            raise EngineError(
-                f"{gguf} does not tokenise like the checkpoint's tokenizer, so it is not the same model's "
-                f"vocabulary: {text!r} is {expected} with transformers but {got} with llama.cpp"
-            )
+        turns = [Turn(role, body) for role, body in PROBE_TURNS]
+        for prompt_format in dict.fromkeys([PromptFormat.GEMMA, prompt_format_for(tokenizer)]):
+            text = render_conversation(turns, system=PROBE_SYSTEM, prompt_format=prompt_format, tokenizer=tokenizer)
+            expected = encode_prompt(tokenizer, text, prompt_format)
+            data = text.encode("utf-8")
+            room = len(data) + 8
+            ids = (llama_cpp.llama_token * room)()
+            # add_special as the format encodes (a template writes its own BOS); parse_special: the
+            # markers in the text are special tokens, as the Hugging Face tokenizer reads them.
+            count = llama_cpp.llama_tokenize(vocab, data, len(data), ids, room, prompt_format.adds_special_tokens, True)
+            got = list(ids[: max(count, 0)])
+            if got != expected:
+                raise EngineError(
+                    f"{gguf} does not tokenise like the checkpoint's tokenizer, so it is not the same model's "
+                    f"vocabulary: {text!r} is {expected} with transformers but {got} with llama.cpp"
+                )
 
     def _new_context(self, lora):
         """Under _model_lock (or while loading): a context for K sequences, with `lora` applied."""

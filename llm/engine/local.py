@@ -11,10 +11,12 @@ decode loop that drives it.
     request.adapter                                                # for its "start" frame
     async for event in request: ...                                # request.cancel() on disconnect
 
-How it runs. `submit()` renders and tokenises the prompt in the caller's thread (the one renderer
-training uses, with the checkpoint's Hugging Face tokenizer), refuses what it must (EngineBusy
-beyond K running + Q waiting, InputTooLong), binds the request to the adapter that is current at
-that moment (a reference is held until it finishes), and queues its Sequence. A single
+How it runs. `submit()` binds the request to the adapter that is current at that moment (a
+reference is held until it finishes), renders and tokenises the prompt in the caller's thread (the
+one renderer training uses, with the checkpoint's Hugging Face tokenizer, in the prompt format
+that adapter was trained on: recorded with it, Gemma's when unrecorded, the checkpoint's own for
+the base model), refuses what it must (EngineBusy beyond K running + Q waiting, InputTooLong),
+and queues its Sequence, which stops on the end-of-turn ids of that same format. A single
 background thread loops; each iteration the Scheduler admits waiting sequences while fewer than
 K run and ends the cancelled and timed-out ones, the AdapterTable unloads adapters that are
 neither current nor used, and the backend runs one step: prefill of newcomers (at most
@@ -48,6 +50,7 @@ from llm.engine.request import Request
 from llm.engine.scheduler import Scheduler
 from llm.engine.sequence import DONE, Sequence
 from llm.engine.textstream import AnswerText
+from llm.prompting import PromptFormat, prompt_format_for
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,8 @@ class LocalEngine:
         self.device = self.dtype = self.dtype_reason = None
         self.tokenizer = None
         self._loaded = False
-        self._stop_ids = frozenset()
+        self.base_format = None  # the PromptFormat of the base model without an adapter, known once loaded
+        self._stop_ids = {}  # PromptFormat -> the ids an answer in that format stops on
         self._prompt_budget = config.max_input_tokens
         self._sampling = None  # llm.engine.sampling, imported by load() (it imports torch)
         self._thread = None
@@ -76,7 +80,7 @@ class LocalEngine:
         self.scheduler = Scheduler(config, self.counters, clock)
         self.adapters = AdapterTable(
             lock=self.scheduler.lock, model_lock=self._model_lock, file=self.adapter_file, hint=self.adapter_hint,
-            load_weights=self._load_adapter_weights, unload_weights=self._unload_adapter_weights,
+            load_weights=self._load_adapter, unload_weights=self._unload_adapter_weights,
             model_loaded=lambda: self._loaded,
         )
 
@@ -110,8 +114,11 @@ class LocalEngine:
                 self.backend, self.config.base_dir, self.device, self._dtype_name(), self.dtype_reason,
             )
 
-    def _use_tokenizer(self, tokenizer, max_positions, stop_ids):
-        """Take the checkpoint's tokenizer, its stop ids and the model's positions (the prompt budget)."""
+    def _use_tokenizer(self, tokenizer, max_positions):
+        """Take the checkpoint's tokenizer, the stop ids of each format it can render and the model's
+        positions (the prompt budget)."""
+        from llm.generation import stop_token_ids  # noqa: PLC0415  (torch: paid for by load(), not by import)
+
         budget = self.config.max_input_tokens
         if max_positions:
             budget = min(budget, max_positions - self.config.max_new_tokens)
@@ -121,7 +128,10 @@ class LocalEngine:
                 f"{max_positions} positions"
             )
         self.tokenizer = tokenizer
-        self._stop_ids = frozenset(stop_ids)
+        self.base_format = prompt_format_for(tokenizer)
+        # Gemma's for the adapters trained before formats were recorded; the template's where there is one.
+        formats = {PromptFormat.GEMMA, self.base_format}
+        self._stop_ids = {fmt: frozenset(stop_token_ids(tokenizer, fmt)) for fmt in formats}
         self._prompt_budget = budget
 
     def _dtype_name(self):
@@ -149,6 +159,19 @@ class LocalEngine:
         """
         self.adapters.set_current(name, path)
 
+    def _load_adapter(self, name, path):
+        """Under the model lock, the model loaded: an adapter whose prompts this checkpoint can render
+        is loaded; one trained on a chat template the tokenizer no longer has is refused here, not
+        on every request."""
+        with self.scheduler.lock:
+            prompt_format = self.adapters.prompt_format(name)
+        if prompt_format not in self._stop_ids:
+            raise ValueError(
+                f"adapter {name!r} was trained on the checkpoint's chat template, and the tokenizer of "
+                f"{str(self.config.base_dir)!r} has none: it cannot be served in the format it learnt"
+            )
+        self._load_adapter_weights(name, path)
+
     @property
     def current_adapter(self):
         return self.adapters.current
@@ -165,16 +188,23 @@ class LocalEngine:
         self.load()
         with self.scheduler.lock:
             system = self._system_for(self.adapters.current, system)
-        return self._render(history, system)
+            prompt_format = self._format_for(self.adapters.current)
+        return self._render(history, system, prompt_format)
 
-    def _render(self, history, system):
+    def _render(self, history, system, prompt_format):
         return fit_conversation(
             self.tokenizer,
             history,
             system=system,
             max_tokens=self._prompt_budget,
             max_message_chars=self.config.max_message_chars,
+            prompt_format=prompt_format,
         )
+
+    def _format_for(self, adapter):
+        """Under the scheduler's lock: the format `adapter` was trained on (None: the base model's own)."""
+        trained = self.adapters.prompt_format(adapter)
+        return trained if trained is not None else self.base_format
 
     def _system_for(self, adapter, system):
         """Under the scheduler's lock: the caller's system prompt, else the adapter's training one, else the config's."""
@@ -221,13 +251,14 @@ class LocalEngine:
         try:
             with self.scheduler.lock:
                 system = self._system_for(adapter, system)
-            prompt = self._render(history, system)
+                prompt_format = self._format_for(adapter)
+            prompt = self._render(history, system, prompt_format)
             request = Request(
                 prompt=prompt, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                 seed=seed, on_event=on_event, clock=self.clock,
             )
             protected = (system, *self.config.canaries) if self.config.guard_min_run else ()
-            self.scheduler.enqueue(Sequence(request, protected))
+            self.scheduler.enqueue(Sequence(request, protected, stop_ids=self._stop_ids[prompt_format]))
         except BaseException:
             self.adapters.release(adapter)
             raise
@@ -369,7 +400,7 @@ class LocalEngine:
         if reason:
             self._finish(sequence, reason)
             return False
-        if token in self._stop_ids:
+        if token in sequence.stop_ids:
             self._finish(sequence, STOP)
             return False
         request = sequence.request

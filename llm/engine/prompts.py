@@ -1,4 +1,5 @@
-"""Fit a conversation into the prompt budget, rendered by the one renderer training uses.
+"""Fit a conversation into the prompt budget, rendered by the one renderer training uses, in
+the prompt format the answering adapter was trained on (llm.prompting.PromptFormat).
 
 The oldest turns go first; the system prompt and the newest user message always stay. A new
 message that cannot fit even alone is refused (InputTooLong) rather than cut: a cut question
@@ -8,7 +9,7 @@ gets a confident answer to something the customer did not ask.
 from dataclasses import dataclass
 
 from llm.engine.events import InputTooLong
-from llm.prompting import Turn, render_conversation
+from llm.prompting import PromptFormat, Turn, encode_prompt, render_conversation
 
 # Turns older than this many characters per budget token are dropped without tokenising them:
 # a token is rarely more than 4 characters, so such a suffix cannot fit anyway.
@@ -20,6 +21,7 @@ class Prompt:
     text: str  # exactly what render_conversation returns for the kept turns
     ids: list  # token ids, special tokens (BOS) included as in training
     dropped_turns: int  # how many of the oldest turns were left out
+    prompt_format: PromptFormat = PromptFormat.GEMMA  # the format text is in
 
 
 def as_turns(history):
@@ -32,8 +34,9 @@ def as_turns(history):
     return turns
 
 
-def fit_conversation(tokenizer, history, *, system, max_tokens, max_message_chars):
-    """Render the longest suffix of `history` whose tokens fit `max_tokens`; returns a Prompt."""
+def fit_conversation(tokenizer, history, *, system, max_tokens, max_message_chars, prompt_format):
+    """Render the longest suffix of `history` whose tokens fit `max_tokens` in `prompt_format`;
+    returns a Prompt."""
     turns = as_turns(history)
     message = turns[-1].text.strip()
     if len(message) > max_message_chars:
@@ -43,8 +46,8 @@ def fit_conversation(tokenizer, history, *, system, max_tokens, max_message_char
         )
 
     def encode(start):
-        text = render_conversation(turns[start:], system=system)
-        return text, tokenizer(text, add_special_tokens=True)["input_ids"]
+        text = render_conversation(turns[start:], system=system, prompt_format=prompt_format, tokenizer=tokenizer)
+        return text, encode_prompt(tokenizer, text, prompt_format)
 
     # A kept conversation must open with a user turn (the system prompt goes into it).
     starts = [i for i, turn in enumerate(turns) if turn.role == "user"]
@@ -74,4 +77,4 @@ def fit_conversation(tokenizer, history, *, system, max_tokens, max_message_char
         else:
             low = middle + 1
     start, text, ids = best
-    return Prompt(text=text, ids=ids, dropped_turns=start)
+    return Prompt(text=text, ids=ids, dropped_turns=start, prompt_format=PromptFormat(prompt_format))

@@ -13,6 +13,7 @@ WAITING, RUNNING, DONE = "waiting", "running", "done"
 class Sequence:
     request: object  # llm.engine.request.Request
     protected: tuple = ()  # texts the leak guard keeps out of the answer (empty: no guard)
+    stop_ids: frozenset = frozenset()  # where its answer ends: the ids of its prompt's format
     phase: str = WAITING
     output: object = None  # AnswerText, from the start of the prefill
     slot: object = None  # the backend's per-sequence state (a KV cache while prefilling, a sequence id)

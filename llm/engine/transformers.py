@@ -67,7 +67,6 @@ class TransformersEngine(LocalEngine):
         import torch
 
         from llm.engine import batch as batching
-        from llm.generation import stop_token_ids
         from llm.modeling import load_base
 
         device = batching.resolve_device(self.config.device)
@@ -79,7 +78,7 @@ class TransformersEngine(LocalEngine):
         head = model.get_output_embeddings()
         if head is not None:
             head.register_forward_pre_hook(_fresh_input)
-        self._use_tokenizer(tokenizer, getattr(model.config, "max_position_embeddings", None), stop_token_ids(tokenizer))
+        self._use_tokenizer(tokenizer, getattr(model.config, "max_position_embeddings", None))
         self._torch, self._batching = torch, batching
         self.device, self.dtype, self.dtype_reason = device, dtype, reason
         parameters = inspect.signature(model.forward).parameters

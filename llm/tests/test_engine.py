@@ -6,7 +6,7 @@ backend's own machinery are marked `transformers_only`; the llama.cpp side's own
 test_llamacpp_engine.py.
 
 Two adapters are trained once for the module with the memorising settings of
-training/tests/test_finetune.py: v1 on eight sample pairs, v2 on four of the same questions with
+tests/support/memorise.py: v1 on eight sample pairs, v2 on four of the same questions with
 their answers rotated, so the two versions give different, known answers to the same question.
 Requests that must still be running while the test acts are slowed down by an `on_event`
 callback (it runs on the decode thread), never by sleeping and hoping.
@@ -38,10 +38,10 @@ from llm.generation import generate_answer
 from llm.modeling import load_adapter, load_base
 from llm.gguf import write_lora_gguf
 from llm.prompting import question_text, render_conversation, render_training_example
+from tests.support.memorise import MEMORISE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-MEMORISE = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, epochs=30, batch_size=4, bf16="off")
 ENGINES = {"transformers": Engine, "llamacpp": LlamaCppEngine}
 transformers_only = pytest.mark.parametrize("backend", ["transformers"])
 

@@ -26,12 +26,13 @@ from llm.engine import (
     choose_backend,
     make_engine,
 )
-from llm.tests.test_engine import MEMORISE, _answer, _question, _slow, _wait_for
+from llm.tests.test_engine import _answer, _question, _slow, _wait_for
 from llm.basemodel import BaseModelError
 from llm.finetune.config import FinetuneConfig
 from llm.finetune.loop import train
 from llm.gguf import write_lora_gguf
 from llm.tinymodel import build_tiny_model
+from tests.support.memorise import MEMORISE
 
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
