@@ -26,6 +26,7 @@ from llm import evaluation
 from llm.finetune.loop import TrainingCancelled, TrainingInterrupted, train_model
 from llm.generation import generate_answer
 from llm.modeling import load_adapter
+from llm.prompting import read_prompt_format
 from llm import gguf as gguf_export
 from training.models import TrainingRun
 from training.snapshots import read_records
@@ -242,7 +243,9 @@ def evaluate_adapter(run, model, tokenizer, config, dev_records, reporter):
     return results
 
 
-def evaluate_answers(model, tokenizer, config, dev_records, reporter):
+def evaluate_answers(model, tokenizer, config, dev_records, reporter, prompt_format=None):
+    """prompt_format: the one the adapter was trained on (None: the one train() picks for this
+    tokenizer, right for the model it has just trained)."""
     records = dev_records[: settings.CSP_EVAL_MAX_PAIRS]
     if not records:
         return {}
@@ -256,6 +259,7 @@ def evaluate_answers(model, tokenizer, config, dev_records, reporter):
                 record.get("input", ""),
                 max_new_tokens=settings.CSP_EVAL_MAX_NEW_TOKENS,
                 system=config.system_prompt,
+                prompt_format=prompt_format,
             )
         )
         if index % 5 == 0:
@@ -271,7 +275,9 @@ def evaluate_version(version, config, dev_records, reporter):
     """Another version's metrics on these dev pairs (the scheduled-retraining comparison)."""
     reporter.log(f"evaluating the active version {version.name} on the same dev pairs")
     model, tokenizer = load_adapter(version.base_model.path, version.path, config)
-    results = evaluate_answers(model, tokenizer, config, dev_records, reporter)
+    # Asked in the format it learnt: a version trained before formats were recorded is Gemma's even
+    # where the base checkpoint has a chat template.
+    results = evaluate_answers(model, tokenizer, config, dev_records, reporter, read_prompt_format(version.path))
     del model
     return results
 
