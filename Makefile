@@ -31,17 +31,25 @@ run: setup
 # defaults (SQLite, in-memory channel layer, ORM broker, local-memory cache), then the tests
 # marked `services` a second time on the scale-out settings: PostgreSQL, and Redis for the channel
 # layer, the cache and the q2 broker. `make test-fast` leaves out every test that starts a server
-# process, drives Chromium, loads a server or lints the whole code: the edit-test loop.
+# process, drives Chromium, loads a server, lints the whole code or trains a whole run: the
+# edit-test loop.
 SCALEOUT_ENV := DATABASE_URL=postgres://postgres@127.0.0.1:5432/csplatform \
 	REDIS_URL=redis://127.0.0.1:6379/13 CSP_CHANNEL_PREFIX=csp-test-scaleout
-FAST := not slow and not live and not browser and not load and not lint
+FAST := not slow and not live and not browser and not load and not lint and not train
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -m "not slow"
 	$(MAKE) --no-print-directory test-scaleout
 
+# Two pytest processes, one a core (pytest runs one test at a time; each process has its own test
+# database): the ML half's report is printed after the apps' half.
 test-fast: $(TEST_STAMP)
-	$(PY) -m pytest -m "$(FAST)"
+	@ml_log=$$(mktemp); \
+	$(PY) -m pytest -m "$(FAST)" llm tests >$$ml_log 2>&1 & ml=$$!; \
+	$(PY) -m pytest -m "$(FAST)" knowledge training chat; apps=$$?; \
+	wait $$ml; ml_status=$$?; cat $$ml_log; rm -f $$ml_log; \
+	echo "make test-fast: apps exit $$apps, llm + tests exit $$ml_status"; \
+	test $$apps -eq 0 && test $$ml_status -eq 0
 
 test-scaleout: $(TEST_STAMP)
 	@pg_isready -h 127.0.0.1 -p 5432 -q || { echo "test-scaleout needs PostgreSQL on 127.0.0.1:5432 (see .ci/run)"; exit 1; }

@@ -109,6 +109,7 @@ def api_data(wsgi_app, superuser, settings, tmp_path, tiny_model):
         yield Token.objects.create(user=superuser)
 
 
+@pytest.mark.lint  # fuzzes every operation of the API 25 times: for make test, not the edit-test loop
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 def test_the_api_keeps_to_its_schema(case, api_data):

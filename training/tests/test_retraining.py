@@ -98,6 +98,7 @@ def test_the_activation_decision_compares_with_the_active_version(tmp_path, new,
     assert evaluated == ([] if not new else [active])  # the active version is evaluated on this run's dev pairs
 
 
+@pytest.mark.train
 def test_a_scheduled_run_is_trained_compared_and_decided_through_the_q2_task(records, q2_sync, django_capture_on_commit_callbacks):
     _approve(records[:4])
     _approve(records[100:103], split="dev")

@@ -47,6 +47,7 @@ def _reproduced(model, tokenizer, pairs):
     return sum(hits) / len(hits)
 
 
+@pytest.mark.train
 @pytest.mark.django_db
 def test_approved_pairs_become_an_active_adapter_version_through_the_q2_task(
     q2_sync, django_capture_on_commit_callbacks, staff_user, tiny_model
