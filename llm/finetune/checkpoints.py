@@ -24,7 +24,7 @@ from llm.prompting import PromptFormat
 
 def data_fingerprint(config, records):
     """What a checkpoint must match to be resumed: the data and every setting but bookkeeping."""
-    bookkeeping = ("checkpoint_every", "keep_checkpoints", "device")
+    bookkeeping = ("checkpoint_every", "checkpoint_seconds", "keep_checkpoints", "device")
     settings = {k: v for k, v in config.to_dict().items() if k not in bookkeeping}
     payload = json.dumps([settings, records], sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()

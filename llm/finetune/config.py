@@ -31,8 +31,11 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     max_length: int = 512  # tokens per example, prompt + answer; longer ones lose the answer's tail
     seed: int = 42
-    # checkpoints: every N optimizer steps (0 = never); the last `keep_checkpoints` are kept
+    # checkpoints: every N optimizer steps (0 = not by steps) and after every `checkpoint_seconds`
+    # of training (0 = not by time); with either set, also at each epoch's end. A run killed
+    # then loses at most that interval, however few steps it has. The last `keep_checkpoints` are kept.
     checkpoint_every: int = 0
+    checkpoint_seconds: float = 0.0
     keep_checkpoints: int = 2
     # model loading and numerics
     quantization: str = "none"  # "none" or "4bit" (QLoRA: nf4 + double quantisation via bitsandbytes)
@@ -55,6 +58,9 @@ class FinetuneConfig:
         for name in ("lora_r", "batch_size", "grad_accum", "epochs", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        for name in ("checkpoint_every", "checkpoint_seconds", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)!r}")
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -60,8 +60,10 @@ def train(
     lr, elapsed_s, eta_s, and dev_loss at the end of each epoch. should_stop() is checked before
     every forward pass; when it returns true, TrainingCancelled is raised (checkpoints are kept,
     no adapter is written). should_interrupt() is checked after every optimizer step; when it
-    returns true, a checkpoint of that step is saved (whatever checkpoint_every says) and
-    TrainingInterrupted is raised. With resume, training continues from the last complete
+    returns true, a checkpoint of that step is saved (whatever the checkpoint settings say) and
+    TrainingInterrupted is raised. Otherwise a checkpoint is saved every config.checkpoint_every
+    steps, once config.checkpoint_seconds of training passed since the last one, and at each
+    epoch's end (with either set). With resume, training continues from the last complete
     checkpoint in out_dir/checkpoints. Returns the metrics dict that is also saved as metrics.json.
     """
     _, _, metrics = train_model(
@@ -149,6 +151,8 @@ def train_model(
     shortest = train_examples[lengths.index(min(lengths))]
     parts = checked_answer_head(model, shortest, pad_id, device, bf16)  # None: full logits everywhere
     session_start, session_first_step = time.monotonic(), step
+    last_checkpoint = session_start
+    checkpointing = bool(config.checkpoint_every or config.checkpoint_seconds)
     for epoch in range(step // steps_per_epoch, config.epochs):
         batches = length_grouped_batches(lengths, config.batch_size, config.seed + epoch)
         groups = [batches[i : i + config.grad_accum] for i in range(0, len(batches), config.grad_accum)]
@@ -186,10 +190,19 @@ def train_model(
             if step == total_steps:
                 continue  # what follows the last step is the adapter itself, not a checkpoint
             interrupted = should_interrupt is not None and should_interrupt()
-            if interrupted or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            # By steps alone a run shorter than checkpoint_every steps (a 1-epoch run on the sample
+            # data has 33) never had one to resume from; time and epoch ends bound the loss whatever
+            # the run's length.
+            due = checkpointing and (
+                (config.checkpoint_every and step % config.checkpoint_every == 0)
+                or (config.checkpoint_seconds and time.monotonic() - last_checkpoint >= config.checkpoint_seconds)
+                or step % steps_per_epoch == 0
+            )
+            if interrupted or due:
                 so_far = {**history, "seconds": history["seconds"] + elapsed}
                 state = {"fingerprint": fingerprint, "config": config.to_dict(), "history": so_far}
                 save_checkpoint(out_dir, step, model, optimizer, scheduler, state, config.keep_checkpoints)
+                last_checkpoint = time.monotonic()
             if interrupted:
                 raise TrainingInterrupted(f"training interrupted at step {step} of {total_steps}; checkpoint saved")
 

@@ -23,11 +23,11 @@ from llm.finetune.loss import answer_head_parts, answer_loss, checked_answer_hea
 from llm.generation import end_of_turn_id, generate_answer
 from llm.modeling import add_lora, load_adapter, load_base
 from llm.prompting import END, PromptFormat, Turn, question_text, read_prompt_format, render_conversation
+from tests.support.memorise import MEMORISE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DATA = "data/train.json"
-MEMORISE = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, epochs=30, batch_size=4, bf16="off")
 
 
 @pytest.fixture(scope="module")
@@ -288,6 +288,40 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_matches_an_uninterrupte
     assert metrics["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-4)
 
 
+def test_a_run_shorter_than_checkpoint_every_is_checkpointed_by_time_and_resumes_from_there(tiny_model, records, tmp_path):
+    # A second of training is past at every step here: each step is due by time, none by steps.
+    config = FinetuneConfig(epochs=2, batch_size=4, checkpoint_every=50, checkpoint_seconds=1e-6, keep_checkpoints=0)
+    pairs = records[:12]  # 3 steps per epoch, 6 in all
+    events = []
+    with pytest.raises(TrainingCancelled):
+        train(config, tiny_model, pairs, [], tmp_path, on_progress=events.append, should_stop=_stop_after(events, 2))
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [1, 2]
+
+    # The interval is bookkeeping: a resume under another one still matches the checkpoint.
+    resumed_events = []
+    later = FinetuneConfig(epochs=2, batch_size=4, checkpoint_every=50, checkpoint_seconds=300)
+    metrics = train(later, tiny_model, pairs, [], tmp_path, on_progress=resumed_events.append)
+    assert metrics["resumed_from_step"] == 2 and [e["step"] for e in resumed_events] == [3, 4, 5, 6]
+
+
+def test_each_epoch_end_is_checkpointed_when_checkpoints_are_on(tiny_model, records, tmp_path):
+    config = FinetuneConfig(epochs=3, batch_size=4, checkpoint_every=0, checkpoint_seconds=3600, keep_checkpoints=0)
+    events = []
+    with pytest.raises(TrainingCancelled):
+        train(config, tiny_model, records[:8], [], tmp_path, on_progress=events.append, should_stop=_stop_after(events, 5))
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2, 4]  # 2 steps per epoch; step 5 is mid-epoch
+
+
+def test_no_checkpoint_is_written_when_both_intervals_are_off(tiny_model, records, tmp_path):
+    events = []
+    with pytest.raises(TrainingCancelled):
+        train(
+            FinetuneConfig(epochs=3, checkpoint_every=0, checkpoint_seconds=0), tiny_model, records[:8], [], tmp_path,
+            on_progress=events.append, should_stop=_stop_after(events, 5),
+        )
+    assert list_checkpoints(tmp_path) == []
+
+
 def test_resume_refuses_a_checkpoint_from_other_data(tiny_model, records, tmp_path):
     config = FinetuneConfig(epochs=2, checkpoint_every=1)
     events = []
@@ -328,6 +362,8 @@ def test_config_refuses_unknown_choices():
         FinetuneConfig(bf16="maybe")
     with pytest.raises(ValueError):
         FinetuneConfig(base_dtype="fp16")
+    with pytest.raises(ValueError):
+        FinetuneConfig(checkpoint_seconds=-1)
     assert FinetuneConfig.from_dict({"lora_r": 4, "unknown": 1}).lora_r == 4
 
 
