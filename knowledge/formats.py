@@ -4,14 +4,26 @@ Pure functions over bytes, so the admin, the REST API and the management command
 Reading never raises on a bad row: each row comes back with its own error, and the caller
 decides (the import service rejects the whole upload when any row is bad). A file that cannot
 be read at all raises FileFormatError with a message for a person.
+
+CSV cells are guarded against formula injection (OWASP "CSV Injection"): a spreadsheet runs a
+cell that starts with = + - @, a tab or a carriage return as a formula, so
+`=HYPERLINK(...)` in a customer's question would run on the curator's machine. Export prefixes
+such a cell with `'`, which spreadsheets show as text; import takes that `'` off again. The rule
+that keeps the round trip lossless: a cell gets the extra `'` when, after any leading `'`s, it
+starts with one of those characters, and import removes one `'` only from a cell of that shape
+("'Tis", "'quoted'" stay as they are both ways; "'=x" is written "''=x"). JSON and JSONL are
+written and read unchanged.
 """
 
 import csv
 import io
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from django.utils.translation import gettext as _
+
+from csplatform.parsers import JSONNestingError, loads_json
 
 FORMATS = ("json", "jsonl", "csv")
 CONTENT_TYPES = {
@@ -22,6 +34,10 @@ CONTENT_TYPES = {
 # Column order of every export; import accepts them in any order.
 FIELDS = ("instruction", "input", "output", "category", "split", "status", "id")
 REQUIRED_COLUMNS = ("instruction", "output")
+# OWASP's list of characters that make a spreadsheet read a cell as a formula.
+FORMULA_START = "=+-@\t\r"
+_FORMULA_LIKE = re.compile(f"[{re.escape(FORMULA_START)}]")
+_NEUTRALISED = re.compile(f"'+[{re.escape(FORMULA_START)}]")  # what export makes of a formula-like cell
 
 
 class FileFormatError(ValueError):
@@ -33,6 +49,17 @@ class RawRow:
     number: int  # 1-based: the array index + 1 for JSON, the line for JSONL, the data row for CSV
     data: dict | None
     error: str = ""
+    warnings: dict = field(default_factory=dict)  # field name -> messages; the row is still imported
+
+
+def neutralise_formula(text):
+    """A CSV cell's text as export writes it: `'` before a cell a spreadsheet would run."""
+    return "'" + text if _FORMULA_LIKE.match(text.lstrip("'")) else text
+
+
+def restore_formula(cell):
+    """The text of a cell written by neutralise_formula (any other cell is returned unchanged)."""
+    return cell[1:] if _NEUTRALISED.match(cell) else cell
 
 
 def detect_format(filename, declared=None):
@@ -70,12 +97,16 @@ def parse(content, filename, declared_format=None):
 
 def _parse_json(text):
     try:
-        data = json.loads(text)
+        data = loads_json(text)
+    except JSONNestingError as exc:
+        raise FileFormatError(str(exc)) from None
     except json.JSONDecodeError as exc:
         raise FileFormatError(
             _("Not valid JSON: %(msg)s at line %(line)s, column %(col)s.")
             % {"msg": exc.msg, "line": exc.lineno, "col": exc.colno}
         ) from None
+    except ValueError as exc:  # e.g. an integer of more than 4 300 digits
+        raise FileFormatError(_("Not valid JSON: %(msg)s.") % {"msg": exc}) from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -89,9 +120,15 @@ def _parse_jsonl(text):
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            item = loads_json(line)
+        except JSONNestingError as exc:
+            rows.append(RawRow(number, None, str(exc)))
+            continue
         except json.JSONDecodeError as exc:
             rows.append(RawRow(number, None, _("Not valid JSON: %(msg)s.") % {"msg": exc.msg}))
+            continue
+        except ValueError as exc:  # e.g. an integer of more than 4 300 digits
+            rows.append(RawRow(number, None, _("Not valid JSON: %(msg)s.") % {"msg": exc}))
             continue
         rows.append(_raw(number, item))
     return rows
@@ -113,10 +150,29 @@ def _parse_csv(text):
             if None in item:
                 rows.append(RawRow(number, None, _("The row has more cells than the header has columns.")))
                 continue
-            rows.append(RawRow(number, {key: value for key, value in item.items() if value is not None}))
+            cells = {key: value for key, value in item.items() if value is not None}
+            rows.append(
+                RawRow(
+                    number,
+                    {key: restore_formula(value) for key, value in cells.items()},
+                    warnings=_formula_warnings(cells),
+                )
+            )
     except csv.Error as exc:
         raise FileFormatError(_("Not valid CSV: %(msg)s.") % {"msg": exc}) from None
     return rows
+
+
+def _formula_warnings(cells):
+    """Cells of an imported CSV that a spreadsheet would run (our own export has none)."""
+    return {
+        name: [
+            _("Starts with %(char)s: a spreadsheet opening this file runs the cell as a formula.")
+            % {"char": ascii(value[0]) if value[0] in "\t\r" else value[0]}
+        ]
+        for name, value in cells.items()
+        if name in FIELDS and _FORMULA_LIKE.match(value)
+    }
 
 
 def _raw(number, item):
@@ -136,7 +192,10 @@ def serialise(records, file_format):
         buffer = io.StringIO(newline="")
         writer = csv.DictWriter(buffer, fieldnames=FIELDS)
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows(
+            {name: neutralise_formula(value) if isinstance(value, str) else value for name, value in record.items()}
+            for record in records
+        )
         # The BOM makes Excel open UTF-8 Chinese text correctly; import strips it again.
         return buffer.getvalue().encode("utf-8-sig")
     raise FileFormatError(_("Unknown format %(format)s; use json, jsonl or csv.") % {"format": file_format})

@@ -39,6 +39,8 @@ class RowResult:
     pair_id: int | None = None
     reason: str = ""
     errors: dict = field(default_factory=dict)  # field name -> list of messages
+    # field name -> list of messages about a row that is imported all the same (a formula-like CSV cell)
+    warnings: dict = field(default_factory=dict)
 
     def as_dict(self):
         return {
@@ -48,6 +50,7 @@ class RowResult:
             "pair_id": self.pair_id,
             "reason": self.reason,
             "errors": self.errors,
+            "warnings": self.warnings,
         }
 
 
@@ -166,7 +169,9 @@ def _plan(raw_rows, *, status, split):
     category_names = {cat.pk: cat.name for cat in Category.objects.all()}
 
     for raw, values, errors in cleaned:
-        result = RowResult(row=raw.number, action=RowAction.REJECTED, instruction=values.get("instruction", ""))
+        result = RowResult(
+            row=raw.number, action=RowAction.REJECTED, instruction=values.get("instruction", ""), warnings=raw.warnings
+        )
         planned.append(_Planned(result, values))
         if errors:
             result.errors = errors

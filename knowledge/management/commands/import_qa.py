@@ -47,6 +47,8 @@ class Command(BaseCommand):
             if row.action == services.RowAction.REJECTED or options["verbosity"] > 1:
                 details = "; ".join(f"{field}: {' '.join(msgs)}" for field, msgs in row.errors.items())
                 self.stdout.write(f"row {row.row}: {row.action} {row.reason} {details}".rstrip())
+            for field, msgs in row.warnings.items():
+                self.stdout.write(self.style.WARNING(f"row {row.row}: warning: {field}: {' '.join(msgs)}"))
         if report.file_error:
             raise CommandError(f"{path}: {report.file_error} Nothing was imported.")
         counts = report.counts
