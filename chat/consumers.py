@@ -34,6 +34,7 @@ from chat import answering, handoff, services
 from chat.models import Conversation
 from chat.serving import busy_now
 from csplatform.login_throttle import trusted_client
+from csplatform.parsers import JSONNestingError, loads_json
 
 # Close codes, in the application range: daphne (autobahn) refuses to send a protocol code such as
 # 1008 / 1009 from the application and the consumer would crash instead of closing (a live server
@@ -147,8 +148,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.error("too_long", _("The frame is too large."))
             return
         try:
-            frame = json.loads(text_data)
-        except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the decoder's limit
+            frame = loads_json(text_data)
+        except JSONNestingError as exc:  # "[[[[...": valid JSON, but past any frame we speak
+            await self.error("invalid", str(exc))
+            return
+        except ValueError:
             await self.error("invalid", _("The frame is not valid JSON."))
             return
         if not isinstance(frame, dict) or not isinstance(frame.get("type", ""), str):  # a list type is unhashable
