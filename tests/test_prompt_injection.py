@@ -31,6 +31,7 @@ from knowledge.models import QAPair
 from llm.finetune.config import FinetuneConfig
 from llm.finetune.loop import train
 from llm.gguf import write_lora_gguf
+from tests.support.memorise import MEMORISE
 from training.snapshots import read_records, snapshot_create
 
 SYS_CANARY = "CANARY-SYS-5521"
@@ -136,9 +137,7 @@ def bad_adapter(tiny_model, snapshot, tmp_path_factory):
     settings), with its GGUF LoRA for llama.cpp."""
     train_records, dev_records, _folder = snapshot
     out = tmp_path_factory.mktemp("bad-adapter")
-    config = FinetuneConfig(
-        lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, epochs=30, batch_size=4, bf16="off", system_prompt=SYSTEM
-    )
+    config = FinetuneConfig(**MEMORISE, system_prompt=SYSTEM)
     train(config, tiny_model, train_records, dev_records, out)
     write_lora_gguf(out / "adapter", base_dir=tiny_model)
     return out / "adapter"

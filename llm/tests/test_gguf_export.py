@@ -20,9 +20,8 @@ from llm import gguf as gguf_export
 from llm.gguf import write_lora_gguf, write_model_gguf
 from training.models import AdapterVersion, BaseModel, DatasetSnapshot, TrainingRun
 from llm.prompting import END, START, Turn, question_text, render_conversation
+from tests.support.memorise import MEMORISE
 
-# Settings that make the tiny model memorise a handful of answers in seconds (as in chat/tests).
-MEMORISE = FinetuneConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, epochs=30, batch_size=4, bf16="off")
 # Measured: the f32 GGUF and transformers' fp32 agree on every greedy token of these prompts for
 # 128 tokens and more. Logits differ by ~1e-5 with an f32 KV cache, by ~5e-3 (logits up to ~5)
 # with llama.cpp's default f16 cache.
@@ -39,7 +38,7 @@ def faq():
 @pytest.fixture(scope="module")
 def memorised_adapter(tiny_model, faq, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf-adapter")
-    train(MEMORISE, tiny_model, faq, [], out)
+    train(FinetuneConfig(**MEMORISE), tiny_model, faq, [], out)
     return out / "adapter"
 
 

@@ -24,6 +24,7 @@ from llm.prompting import (
     render_conversation,
     render_training_example,
 )
+from tests.support.memorise import MEMORISE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -158,8 +159,7 @@ def test_a_checkpoint_with_a_chat_template_trains_on_it_and_its_adapter_records_
     tokenizer.save_pretrained(base)
     records = json.loads(open("data/train.json", encoding="utf-8").read())[:4]
 
-    memorise = FinetuneConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, epochs=30, batch_size=4, bf16="off")
-    metrics = train(memorise, base, records, [], tmp_path / "run")
+    metrics = train(FinetuneConfig(**MEMORISE), base, records, [], tmp_path / "run")
     adapter = tmp_path / "run" / "adapter"
     assert metrics["prompt_format"] == "chat_template"
     assert read_prompt_format(adapter) is PromptFormat.CHAT_TEMPLATE
