@@ -351,7 +351,8 @@ def sse_response(session, render, *, asgi):
             for event in events:
                 yield from render(event)
 
-    response = StreamingHttpResponse(aframes() if asgi else frames(), content_type="text/event-stream")
+    # The events are UTF-8 JSON; without a charset a client may decode them as Latin-1 (mojibake).
+    response = StreamingHttpResponse(aframes() if asgi else frames(), content_type="text/event-stream; charset=utf-8")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
     return response

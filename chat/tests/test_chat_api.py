@@ -226,7 +226,7 @@ def _check_the_trained_answer_was_streamed(events, serving, faq):
 def test_a_stream_sends_start_tokens_and_done_with_the_stored_answer(serving, faq, customer_api):
     response = customer_api.post("/api/v1/chat/?stream=1", {"text": faq[0]["instruction"]}, format="json")
 
-    assert response.status_code == 200 and response["Content-Type"] == "text/event-stream"
+    assert response.status_code == 200 and response["Content-Type"] == "text/event-stream; charset=utf-8"
     assert response["Cache-Control"] == "no-cache"
     _check_the_trained_answer_was_streamed(_events(b"".join(response.streaming_content)), serving, faq)
 
@@ -292,7 +292,7 @@ def asgi_client(customer):
 def test_under_asgi_the_stream_is_the_same(serving, faq, asgi_client):
     status, headers, body = asgi_client.post("/api/v1/chat/", "stream=true", {"text": faq[0]["instruction"]})
 
-    assert status == 200 and headers[b"Content-Type"] == b"text/event-stream", body
+    assert status == 200 and headers[b"Content-Type"] == b"text/event-stream; charset=utf-8", body
     _check_the_trained_answer_was_streamed(_events(body), serving, faq)
 
 
