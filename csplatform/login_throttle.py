@@ -1,7 +1,17 @@
-"""Admin login brute-force protection: failed logins are counted per client address and per
-username in the cache (Redis in scale-out mode, so every web process shares the count); past
-CSP_LOGIN_MAX_FAILURES failures within CSP_LOGIN_WINDOW_SECONDS the login form refuses to even
-check the password until the window has passed. A successful login clears the client's count.
+"""Admin login brute-force protection: failed logins are counted in the cache (Redis in scale-out
+mode, so every web process shares the count) per (username, client address) pair, per address and
+per username. Past its limit within CSP_LOGIN_WINDOW_SECONDS a count locks the login form, which
+then refuses to even check the password until the window has passed:
+
+- the pair at CSP_LOGIN_MAX_FAILURES (5): someone guessing one account from one address;
+- the address at CSP_LOGIN_MAX_FAILURES_PER_ADDRESS (25), whatever the username: someone trying
+  many accounts. Locking the address at the pair's limit also locked out the real admin logging in
+  from that address (an office or NAT shared with the attacker, issue #16);
+- the username at CSP_LOGIN_MAX_FAILURES_PER_USERNAME (25), whatever the address: someone guessing
+  one account from many addresses.
+
+A successful login clears its pair's count only: it says nothing of the other failures from that
+address or on that name, which expire with their window.
 """
 
 import time
@@ -29,8 +39,21 @@ def client_address(request):
     return trusted_client(request.META.get("HTTP_X_FORWARDED_FOR", ""), request.META.get("REMOTE_ADDR", "unknown"))
 
 
-def _keys(request, username):
-    return [f"{PREFIX}:ip:{client_address(request)}", f"{PREFIX}:user:{(username or '').strip().lower()[:150]}"]
+def _pair_key(request, username):
+    return f"{PREFIX}:pair:{client_address(request)}:{_name(username)}"
+
+
+def _name(username):
+    return (username or "").strip().lower()[:150]
+
+
+def _limits(request, username):
+    """{cache key: failures that lock it} of the three counts a login attempt adds to."""
+    return {
+        _pair_key(request, username): settings.CSP_LOGIN_MAX_FAILURES,
+        f"{PREFIX}:ip:{client_address(request)}": settings.CSP_LOGIN_MAX_FAILURES_PER_ADDRESS,
+        f"{PREFIX}:user:{_name(username)}": settings.CSP_LOGIN_MAX_FAILURES_PER_USERNAME,
+    }
 
 
 def _failures(key):
@@ -42,18 +65,18 @@ def seconds_blocked(request, username):
     """0 when a login may be tried now, else the seconds until it may."""
     window = settings.CSP_LOGIN_WINDOW_SECONDS
     now = time.time()
-    waits = [
-        int(start + window - now) + 1
-        for count, start in (_failures(key) for key in _keys(request, username))
-        if count >= settings.CSP_LOGIN_MAX_FAILURES and now - start < window
-    ]
-    return max(waits, default=0)
+    waits = [0]
+    for key, limit in _limits(request, username).items():
+        count, start = _failures(key)
+        if count >= limit and now - start < window:
+            waits.append(int(start + window - now) + 1)
+    return max(waits)
 
 
 def record_failure(request, username):
     window = settings.CSP_LOGIN_WINDOW_SECONDS
     now = time.time()
-    for key in _keys(request, username):
+    for key in _limits(request, username):
         count, start = _failures(key)
         if now - start >= window:
             count, start = 0, now
@@ -61,7 +84,7 @@ def record_failure(request, username):
 
 
 def clear(request, username):
-    cache.delete_many(_keys(request, username))
+    cache.delete(_pair_key(request, username))
 
 
 class ThrottledAdminAuthenticationForm(AdminAuthenticationForm):

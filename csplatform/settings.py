@@ -323,10 +323,19 @@ SECURE_HSTS_PRELOAD = envbool("SECURE_HSTS_PRELOAD", "true")
 CSP_BEHIND_PROXY = envbool("CSP_BEHIND_PROXY", "false")
 if CSP_BEHIND_PROXY:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
-# Admin login: this many failed logins per client address or username within the window, and
-# the login form refuses to check passwords until the window has passed.
+# Admin login: this many failed logins for one username from one client address within the
+# window, and the login form refuses to check passwords for that pair until the window has passed.
 CSP_LOGIN_MAX_FAILURES = envint("CSP_LOGIN_MAX_FAILURES", 5, minimum=1)
 CSP_LOGIN_WINDOW_SECONDS = envint("CSP_LOGIN_WINDOW_SECONDS", 300, minimum=1)
+# Wider locks, set higher so that an attacker's failures lock neither the real admin logging in
+# from the same (office, NAT) address nor the account everywhere at the pair's limit: failures
+# from one address whatever the username, and for one username whatever the address.
+CSP_LOGIN_MAX_FAILURES_PER_ADDRESS = envint(
+    "CSP_LOGIN_MAX_FAILURES_PER_ADDRESS", 5 * CSP_LOGIN_MAX_FAILURES, minimum=CSP_LOGIN_MAX_FAILURES
+)
+CSP_LOGIN_MAX_FAILURES_PER_USERNAME = envint(
+    "CSP_LOGIN_MAX_FAILURES_PER_USERNAME", 5 * CSP_LOGIN_MAX_FAILURES, minimum=CSP_LOGIN_MAX_FAILURES
+)
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"

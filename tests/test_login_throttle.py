@@ -1,4 +1,5 @@
-"""Admin login brute force is rate-limited per client address and per username."""
+"""Admin login brute force is rate-limited per (username, client address) pair, and at higher
+limits per address and per username."""
 
 import pytest
 
@@ -27,6 +28,8 @@ def test_repeated_failures_lock_the_login_even_for_the_right_password(client, st
 
 def test_the_lock_follows_the_username_across_addresses_and_the_address_across_usernames(client, staff_user, settings):
     settings.CSP_LOGIN_MAX_FAILURES = 2
+    # The wider locks at their lowest setting, the pair's limit (by default five times higher).
+    settings.CSP_LOGIN_MAX_FAILURES_PER_ADDRESS = settings.CSP_LOGIN_MAX_FAILURES_PER_USERNAME = 2
     _try(client, "staff", "wrong", "10.0.0.1")
     _try(client, "staff", "wrong", "10.0.0.2")
     assert _code(_try(client, "staff", "staff-pass-123", "10.0.0.3")) == "throttled"
@@ -50,3 +53,17 @@ def test_a_success_clears_the_count_and_the_window_expires(client, staff_user, s
     later = time.time() + settings.CSP_LOGIN_WINDOW_SECONDS + 1
     monkeypatch.setattr(time, "time", lambda: later)
     assert _try(client, "staff", "staff-pass-123").status_code == 302
+
+
+def test_an_attacker_failing_as_admin_locks_staff_out_of_that_address_only_at_the_higher_limit(client, staff_user, settings):
+    settings.CSP_LOGIN_MAX_FAILURES, settings.CSP_LOGIN_MAX_FAILURES_PER_ADDRESS = 2, 6
+    for _ in range(2):
+        _try(client, "admin", "guess", "10.0.0.1")
+
+    assert _code(_try(client, "admin", "guess", "10.0.0.1")) == "throttled"  # the pair's lock
+    assert _try(client, "staff", "staff-pass-123", "10.0.0.1").status_code == 302  # not the address's yet
+    client.logout()
+    for username in ("root", "root", "administrator", "administrator"):  # the address's failures 3 to 6
+        _try(client, username, "guess", "10.0.0.1")
+    assert _code(_try(client, "staff", "staff-pass-123", "10.0.0.1")) == "throttled"
+    assert _try(client, "staff", "staff-pass-123", "10.0.0.2").status_code == 302
