@@ -12,11 +12,9 @@ surprise at the first chat. Nothing here imports Django.
 """
 
 import logging
-from pathlib import Path
 
-from llm.basemodel import BaseModelError, describe_checkpoint
 from llm.engine.events import BackendUnavailable
-from llm.engine.llamacpp import LlamaCppEngine
+from llm.engine.llamacpp import LlamaCppEngine, base_gguf
 from llm.engine.openai import OpenAIEngine
 from llm.engine.transformers import TransformersEngine
 
@@ -25,16 +23,6 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "transformers", "llamacpp", "worker", "openai")
 
 __all__ = ["BACKENDS", "BackendUnavailable", "base_gguf", "choose_backend", "llamacpp_problem", "make_engine"]
-
-
-def base_gguf(base_dir):
-    """The GGUF of the base checkpoint, or None (also when the checkpoint itself is missing: the
-    transformers engine reports that, with its own message, on first use)."""
-    try:
-        found = describe_checkpoint(base_dir)["gguf_path"]
-    except BaseModelError:
-        return None
-    return Path(found) if found and Path(found).is_file() else None
 
 
 def llamacpp_problem():

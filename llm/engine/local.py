@@ -46,6 +46,7 @@ from llm.engine.events import CANCELLED, ERROR, FILTERED, LENGTH, STOP, EngineCl
 from llm.engine.guard import LeakGuard
 from llm.engine.metrics import EngineMetrics
 from llm.engine.prompts import fit_conversation
+from llm.engine.protocol import DerivedCalls
 from llm.engine.request import Request
 from llm.engine.scheduler import Scheduler
 from llm.engine.sequence import DONE, Sequence
@@ -55,7 +56,7 @@ from llm.prompting import PromptFormat, prompt_format_for
 logger = logging.getLogger(__name__)
 
 
-class LocalEngine:
+class LocalEngine(DerivedCalls):
     backend = ""  # "transformers" or "llamacpp": the metrics and the admin say which one serves
     adapter_file = "adapter_config.json"  # what an adapter directory must hold for this backend
     adapter_hint = ""  # how to make that file when it is missing
@@ -281,19 +282,6 @@ class LocalEngine:
             raise TypeError(f"unexpected options: {', '.join(sorted(options))}")
         adapter = await asyncio.to_thread(self.adapters.bind, adapter, path)
         return self._enqueue(history, adapter, system, limits, seed, on_event)
-
-    async def stream(self, history, **options):
-        """Yield Token(text)... then Done(stats); closing the iteration early cancels the request."""
-        request = await self.asubmit(history, **options)
-        try:
-            async for event in request:
-                yield event
-        finally:
-            request.cancel()
-
-    def generate(self, history, *, timeout=None, **options):
-        """Answer synchronously: (text, stats). Blocks the calling thread, so not in an event loop."""
-        return self.submit(history, **options).result(timeout)
 
     # counters that tests and benchmarks read
     @property

@@ -52,3 +52,21 @@ class InferenceEngine(Protocol):
     def metrics(self) -> dict: ...
 
     def close(self, timeout: float = 10) -> None: ...
+
+
+class DerivedCalls:
+    """`stream()` and `generate()` for every engine, local or remote: both follow from `submit` /
+    `asubmit`, so they are written once here."""
+
+    async def stream(self, history, **options):
+        """Yield Token(text)... then Done(stats); closing the iteration early cancels the request."""
+        request = await self.asubmit(history, **options)
+        try:
+            async for event in request:
+                yield event
+        finally:
+            request.cancel()
+
+    def generate(self, history, *, timeout=None, **options):
+        """Answer synchronously: (text, stats). Blocks the calling thread, so not in an event loop."""
+        return self.submit(history, **options).result(timeout)

@@ -26,6 +26,7 @@ from llm.engine.adapters import CURRENT
 from llm.engine.config import clamp_limits
 from llm.engine.events import CANCELLED, ERROR, EngineClosed, Stats
 from llm.engine.prompts import as_turns
+from llm.engine.protocol import DerivedCalls
 from llm.engine.request import Request
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class RemoteRequest(Request):
         timer.start()
 
 
-class RemoteEngine:
+class RemoteEngine(DerivedCalls):
     """The Engine protocol for a model served elsewhere (subclasses say where)."""
 
     backend = ""
@@ -181,18 +182,6 @@ class RemoteEngine:
         request, payload = self._prepare(history, **options)
         await asyncio.to_thread(self._send, request, payload)
         return request
-
-    async def stream(self, history, **options):
-        """Yield Token(text)... then Done(stats); closing the iteration early cancels the request."""
-        request = await self.asubmit(history, **options)
-        try:
-            async for event in request:
-                yield event
-        finally:
-            request.cancel()
-
-    def generate(self, history, *, timeout=None, **options):
-        return self.submit(history, **options).result(timeout)
 
     def _prepare(
         self, history, *, system=None, max_new_tokens=None, temperature=None, top_p=None, seed=None, on_event=None,
