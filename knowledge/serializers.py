@@ -178,6 +178,10 @@ class ImportRowSerializer(serializers.Serializer):
         child=serializers.ListField(child=serializers.CharField()),
         help_text=_("Field name -> messages; `row` when the row as a whole cannot be read."),
     )
+    warnings = serializers.DictField(
+        child=serializers.ListField(child=serializers.CharField()),
+        help_text=_("Field name -> messages about a row that was still imported (e.g. a CSV cell that starts like a spreadsheet formula)."),
+    )
 
 
 class ImportCountsSerializer(serializers.Serializer):

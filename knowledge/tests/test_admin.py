@@ -125,3 +125,10 @@ def test_import_page_is_refused_without_add_permission(client, customer):
     client.force_login(customer)
     response = client.get(reverse(IMPORT))
     assert response.status_code == 403
+
+
+def test_import_page_shows_the_warning_of_a_formula_like_csv_cell(staff_client):
+    upload = SimpleUploadedFile("hostile.csv", "instruction,output\r\n=1+1,答案\r\n".encode(), content_type="text/csv")
+    body = staff_client.post(reverse(IMPORT), {"file": upload}).content.decode()
+    assert QAPair.objects.get().instruction == "=1+1"
+    assert 'class="import-warning"' in body and "<code>instruction</code>" in body
