@@ -20,9 +20,15 @@ Conversation with channel "openai" for analytics and feedback. The API key is a 
 - "base": the base model without any adapter;
 - anything else: 404 with code "model_not_found", as OpenAI answers an unknown model.
 
+That is a staff token's choice. A customer's token (not is_staff) reaches what the customers' chat
+serves, and nothing else: the aliases, or the active version by its name ("base" while no version
+is active); any other version and "base" are "model_not_found" to it, as OpenAI answers a model
+the key may not use, and its system messages are dropped (see `scoped_system`).
+
 The response's `model` names the version that answered ("base" for the base model). GET /v1/models
-lists the active version first ("base" when none is), then every other version, newest first,
-then "base".
+lists what the caller may name: for staff the active version first ("base" when none is), then
+every other version, newest first, then "base"; for a customer the active version alone ("base"
+when none is).
 
 The answer is chat.answering's, as for the websocket and the REST chat: these views format its
 events and map a refusal's code to OpenAI's errors. They are async views, so neither waiting nor
@@ -32,7 +38,6 @@ answer is cancelled with it. Errors use OpenAI's shape, {"error": {"message", "t
 "code"}}, so its clients raise their usual exceptions.
 """
 
-import json
 import logging
 import math
 import time
@@ -54,6 +59,7 @@ from rest_framework.views import APIView
 from chat import answering
 from chat.models import Conversation
 from chat.serializers import MAX_CLIENT_TEMPERATURE, sampling_temperature
+from csplatform.parsers import JSONNestingError, loads_json
 from llm.engine import ERROR, LENGTH, STOP, TIMEOUT, Turn
 from llm.engine.events import FILTERED
 from training.models import AdapterVersion
@@ -287,14 +293,27 @@ class UnknownModel(Exception):
     pass
 
 
-def pinned_adapter(model):
+def full_access(user):
+    """Whether `user` may pick any version, "base" and the system prompt (staff trying versions
+    out), or only what the customers' chat serves. A canary version, once there is one, is to join
+    the customers' choice here and in `model_list`."""
+    return user.is_staff
+
+
+def pinned_adapter(model, *, everything):
     """The engine's pin for `model`: {} (the current adapter), {"adapter": None} (the base model) or
-    {"adapter": name, "adapter_path": path}; raises UnknownModel. Sync: reads the database."""
+    {"adapter": name, "adapter_path": path}; raises UnknownModel, also for a model that exists
+    but is not the active one when not `everything` (a customer). Sync: reads the database."""
     if model in ACTIVE_ALIASES:
         return {}
     if model == BASE_MODEL_ID:
-        return {"adapter": None}
-    version = AdapterVersion.objects.filter(name=model).values_list("name", "path").first()
+        if everything or not AdapterVersion.objects.filter(is_active=True).exists():
+            return {"adapter": None}
+        raise UnknownModel(model)
+    versions = AdapterVersion.objects.filter(name=model)
+    if not everything:
+        versions = versions.filter(is_active=True)
+    version = versions.values_list("name", "path").first()
     if version is None:
         raise UnknownModel(model)
     # Pinned by name even when it is the active one: an activation while this request is
@@ -305,11 +324,24 @@ def pinned_adapter(model):
 def model_not_found(model):
     return error_response(
         404,
-        _("The model %(model)s does not exist: use an adapter version's name (GET /v1/models), \"default\" or \"base\".")
+        _("The model %(model)s does not exist or you do not have access to it: use a name GET /v1/models lists, or \"default\".")
         % {"model": model},
         param="model",
         code="model_not_found",
     )
+
+
+def scoped_system(system, *, everything):
+    """The system prompt a request may set: staff's own, or None (the configured one) for a customer.
+
+    A customer's system messages are dropped, not kept as user text after the configured prompt:
+    as user text they would give the customer nothing they cannot type as a question, yet many
+    OpenAI clients send a generic one ("You are a helpful assistant.") with every request, and any
+    text before the question pulls an adapter trained on single questions off its trained answer
+    (measured on the test suite's tiny adapter: "You are a helpful assistant." as a user turn
+    before the question, or joined to it, left 0 of 3 memorised answers intact; dropped, 3 of 3).
+    """
+    return system if everything else None
 
 
 # --- views ---
@@ -378,15 +410,18 @@ class ChatCompletionsView(OpenAIView):
 
     async def post(self, request, user):
         try:
-            params = parse_completion_request(json.loads(request.body))
+            params = parse_completion_request(loads_json(request.body))
         except RequestDataTooBig:
             return error_response(413, _("The request body is too large."), code="request_too_large")
+        except JSONNestingError as exc:  # "[[[[...": json.loads' RecursionError was a 500
+            return error_response(400, exc, code="invalid_json")
         except ValueError:
             return error_response(400, _("The body is not valid JSON."), code="invalid_json")
         except InvalidRequest as exc:
             return error_response(400, exc, param=exc.param, code=exc.code)
+        everything = full_access(user)
         try:
-            pin = await sync_to_async(pinned_adapter)(params.model)
+            pin = await sync_to_async(pinned_adapter)(params.model, everything=everything)
         except UnknownModel:
             return model_not_found(params.model)
         try:
@@ -394,7 +429,7 @@ class ChatCompletionsView(OpenAIView):
                 channel=Conversation.Channel.OPENAI,
                 turns=params.turns,
                 user=user,
-                system=params.system,
+                system=scoped_system(params.system, everything=everything),
                 max_new_tokens=params.max_new_tokens,
                 temperature=params.temperature,
                 top_p=params.top_p,
@@ -435,12 +470,16 @@ class ChatCompletionsView(OpenAIView):
         )
 
 
-def model_list():
-    """OpenAI model objects: the active version (or "base"), the other versions newest first, "base"."""
+def model_list(*, everything):
+    """OpenAI model objects: the active version (or "base"), then, when `everything` (staff), the
+    other versions newest first and "base"."""
 
     def entry(model_id, when):
         return {"id": model_id, "object": "model", "created": int(when.timestamp()) if when else 0, "owned_by": OWNER}
 
+    if not everything:  # a customer lists exactly what pinned_adapter lets it name
+        active = AdapterVersion.objects.filter(is_active=True).first()
+        return [entry(active.name, active.activated_at or active.created_at) if active else entry(BASE_MODEL_ID, None)]
     versions = list(AdapterVersion.objects.order_by("-created_at", "-pk"))
     active = next((v for v in versions if v.is_active), None)
     listed = [entry(active.name, active.activated_at or active.created_at)] if active else []
@@ -453,7 +492,7 @@ class ModelsView(OpenAIView):
     http_method_names = ["get"]
 
     async def get(self, request, user):
-        return JsonResponse({"object": "list", "data": await sync_to_async(model_list)()})
+        return JsonResponse({"object": "list", "data": await sync_to_async(model_list)(everything=full_access(user))})
 
 
 # Mounted at /v1/ by csplatform/urls.py, where OpenAI clients expect it (base_url=".../v1").
