@@ -195,6 +195,10 @@ CSP_HEARTBEAT_SECONDS = envint("CSP_HEARTBEAT_SECONDS", 10, minimum=1)
 # A running run whose worker sent no heartbeat for this long is marked failed.
 CSP_HEARTBEAT_TIMEOUT = envint("CSP_HEARTBEAT_TIMEOUT", 3 * CSP_HEARTBEAT_SECONDS, minimum=2)
 CSP_CHECKPOINT_EVERY = envint("CSP_CHECKPOINT_EVERY", 50, minimum=0)
+# Also checkpoint after this many seconds of training (and at each epoch's end), so that a killed run
+# loses at most this much however few steps it has. A Gemma-3-270M LoRA checkpoint (r=8, with the
+# optimizer state) is 23 MB and takes 0.2 s to save on 2 CPU cores: 0.2% of the time at 120 s.
+CSP_CHECKPOINT_SECONDS = envint("CSP_CHECKPOINT_SECONDS", 120, minimum=0)
 CSP_EVAL_MAX_PAIRS = envint("CSP_EVAL_MAX_PAIRS", 30, minimum=0)
 CSP_EVAL_MAX_NEW_TOKENS = envint("CSP_EVAL_MAX_NEW_TOKENS", 160, minimum=8)
 # Activating a version whose evaluation is worse than the active one: warn, or refuse.

@@ -15,6 +15,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
+from django_q.models import Schedule, Task
 
 from llm.finetune.config import FinetuneConfig
 from training.models import AdapterVersion, BaseModel, TrainingRun
@@ -87,6 +88,7 @@ def finetune_config(run):
         {
             **run.hyperparameters,
             "checkpoint_every": settings.CSP_CHECKPOINT_EVERY,
+            "checkpoint_seconds": settings.CSP_CHECKPOINT_SECONDS,
             "quantization": settings.CSP_TRAINING_QUANTIZATION,
             "device": settings.CSP_TRAINING_DEVICE,
             "trust_remote_code": settings.CSP_TRUST_REMOTE_CODE,
@@ -223,6 +225,25 @@ def training_runs_reconcile():
         )
         log.warning("training run %s marked failed: %s", run.pk, message)
     return count
+
+
+def queued_schedules_hold():
+    """Keep every schedule whose last task still waits in the queue from queueing another.
+
+    The one q2 worker trains for minutes to hours, and the reconcilers scheduled every minute
+    queued behind it one task a minute (25 after a 25-minute run), to run back to back for nothing
+    once it was free. A training run's heartbeat calls this: a schedule whose last task has no
+    result yet gets its next run put past the next two beats. Once the worker is free (or dead:
+    no more beats), the task that waited runs and the schedule fires as before. Returns how many
+    schedules it held.
+    """
+    hold_until = timezone.now() + timedelta(seconds=2 * settings.CSP_HEARTBEAT_SECONDS)
+    held = 0
+    due = Schedule.objects.exclude(repeats=0).exclude(task__isnull=True).exclude(task="").filter(next_run__lt=hold_until)
+    for schedule in due:
+        if not Task.objects.filter(id=schedule.task).exists():
+            held += Schedule.objects.filter(pk=schedule.pk, task=schedule.task).update(next_run=hold_until)
+    return held
 
 
 def next_version_name():

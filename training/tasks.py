@@ -36,7 +36,8 @@ LOG_LIMIT = 20000
 
 
 class Heartbeat(threading.Thread):
-    """Writes heartbeat_at every CSP_HEARTBEAT_SECONDS while the run trains (even mid-step)."""
+    """Writes heartbeat_at every CSP_HEARTBEAT_SECONDS while the run trains (even mid-step), and
+    holds the schedules whose last task waits behind this run (services.queued_schedules_hold)."""
 
     def __init__(self, run_id):
         super().__init__(daemon=True, name=f"heartbeat-{run_id}")
@@ -50,6 +51,7 @@ class Heartbeat(threading.Thread):
                     TrainingRun.objects.filter(pk=self.run_id, status=TrainingRun.Status.RUNNING).update(
                         heartbeat_at=timezone.now()
                     )
+                    services.queued_schedules_hold()
                 except DatabaseError:
                     # A busy database (SQLite locked by the training thread's write) skips one beat;
                     # the reconciler's limit is several beats, so only a dead worker looks dead.
@@ -100,35 +102,38 @@ class ProgressReporter:
 
 
 class Termination:
-    """SIGTERM during a run (a deploy, `systemctl stop`, a host shutdown) is noted, not obeyed at once.
+    """SIGTERM or SIGINT during a run (a deploy, `systemctl stop`, a host shutdown, Ctrl-C on
+    `manage.py serve`, which stops the cluster with SIGINT) is noted, not obeyed at once.
 
     django-q2 leaves a busy worker with the default SIGTERM action: it would die mid-step and
     lose everything since the last checkpoint. Instead the training loop saves a checkpoint at
     the step it reached and the run ends interrupted; then the signal is sent again under the
-    handler that was there before, so the worker still stops as asked. (A SIGTERM to the q2
-    parent process alone reaches no worker: q2 then waits for the run to finish.) Handlers can
-    only be set from the main thread; elsewhere nothing changes.
+    handler that was there before, so the worker still stops as asked (q2's workers ignore SIGINT:
+    such a worker then takes the stop pill of its sentinel, which the same SIGINT stopped). (A
+    SIGTERM to the q2 parent process alone reaches no worker: q2 then waits for the run to
+    finish.) Handlers can only be set from the main thread; elsewhere nothing changes.
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
-        self.received = False
-        self.installed = False
-        self.previous = signal.SIG_DFL
+        self.received = None  # the first signal noted
+        self.previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self.note)
-            self.installed = True
+            self.previous = {signum: signal.signal(signum, self.note) for signum in self.SIGNALS}
         return self
 
     def note(self, signum, frame):
-        self.received = True  # only a flag: a handler runs between any two bytecodes of the loop
+        # only a flag: a handler runs between any two bytecodes of the loop
+        self.received = self.received or signum
 
     def __exit__(self, *exc_info):
-        if self.installed:
-            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
-            if self.received:
-                os.kill(os.getpid(), signal.SIGTERM)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        if self.previous and self.received:
+            os.kill(os.getpid(), self.received)
         return False
 
 

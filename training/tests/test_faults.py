@@ -1,4 +1,5 @@
-"""Training and storage faults (issue #6, scenarios 19-22), each printing its figure.
+"""Training and storage faults (issue #6, scenarios 19-22; issue #16: the q2 cluster's Ctrl-C and the
+schedule pile-up), each printing its figure.
 
 Run them with `pytest training/tests/test_faults.py -s` to see the figures.
 """
@@ -8,12 +9,19 @@ import errno
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 import traceback
+import urllib.request
 
+import psutil
 import pytest
 from django.db import connections
+from django.utils import timezone
+from django_q.models import Schedule, Task
 
+from csplatform.management.commands.serve import STOP_GRACE_SECONDS, STOP_SIGNALS
 from training import services
 from llm.finetune.checkpoints import list_checkpoints, save_adapter
 from llm.finetune.config import FinetuneConfig
@@ -23,6 +31,7 @@ from training.models import AdapterVersion, TrainingRun
 from training.snapshots import snapshot_create, snapshot_root
 from training.tasks import run_training
 from training.tests.test_training_run import _sample_pairs
+from tests.support.livetest import ROOT, free_port
 
 
 @pytest.fixture(autouse=True)
@@ -348,3 +357,103 @@ def test_a_full_disk_during_the_gguf_export_keeps_the_version_and_leaves_no_part
     assert (version_dir / "adapter_model.safetensors").is_file() and not list(version_dir.glob("*.gguf"))
     assert not leftovers(services.adapters_root())
     print("disk full during the GGUF export: version kept without its llama.cpp file, 0 partial files left")
+
+
+# --- issue 16, item 6: the q2 cluster's Ctrl-C and the reconcile pile-up ------------------------
+
+
+def _serve_env(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    return {**env, "CSP_DATA_DIR": str(tmp_path), "CSP_ADMIN_PASSWORD": "a-long-chosen-pass", "OMP_NUM_THREADS": "1"}
+
+
+def _cluster_workers_started(serve_pid):
+    """Whether serve's q2 cluster runs its sentinel's processes (workers, monitor, pusher)."""
+    for child in psutil.Process(serve_pid).children():
+        if "qcluster" in " ".join(child.cmdline()):
+            return any(len(sentinel.children()) >= 3 for sentinel in child.children())
+    return False
+
+
+@pytest.mark.live
+def test_ctrl_c_on_serve_stops_its_idle_q2_cluster_within_the_grace(tmp_path):
+    env = _serve_env(tmp_path)
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True, timeout=300)
+    port = free_port()
+    serve = subprocess.Popen(
+        [sys.executable, "manage.py", "serve", "--port", str(port)], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+
+        def up():
+            try:
+                web = urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/login/", timeout=2).status == 200
+            except OSError:
+                return False
+            return web and _cluster_workers_started(serve.pid)
+
+        assert wait_for(up, 90, interval=0.5)
+    finally:
+        started = time.monotonic()
+        serve.send_signal(signal.SIGINT)  # Ctrl-C
+        output, _ = serve.communicate(timeout=60)
+    seconds = time.monotonic() - started
+    assert "did not stop within" not in output and serve.returncode == 0, output[-3000:]
+    assert seconds < STOP_GRACE_SECONDS, output[-3000:]
+    print(f"Ctrl-C on serve: daphne and the idle q2 cluster stopped in {seconds:.1f} s (grace {STOP_GRACE_SECONDS} s)")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_signal_serve_stops_the_cluster_with_interrupts_a_run_at_a_checkpoint_within_the_grace(qcluster):
+    _sample_pairs()
+    run = services.training_run_start(hyperparameters={"epochs": 100, "batch_size": 1})  # 1200 steps
+    cluster = qcluster()
+    assert wait_for(lambda: TrainingRun.objects.get(pk=run.pk).step >= 3, 120), cluster.log_tail()
+    started = time.monotonic()
+    cluster.signal(STOP_SIGNALS["qcluster"])  # what serve sends the cluster's process group on Ctrl-C
+    exited = wait_for(lambda: cluster.process.poll() is not None and not cluster.children_alive(), STOP_GRACE_SECONDS, 0.1)
+    seconds = time.monotonic() - started
+    run.refresh_from_db()
+    assert exited, f"run {run.status} at step {run.step}; processes left:\n{cluster.processes()}\n{cluster.log_tail()}"
+    assert cluster.process.returncode == 0
+    assert run.status == TrainingRun.Status.INTERRUPTED and f"interrupted at step {run.step} of 1200" in run.log
+    assert [step for step, _ in list_checkpoints(services.run_dir(run.pk))][-1] == run.step
+    print(f"SIGINT to a training cluster: run interrupted at step {run.step} with a checkpoint, all processes gone in {seconds:.1f} s")
+
+
+RECONCILE = "training.tasks.reconcile_training_runs"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_schedule_ticks_queue_no_second_reconcile_while_the_one_worker_trains(qcluster):
+    # As migration 0002 makes it (a transactional test before this one may have flushed it).
+    Schedule.objects.update_or_create(
+        name="Reconcile training runs", defaults={"func": RECONCILE, "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1}
+    )
+    Schedule.objects.filter(func=RECONCILE).update(next_run=timezone.now(), task=None)
+    _sample_pairs(train=40)
+    run = services.training_run_start(hyperparameters={"epochs": 100, "batch_size": 1})  # 4000 steps: minutes
+    cluster = qcluster()  # one worker, as deployed
+
+    def reconcile():
+        return Schedule.objects.get(func=RECONCILE)
+
+    # The sentinel's first tick (30 s after it starts) queues a reconcile behind the run.
+    assert wait_for(lambda: reconcile().task, 120, interval=0.5), cluster.log_tail()
+    first, due_again = reconcile().task, reconcile().next_run
+    assert TrainingRun.objects.get(pk=run.pk).status == TrainingRun.Status.RUNNING, cluster.log_tail()
+    assert not Task.objects.filter(id=first).exists()
+
+    # A one-off schedule due when the reconcile is due again marks the tick that would queue a second.
+    marker = Schedule.objects.create(
+        name="tick marker", func="django.utils.timezone.now", schedule_type=Schedule.ONCE, repeats=-1, next_run=due_again
+    )
+    assert wait_for(lambda: not Schedule.objects.filter(pk=marker.pk).exists(), 150, interval=0.5), cluster.log_tail()
+    assert TrainingRun.objects.get(pk=run.pk).status == TrainingRun.Status.RUNNING, cluster.log_tail()
+    assert reconcile().task == first, "a second reconcile was queued behind the run"
+
+    # Once the worker is free, the reconcile that waited runs (it was held, not lost).
+    services.training_run_cancel(run=run)
+    assert wait_for(lambda: Task.objects.filter(id=first, success=True).exists(), 90, interval=0.5), cluster.log_tail()
+    print("scheduler tick while the one worker trained: 1 reconcile queued (was one more a tick), run once the worker was free")

@@ -24,6 +24,14 @@ from training.services import training_runs_reconcile
 STOP_GRACE_SECONDS = 10
 
 
+# What each child's process group gets on stop (others: SIGTERM). The q2 cluster gets SIGINT: its
+# parent stops the sentinel, which (ignoring SIGINT, as its pusher, monitor and workers do) stops
+# them in order, 3 s when idle; a training worker notes SIGINT like SIGTERM and ends its run
+# interrupted at a checkpoint (training.tasks.Termination). A SIGTERM to the group killed the
+# sentinel at once (q2 leaves it the default action) and the parent then waited for good on an
+# Event the dead sentinel would have acknowledged: every Ctrl-C ran out the grace.
+STOP_SIGNALS = {"qcluster": signal.SIGINT}
+
 def daphne_ping_args():
     """daphne's keepalive options from the settings: idle sockets are pinged, silent ones dropped."""
     return ["--ping-interval", str(settings.CSP_WS_PING_INTERVAL), "--ping-timeout", str(settings.CSP_WS_PING_TIMEOUT)]
@@ -71,8 +79,8 @@ class Command(BaseCommand):
         while not stopping and exited is None:
             time.sleep(0.5)
             exited = next((name for name, proc in children.items() if proc.poll() is not None), None)
-        for proc in children.values():
-            self._signal_group(proc, signal.SIGTERM)
+        for name, proc in children.items():
+            self._signal_group(proc, STOP_SIGNALS.get(name, signal.SIGTERM))
         for name, proc in children.items():
             try:
                 proc.wait(timeout=STOP_GRACE_SECONDS)
