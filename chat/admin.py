@@ -193,7 +193,7 @@ class MessageAdmin(admin.ModelAdmin):
     list_display = (
         "short_text", "conversation", "role", "adapter_version", "latency_ms", "first_token_ms", "tokens", "rating", "created_at",
     )
-    list_filter = (MessageVersionFilter, MessageRatingFilter, "role", "conversation__channel", "created_at")
+    list_filter = (MessageVersionFilter, MessageRatingFilter, "role", "finish_reason", "conversation__channel", "created_at")
     search_fields = ("text", "feedback_comment")
     list_select_related = ("conversation", "adapter_version")
     date_hierarchy = "created_at"

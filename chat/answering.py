@@ -18,6 +18,11 @@ An AnswerSession stores its answer once, before its last event, however the read
 answer ends (Finished); the reader stops reading — it closes the iteration or its task is
 cancelled (a client that cancels or goes away) — and the decode is cancelled; or the engine
 stops answering (Failed). What was said is kept; an answer stopped early ends "cancelled".
+
+While it streams, the text so far is saved every CSP_ANSWER_SAVE_SECONDS, so a process killed
+mid-answer (SIGKILL, out of memory, host lost) loses at most that much of it; the answers such a
+process left open are closed "interrupted" by `answers_close_interrupted`, at `manage.py serve`'s
+start-up and every minute on the django-q2 schedule "Close interrupted answers".
 """
 
 import asyncio
@@ -27,11 +32,15 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
+from datetime import timedelta
+from time import monotonic
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import transaction
+from django.db.models.functions import Coalesce
 from django.http import StreamingHttpResponse
+from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from chat import services
@@ -49,6 +58,9 @@ CANCEL_GRACE_SECONDS = 5
 # The engine ends every answer by CSP_CHAT_MAX_SECONDS ("timeout"); one not ended this much later
 # means its decode loop is gone, and the reader is told (Failed) instead of waiting forever.
 DEADLINE_GRACE_SECONDS = 10
+# How long an answer's final write may wait for the database: SQLite waits 20 s for its write lock
+# (csplatform.settings), PostgreSQL for a row lock held by a slow transaction.
+WRITE_GRACE_SECONDS = 30
 
 
 # --- refusals ---
@@ -208,6 +220,8 @@ class AnswerSession:
         self._stored = False
         self._stop_waited = False
         self._written_by_sync_reader = False  # events_sync writes the answer, not events()
+        self._streamed = []  # the pieces of text handed to the reader so far
+        self._saved_at = None  # monotonic() of the last save of the text so far (or of the start)
 
     def on_event(self, event):
         """Called by the engine on its decode thread: keep it short."""
@@ -236,6 +250,7 @@ class AnswerSession:
     async def events(self):
         """Started, a Text per piece of the answer, then Finished or Failed, the answer stored before it."""
         try:
+            self._saved_at = monotonic()
             yield Started(conversation=self.conversation, answer=self.answer, adapter=self.request.adapter)
             deadline = asyncio.get_running_loop().time() + settings.CSP_CHAT_MAX_SECONDS + DEADLINE_GRACE_SECONDS
             while self._end is None:
@@ -246,7 +261,13 @@ class AnswerSession:
                 except TimeoutError:
                     break
                 if isinstance(event, Token):
+                    self._streamed.append(event.text)
                     yield Text(event.text)
+                    # After the yield: what is saved was handed to the transport. Awaited, not left to
+                    # run beside the stream, so it never lands after the final write; the pieces that
+                    # arrive meanwhile wait in _pending.
+                    if not self._written_by_sync_reader and self._save_due():
+                        await sync_to_async(self._save_progress)()
                 elif isinstance(event, Done):
                     self._end = event
             await self._store()
@@ -277,6 +298,8 @@ class AnswerSession:
                 if isinstance(event, (Finished, Failed)):
                     self._write()
                 yield event
+                if isinstance(event, Text) and self._save_due():
+                    self._save_progress()
         finally:
             loop.run_until_complete(events.aclose())  # a reader that left: the decode is stopped, waited for
             self._write()
@@ -308,6 +331,25 @@ class AnswerSession:
         if not self._written_by_sync_reader:
             await sync_to_async(self._write)()
 
+    def _save_due(self):
+        """Whether the text so far is due to be saved (once per CSP_ANSWER_SAVE_SECONDS: by elapsed
+        time, not per piece, so a fast model costs no more writes than a slow one)."""
+        if monotonic() - self._saved_at < settings.CSP_ANSWER_SAVE_SECONDS:
+            return False
+        self._saved_at = monotonic()
+        return True
+
+    def _save_progress(self):
+        """One UPDATE of the answer's text so far, its pieces counted as its tokens (each piece is one
+        decode step's text; the engine's own count comes with the end), and the heartbeat. Only
+        while the answer is open: it never rewrites one that has ended."""
+        if self._stored:
+            return
+        Message.objects.filter(pk=self.answer.pk, finish_reason="").update(
+            # NUL: see services.message_finish_answer (PostgreSQL refuses it in text).
+            text="".join(self._streamed).replace("\x00", ""), tokens=len(self._streamed), saved_at=timezone.now()
+        )
+
     def _write(self):
         if self._stored:
             return
@@ -320,6 +362,40 @@ class AnswerSession:
             logger.error("chat request %s never finished; the engine is not decoding", self.request.id)
             return Failed(answer=self.answer, text=self.request.text, stats=self.request.stats)
         return Finished(answer=self.answer, text=self.request.text, stats=self._end.stats)
+
+
+# --- answers left open by a process that died ---
+
+
+def interrupted_after():
+    """Seconds without a save after which an open answer has no live process streaming it.
+
+    A live process ends each of its answers, at the latest, CSP_CHAT_MAX_SECONDS (the engine's
+    limit) + DEADLINE_GRACE_SECONDS (the reader's deadline) + CANCEL_GRACE_SECONDS (the wait for a
+    cancel) after it starts, and its final write may wait WRITE_GRACE_SECONDS for the database. An
+    answer's last save is never earlier than its start, and one that streams saves every
+    CSP_ANSWER_SAVE_SECONDS; a few intervals more absorb a save that waited for the database and
+    clock skew between hosts. So an answer open and unsaved for longer was left by a dead process,
+    whichever of several web processes sharing the database looks (111 s with the defaults),
+    and an answer another live daphne is streaming is never closed under it.
+    """
+    return (
+        settings.CSP_CHAT_MAX_SECONDS + DEADLINE_GRACE_SECONDS + CANCEL_GRACE_SECONDS + WRITE_GRACE_SECONDS
+        + 3 * settings.CSP_ANSWER_SAVE_SECONDS
+    )
+
+
+def answers_close_interrupted(*, now=None):
+    """Close as "interrupted" the answers a dead process left open (see `interrupted_after`), with the
+    text and token count of their last save; returns how many. Run at `manage.py serve`'s start-up
+    and by the django-q2 schedule "Close interrupted answers" (chat migration 0007)."""
+    cutoff = (now or timezone.now()) - timedelta(seconds=interrupted_after())
+    closed = Message.objects.filter(role=Message.Role.ASSISTANT, finish_reason="", saved_at__lt=cutoff).update(
+        finish_reason=Message.FinishReason.INTERRUPTED, tokens=Coalesce("tokens", 0)
+    )
+    if closed:
+        logger.warning("%d answer(s) left open by a stopped web process were closed as interrupted", closed)
+    return closed
 
 
 # --- Server-Sent Events, for the two HTTP transports ---

@@ -2,7 +2,8 @@ import uuid
 
 from django.conf import settings
 from django.db import models
-from django.db.models import OuterRef, Subquery
+from django.db.models import OuterRef, Q, Subquery
+from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 
@@ -69,6 +70,19 @@ class Message(models.Model):
         ASSISTANT = "assistant", _("Assistant")
         AGENT = "agent", _("Agent (staff)")
 
+    class FinishReason(models.TextChoices):
+        """How an answer ended: the engine's reasons (llm.engine.FINISH_REASONS), and "interrupted",
+        which only the database knows: the process streaming it died (chat.answering). Empty: a
+        customer's or an agent's message, or an answer still being streamed."""
+
+        STOP = "stop", _("Complete")
+        LENGTH = "length", _("Cut at the length limit")
+        TIMEOUT = "timeout", _("Cut at the time limit")
+        CANCELLED = "cancelled", _("Stopped (the client left or cancelled)")
+        ERROR = "error", _("The model failed")
+        FILTERED = "filtered", _("Stopped by the leak guard")
+        INTERRUPTED = "interrupted", _("Interrupted (the server stopped mid-answer)")
+
     conversation = models.ForeignKey(Conversation, verbose_name=_("conversation"), on_delete=models.CASCADE, related_name="messages")
     role = models.CharField(_("role"), max_length=10, choices=Role.choices)
     text = models.TextField(_("text"), blank=True)
@@ -83,7 +97,13 @@ class Message(models.Model):
     latency_ms = models.PositiveIntegerField(_("response time (ms)"), null=True, blank=True)
     first_token_ms = models.PositiveIntegerField(_("first token (ms)"), null=True, blank=True)
     tokens = models.PositiveIntegerField(_("tokens"), null=True, blank=True)
-    finish_reason = models.CharField(_("finish reason"), max_length=20, blank=True)
+    finish_reason = models.CharField(_("finish reason"), max_length=20, choices=FinishReason.choices, blank=True)
+    # The heartbeat of an answer being streamed: its text is saved every CSP_ANSWER_SAVE_SECONDS,
+    # and one left open without a save for long had its process die (chat.answering).
+    saved_at = models.DateTimeField(
+        _("last saved at"), default=timezone.now,
+        help_text=_("While an answer is streamed its text so far is saved at an interval; this is the last save."),
+    )
     rating = models.SmallIntegerField(_("rating"), null=True, blank=True, choices=[(1, "👍"), (-1, "👎")])
     feedback_comment = models.TextField(_("feedback comment"), blank=True, max_length=2000)
     # Curation: an answer rated 👎 or flagged by staff waits in the review queue until it is
@@ -113,6 +133,10 @@ class Message(models.Model):
         ordering = ["created_at", "id"]
         verbose_name = _("message")
         verbose_name_plural = _("messages")
+        indexes = [
+            # The reconciler's query, every minute: the open answers are a handful of rows among millions.
+            models.Index(fields=["saved_at"], condition=Q(role="assistant", finish_reason=""), name="chat_open_answers"),
+        ]
 
     def __str__(self):
         text = self.text.replace("\n", " ")

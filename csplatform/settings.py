@@ -242,6 +242,9 @@ CSP_CHAT_MAX_WAITING = envint("CSP_CHAT_MAX_WAITING", 32, minimum=0)  # beyond: 
 CSP_CHAT_MAX_INPUT_TOKENS = envint("CSP_CHAT_MAX_INPUT_TOKENS", 1024, minimum=16)
 CSP_CHAT_MAX_NEW_TOKENS = envint("CSP_CHAT_MAX_NEW_TOKENS", 256, minimum=1)
 CSP_CHAT_MAX_SECONDS = envint("CSP_CHAT_MAX_SECONDS", 60, minimum=1)
+# An answer's text so far is saved this often while it streams (one UPDATE per interval, not per
+# token): a web process killed mid-answer loses at most this much of it (chat.answering).
+CSP_ANSWER_SAVE_SECONDS = envint("CSP_ANSWER_SAVE_SECONDS", 2, minimum=1)
 CSP_CHAT_MAX_MESSAGE_CHARS = envint("CSP_CHAT_MAX_MESSAGE_CHARS", 2000, minimum=1)
 CSP_CHAT_HISTORY_MESSAGES = envint("CSP_CHAT_HISTORY_MESSAGES", 20, minimum=1)
 # Per websocket connection: at most this many frames in 10 seconds; past twice that it is closed.

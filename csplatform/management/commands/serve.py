@@ -17,6 +17,7 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
+from chat.answering import answers_close_interrupted
 from training.services import training_runs_reconcile
 
 # How long Ctrl-C waits for a clean stop before killing; a training step killed mid-way is
@@ -59,6 +60,11 @@ class Command(BaseCommand):
         reconciled = training_runs_reconcile()
         if reconciled:
             self.stdout.write(self.style.WARNING(f"{reconciled} training run(s) whose worker had died were marked failed."))
+        # Only answers unsaved for longer than any live process keeps one open: another daphne on
+        # this database may be streaming the younger ones (the schedule closes them in a minute).
+        closed = answers_close_interrupted()
+        if closed:
+            self.stdout.write(self.style.WARNING(f"{closed} answer(s) cut off by a stopped web process were closed as interrupted."))
         base = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
         self.stdout.write(self.style.SUCCESS(
             f"\ncsplatform is starting:\n"
