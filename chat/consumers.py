@@ -80,11 +80,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if _cooling_down.get(_client_address(self.scope), 0) > time.monotonic():
             await self.close()  # refused before accepting (HTTP 403), and before any database work
             return
-        await database_sync_to_async(self._ensure_session)()
         await self.accept()
 
     def _ensure_session(self):
-        # Anonymous customers own their conversations through the session cookie.
+        """Give a cookie-less socket a session, which its new conversation is owned by.
+
+        Anonymous customers own their conversations through their session. The chat page gives a
+        browser one before it connects; a socket without the cookie gets one here, when its first
+        conversation is made, not at connect: that made a session row per connection (30
+        connects, 30 rows, issue #16), and the handshake cannot send the cookie back anyway, so
+        the session only ever serves this socket.
+        """
         session = self.scope.get("session")
         if session is not None and not session.session_key:
             session.save()
@@ -205,6 +211,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     def _own_conversation(self, conversation_id, *, create=False):
         if not conversation_id and not create:
             raise services.ChatError("invalid", _("Say which conversation."))
+        if not conversation_id:
+            self._ensure_session()
         return services.conversation_for(conversation_id=conversation_id, session_key=self.session_key, user=self.user)
 
     async def on_handoff(self, frame):
@@ -252,6 +260,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             # instant instead of queueing behind the database thread (issue #6, scenario 13).
             await self.send_json({"type": "busy", "retry_after": busy.retry_after})
             return
+        if not frame.get("conversation") and not self.session_key:
+            await database_sync_to_async(self._ensure_session)()  # a new conversation is made below
         routed = await database_sync_to_async(handoff.route_customer_message)(
             text=text, conversation_id=frame.get("conversation"), session_key=self.session_key, user=self.user
         )
