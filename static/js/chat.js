@@ -220,7 +220,7 @@
       var answer = appendAnswer(message.id);
       renderToken(answer, message.text);
       finishAnswer(answer, {
-        state: message.finish_reason === "cancelled" ? "stopped" : "done",
+        state: message.finish_reason === "cancelled" || message.finish_reason === "interrupted" ? "stopped" : "done",
         latency_ms: message.latency_ms,
         first_token_ms: message.first_token_ms,
         rating: message.rating,
