@@ -24,7 +24,6 @@ from training.services import training_runs_reconcile
 # marked failed by the reconciler and can be resumed from its last checkpoint.
 STOP_GRACE_SECONDS = 10
 
-
 # What each child's process group gets on stop (others: SIGTERM). The q2 cluster gets SIGINT: its
 # parent stops the sentinel, which (ignoring SIGINT, as its pusher, monitor and workers do) stops
 # them in order, 3 s when idle; a training worker notes SIGINT like SIGTERM and ends its run
@@ -32,6 +31,7 @@ STOP_GRACE_SECONDS = 10
 # sentinel at once (q2 leaves it the default action) and the parent then waited for good on an
 # Event the dead sentinel would have acknowledged: every Ctrl-C ran out the grace.
 STOP_SIGNALS = {"qcluster": signal.SIGINT}
+
 
 def daphne_ping_args():
     """daphne's keepalive options from the settings: idle sockets are pinged, silent ones dropped."""
