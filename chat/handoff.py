@@ -23,7 +23,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
 from chat.models import Conversation, Message
-from chat.services import ChatError
+from chat.services import ChatError, conversation_for, is_uuid
 
 State = Conversation.State
 
@@ -165,8 +165,6 @@ def route_customer_message(*, text, conversation_id=None, session_key="", user=N
     when the message asks for one (which starts the wait); None when the assistant should answer
     (nothing is stored then). A closed conversation takes no more messages.
     """
-    from chat.services import is_uuid, conversation_for
-
     wants_person = asks_for_a_person(text)
     if not conversation_id and not wants_person:
         return None

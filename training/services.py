@@ -17,6 +17,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 from django_q.models import Schedule, Task
 
+from llm.basemodel import BaseModelError, describe_checkpoint
 from llm.finetune.config import FinetuneConfig
 from training.models import AdapterVersion, BaseModel, TrainingRun
 from training.snapshots import snapshot_create
@@ -98,8 +99,6 @@ def finetune_config(run):
 
 def base_model_current():
     """The BaseModel row for CSP_BASE_MODEL, registered (and described) on first use."""
-    from llm.basemodel import BaseModelError, describe_checkpoint
-
     path = Path(settings.CSP_BASE_MODEL)
     existing = BaseModel.objects.filter(path=str(path)).first()
     if existing is not None and (path / "config.json").is_file():
@@ -193,7 +192,7 @@ def training_run_resume(*, run):
     Returns False when there is nothing to resume from (no checkpoint survived).
     Raises TrainingRefused when another run is active.
     """
-    from llm.finetune.checkpoints import list_checkpoints
+    from llm.finetune.checkpoints import list_checkpoints  # noqa: PLC0415  (torch: web processes stay torch-free)
 
     if run.status not in TrainingRun.RESUMABLE_STATUSES or not list_checkpoints(run_dir(run.pk)):
         return False

@@ -36,6 +36,7 @@ from llm.basemodel import BaseModelError, describe_checkpoint
 from llm.engine.events import ERROR, EngineError
 from llm.engine.local import LocalEngine
 from llm.engine.sequence import RUNNING
+from llm.prompting import PromptFormat, Turn, encode_prompt, prompt_format_for, render_conversation
 
 logger = logging.getLogger(__name__)
 llama_logger = logging.getLogger("llm.engine.llama_cpp")  # llama.cpp's own messages
@@ -171,8 +172,6 @@ class LlamaCppEngine(LocalEngine):
         """Refuse a GGUF whose tokenizer turns the probe conversation into other ids than the checkpoint's,
         in each prompt format this engine may serve (Gemma's, and the checkpoint's chat template when
         it has one: its markers are special tokens the vocabulary must know too)."""
-        from llm.prompting import PromptFormat, Turn, encode_prompt, prompt_format_for, render_conversation
-
         turns = [Turn(role, body) for role, body in PROBE_TURNS]
         for prompt_format in dict.fromkeys([PromptFormat.GEMMA, prompt_format_for(tokenizer)]):
             text = render_conversation(turns, system=PROBE_SYSTEM, prompt_format=prompt_format, tokenizer=tokenizer)

@@ -19,6 +19,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from knowledge.models import QAPair
 from llm.basemodel import BaseModelError, describe_checkpoint, prepare_gemma, read_completion_marker
 
 
@@ -63,10 +64,8 @@ class Command(BaseCommand):
                 self.style.WARNING(f"CSP_BASE_MODEL is {configured}; set CSP_BASE_MODEL={path} to train on this model.")
             )
 
-
     def _tiny(self, target):
-        from knowledge.models import QAPair
-        from llm.tinymodel import build_tiny_model
+        from llm.tinymodel import build_tiny_model  # noqa: PLC0415  (torch: only --tiny pays for it)
 
         target = (target or default_target().parent / "tiny").expanduser().absolute()
         texts = [text for pair in QAPair.objects.all() for text in (pair.instruction, pair.output)]
