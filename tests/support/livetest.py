@@ -29,6 +29,21 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def start_serve(data_dir):
+    """`manage.py serve` (daphne + the q2 cluster, as `make run` ends) on a fresh SQLite database
+    under data_dir, migrated first, on a free port: (the process, its port). Stop it yourself
+    (Ctrl-C: `send_signal(signal.SIGINT)`, then `communicate()`)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env.update(CSP_DATA_DIR=str(data_dir), CSP_ADMIN_PASSWORD="a-long-chosen-pass", OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True, timeout=300)
+    port = free_port()
+    serve = subprocess.Popen(
+        [sys.executable, "manage.py", "serve", "--port", str(port)], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    return serve, port
+
+
 def wait_for_port(port, process, log, timeout=30):
     deadline = time.monotonic() + timeout
     while True:

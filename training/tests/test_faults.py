@@ -9,8 +9,6 @@ import errno
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 import traceback
 import urllib.request
@@ -31,7 +29,7 @@ from training.models import AdapterVersion, TrainingRun
 from training.snapshots import snapshot_create, snapshot_root
 from training.tasks import run_training
 from training.tests.test_training_run import _sample_pairs
-from tests.support.livetest import ROOT, free_port
+from tests.support.livetest import start_serve
 
 
 @pytest.fixture(autouse=True)
@@ -362,11 +360,6 @@ def test_a_full_disk_during_the_gguf_export_keeps_the_version_and_leaves_no_part
 # --- issue 16, item 6: the q2 cluster's Ctrl-C and the reconcile pile-up ------------------------
 
 
-def _serve_env(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    return {**env, "CSP_DATA_DIR": str(tmp_path), "CSP_ADMIN_PASSWORD": "a-long-chosen-pass", "OMP_NUM_THREADS": "1"}
-
-
 def _cluster_workers_started(serve_pid):
     """Whether serve's q2 cluster runs its sentinel's processes (workers, monitor, pusher)."""
     for child in psutil.Process(serve_pid).children():
@@ -377,13 +370,7 @@ def _cluster_workers_started(serve_pid):
 
 @pytest.mark.live
 def test_ctrl_c_on_serve_stops_its_idle_q2_cluster_within_the_grace(tmp_path):
-    env = _serve_env(tmp_path)
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True, timeout=300)
-    port = free_port()
-    serve = subprocess.Popen(
-        [sys.executable, "manage.py", "serve", "--port", str(port)], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    serve, port = start_serve(tmp_path)
     try:
 
         def up():
