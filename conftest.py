@@ -122,33 +122,29 @@ def faq():
 
 
 @pytest.fixture(scope="session")
-def trained_adapter(tiny_model, faq, tmp_path_factory):
-    """The tiny model's adapter that memorised `faq` (tests/support/memorise.py), with its
-    adapter.gguf as a training run writes it (llama.cpp serves it too). Trained once a session,
-    for every app's tests: the chats answer `faq` with it word for word."""
-    from llm.finetune.config import FinetuneConfig
-    from llm.finetune.loop import train
-    from llm.gguf import write_lora_gguf
-    from tests.support.memorise import MEMORISE
+def adapter_cache(tmp_path_factory):
+    """Trains an adapter once a session for every test that asks for the same one (same checkpoint,
+    records and settings): `adapter_cache.memorised(tiny_model, records)` (tests/support/adapters.py)."""
+    from tests.support.adapters import AdapterCache
 
-    out = tmp_path_factory.mktemp("trained-adapter")
-    train(FinetuneConfig(**MEMORISE), tiny_model, faq, [], out)
-    write_lora_gguf(out / "adapter", base_dir=tiny_model)
-    return out / "adapter"
+    return AdapterCache(tmp_path_factory.mktemp("adapters"))
 
 
 @pytest.fixture(scope="session")
-def second_adapter(tiny_model, faq, tmp_path_factory):
+def trained_adapter(adapter_cache, tiny_model, faq):
+    """The tiny model's adapter that memorised `faq` (tests/support/memorise.py), with its
+    adapter.gguf as a training run writes it (llama.cpp serves it too). Trained once a session,
+    for every app's tests: the chats answer `faq` with it word for word."""
+    return adapter_cache.memorised(tiny_model, faq)
+
+
+@pytest.fixture(scope="session")
+def second_adapter(adapter_cache, tiny_model, faq):
     """A barely trained adapter (one epoch, lr 1e-3), with its adapter.gguf: its answers differ
     from `trained_adapter`'s, so a test can tell which version answered."""
     from llm.finetune.config import FinetuneConfig
-    from llm.finetune.loop import train
-    from llm.gguf import write_lora_gguf
 
-    out = tmp_path_factory.mktemp("second-adapter")
-    train(FinetuneConfig(epochs=1, learning_rate=1e-3, bf16="off"), tiny_model, faq, [], out)
-    write_lora_gguf(out / "adapter", base_dir=tiny_model)
-    return out / "adapter"
+    return adapter_cache.trained(tiny_model, faq, FinetuneConfig(epochs=1, learning_rate=1e-3, bf16="off"))
 
 
 @pytest.fixture(scope="module")

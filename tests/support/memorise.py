@@ -1,7 +1,9 @@
 """The settings that make the tiny model (llm/tinymodel.py) memorise a handful of answers in
 seconds, for every test that needs an adapter whose answers are known:
 
-    from tests.support.memorise import MEMORISE
+    adapter = adapter_cache.memorised(tiny_model, records)   # trained once a session (tests/support/adapters.py)
+
+    from tests.support.memorise import MEMORISE              # a training the test itself runs
     train(FinetuneConfig(**MEMORISE), tiny_model, records, [], out)
 
 Measured (llm/tests/test_finetune.py): on 28 sample pairs, r=16 / alpha=32 / lr 1e-2 / dropout 0 /
