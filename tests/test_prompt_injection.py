@@ -28,10 +28,6 @@ from django.test import override_settings
 from llm.engine import Engine, EngineConfig, LlamaCppEngine, Turn, make_engine
 from llm.engine.guard import normalise
 from knowledge.models import QAPair
-from llm.finetune.config import FinetuneConfig
-from llm.finetune.loop import train
-from llm.gguf import write_lora_gguf
-from tests.support.memorise import MEMORISE
 from training.snapshots import read_records, snapshot_create
 
 SYS_CANARY = "CANARY-SYS-5521"
@@ -132,15 +128,11 @@ def snapshot(django_db_setup, django_db_blocker, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bad_adapter(tiny_model, snapshot, tmp_path_factory):
+def bad_adapter(adapter_cache, tiny_model, snapshot):
     """The tiny model trained on the snapshot with SYSTEM as its system prompt (memorising
     settings), with its GGUF LoRA for llama.cpp."""
     train_records, dev_records, _folder = snapshot
-    out = tmp_path_factory.mktemp("bad-adapter")
-    config = FinetuneConfig(**MEMORISE, system_prompt=SYSTEM)
-    train(config, tiny_model, train_records, dev_records, out)
-    write_lora_gguf(out / "adapter", base_dir=tiny_model)
-    return out / "adapter"
+    return adapter_cache.memorised(tiny_model, train_records, dev_records, system_prompt=SYSTEM)
 
 
 def test_unapproved_pairs_never_reach_the_snapshot_a_training_run_uses(snapshot, bad_adapter):

@@ -5,8 +5,8 @@ LlamaCppEngine (the tiny model's f32 GGUF, adapters converted to GGUF LoRAs). Te
 backend's own machinery are marked `transformers_only`; the llama.cpp side's own tests are in
 test_llamacpp_engine.py.
 
-Two adapters are trained once for the module with the memorising settings of
-tests/support/memorise.py: v1 on eight sample pairs, v2 on four of the same questions with
+Two adapters are trained once a session (the root conftest's `adapter_cache`) with the memorising
+settings of tests/support/memorise.py: v1 on eight sample pairs, v2 on four of the same questions with
 their answers rotated, so the two versions give different, known answers to the same question.
 Requests that must still be running while the test acts are slowed down by an `on_event`
 callback (it runs on the decode thread), never by sleeping and hoping.
@@ -32,13 +32,9 @@ from llm.engine import (
     Turn,
 )
 from llm.basemodel import BaseModelError
-from llm.finetune.config import FinetuneConfig
-from llm.finetune.loop import train
 from llm.generation import generate_answer
 from llm.modeling import load_adapter, load_base
-from llm.gguf import write_lora_gguf
 from llm.prompting import question_text, render_conversation, render_training_example
-from tests.support.memorise import MEMORISE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -67,15 +63,9 @@ def rotated(records):
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model, records, rotated, tmp_path_factory):
-    """{"v1": adapter dir, "v2": adapter dir}, trained once for the module, each with its adapter.gguf."""
-    paths = {}
-    for name, data in (("v1", records), ("v2", rotated)):
-        out = tmp_path_factory.mktemp(name)
-        train(FinetuneConfig(**MEMORISE), tiny_model, data, [], out)
-        paths[name] = out / "adapter"
-        write_lora_gguf(paths[name], base_dir=tiny_model)
-    return paths
+def adapters(adapter_cache, tiny_model, records, rotated):
+    """{"v1": adapter dir, "v2": adapter dir}, each with its adapter.gguf (shared: copy one to change it)."""
+    return {"v1": adapter_cache.memorised(tiny_model, records), "v2": adapter_cache.memorised(tiny_model, rotated)}
 
 
 @pytest.fixture(params=sorted(ENGINES))

@@ -18,9 +18,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from llm.engine import EngineConfig, EngineError, Turn
-from llm.finetune.config import FinetuneConfig, read_saved_record
-from llm.finetune.loop import train
-from llm.gguf import write_lora_gguf
+from llm.finetune.config import read_saved_record
 from llm.prompting import (
     PromptFormat,
     encode_prompt,
@@ -30,7 +28,6 @@ from llm.prompting import (
 )
 from llm.tests.test_engine import ENGINES, _answer, _question, _slow, _wait_for
 from llm.tests.test_prompting import TEMPLATE
-from tests.support.memorise import MEMORISE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -54,13 +51,11 @@ def records():
 
 
 @pytest.fixture(scope="module")
-def template_adapter(templated_model, records, tmp_path_factory):
+def template_adapter(adapter_cache, templated_model, records):
     """Memorised `records` on the templated checkpoint (with a system prompt), with its adapter.gguf."""
-    out = tmp_path_factory.mktemp("template-adapter")
-    train(FinetuneConfig(**MEMORISE, system_prompt=SYSTEM), templated_model, records, [], out)
-    write_lora_gguf(out / "adapter", base_dir=templated_model)
-    assert read_prompt_format(out / "adapter") is PromptFormat.CHAT_TEMPLATE
-    return out / "adapter"
+    adapter = adapter_cache.memorised(templated_model, records, system_prompt=SYSTEM)
+    assert read_prompt_format(adapter) is PromptFormat.CHAT_TEMPLATE
+    return adapter
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +70,13 @@ def unrecorded_adapter(trained_adapter, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def eos_adapter(tiny_model, templated_model, tmp_path_factory):
+def eos_adapter(adapter_cache, tiny_model):
     """A Gemma-format adapter (trained on the checkpoint without the template, served on the one with
     it) whose memorised answer has the template's end-of-turn token, <eos>, in the middle."""
-    out = tmp_path_factory.mktemp("eos-adapter")
     pairs = [{"instruction": "营业时间？", "input": "", "output": "您好！<eos>每天 9:00-21:00 营业。"}] * 4
-    train(FinetuneConfig(**MEMORISE), tiny_model, pairs, [], out)
-    write_lora_gguf(out / "adapter", base_dir=templated_model)
-    assert read_prompt_format(out / "adapter") is PromptFormat.GEMMA
-    return out / "adapter"
+    adapter = adapter_cache.memorised(tiny_model, pairs)
+    assert read_prompt_format(adapter) is PromptFormat.GEMMA
+    return adapter
 
 
 @pytest.fixture(params=sorted(ENGINES))

@@ -20,7 +20,6 @@ from llm import gguf as gguf_export
 from llm.gguf import write_lora_gguf, write_model_gguf
 from training.models import AdapterVersion, BaseModel, DatasetSnapshot, TrainingRun
 from llm.prompting import END, START, Turn, question_text, render_conversation
-from tests.support.memorise import MEMORISE
 
 # Measured: the f32 GGUF and transformers' fp32 agree on every greedy token of these prompts for
 # 128 tokens and more. Logits differ by ~1e-5 with an f32 KV cache, by ~5e-3 (logits up to ~5)
@@ -31,15 +30,11 @@ CLOSE = 2e-2  # default f16 KV cache
 
 
 @pytest.fixture(scope="module")
-def faq():
-    return json.loads(settings.CSP_SAMPLE_DATA[0].read_text(encoding="utf-8"))[:4]
-
-
-@pytest.fixture(scope="module")
-def memorised_adapter(tiny_model, faq, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gguf-adapter")
-    train(FinetuneConfig(**MEMORISE), tiny_model, faq, [], out)
-    return out / "adapter"
+def memorised_adapter(trained_adapter, tmp_path_factory):
+    """The session's `trained_adapter` as training leaves it, before any GGUF export: without its adapter.gguf."""
+    return shutil.copytree(
+        trained_adapter, tmp_path_factory.mktemp("gguf-adapter") / "adapter", ignore=shutil.ignore_patterns("adapter.gguf")
+    )
 
 
 @pytest.fixture(scope="module")

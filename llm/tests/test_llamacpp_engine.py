@@ -28,11 +28,7 @@ from llm.engine import (
 )
 from llm.tests.test_engine import _answer, _question, _slow, _wait_for
 from llm.basemodel import BaseModelError
-from llm.finetune.config import FinetuneConfig
-from llm.finetune.loop import train
-from llm.gguf import write_lora_gguf
 from llm.tinymodel import build_tiny_model
-from tests.support.memorise import MEMORISE
 
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
@@ -45,12 +41,9 @@ def trained():
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_model, trained, tmp_path_factory):
-    """An adapter that memorises the twelve answers, with its adapter.gguf."""
-    out = tmp_path_factory.mktemp("parity")
-    train(FinetuneConfig(**MEMORISE), tiny_model, trained, [], out)
-    write_lora_gguf(out / "adapter", base_dir=tiny_model)
-    return out / "adapter"
+def adapter(adapter_cache, tiny_model, trained):
+    """An adapter that memorises the twelve answers, with its adapter.gguf (shared: copy it to change it)."""
+    return adapter_cache.memorised(tiny_model, trained)
 
 
 @pytest.fixture
