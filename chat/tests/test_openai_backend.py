@@ -37,8 +37,9 @@ from training.services import adapter_version_activate
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.live]
 
 # The stand-in's API key: a DRF token key, chosen up front (a web process in front of the stand-in
-# gets it in its environment) and stored for the customer by each test (the database is emptied
-# between tests).
+# gets it in its environment) and stored for a staff user by each test (the database is emptied
+# between tests). Staff, because the platform is the operator of the vLLM it stands in for: that
+# server serves every version and the base model by name, which /v1 allows staff only.
 API_KEY = secrets.token_hex(20)
 
 
@@ -60,8 +61,8 @@ def server(django_db_setup, tiny_model, tmp_path_factory, backend):
 
 
 @pytest.fixture
-def api_key(serving, customer):
-    return Token.objects.create(user=customer, key=API_KEY).key
+def api_key(serving, staff_user):
+    return Token.objects.create(user=staff_user, key=API_KEY).key
 
 
 def _settled(timeout=15):

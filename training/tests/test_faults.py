@@ -58,8 +58,9 @@ def leftovers(folder):
 def test_a_run_longer_than_the_brokers_retry_is_trained_exactly_once(qcluster):
     _sample_pairs()
     retry = 1
-    # 12 pairs one at a time for 2 epochs: 24 steps, several times the retry on this machine.
-    run = services.training_run_start(hyperparameters={"epochs": 2, "batch_size": 1})
+    # 12 pairs one at a time for 12 epochs: 144 steps, several times the retry on this machine
+    # (the tiny model trains ~50 ms a step on a quiet core: 24 steps once took only 1.2 s).
+    run = services.training_run_start(hyperparameters={"epochs": 12, "batch_size": 1})
     # Two workers: the redelivered copy runs at once, beside the first, the worst case.
     cluster = qcluster(CSP_QCLUSTER_RETRY=str(retry), CSP_QCLUSTER_WORKERS="2", CSP_TRAINING_TIMEOUT="300")
     assert wait_for(lambda: not TrainingRun.objects.get(pk=run.pk).is_active, 240), cluster.log_tail()
