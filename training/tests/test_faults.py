@@ -15,6 +15,7 @@ import urllib.request
 
 import psutil
 import pytest
+from django.conf import settings
 from django.db import connections
 from django.utils import timezone
 from django_q.models import Schedule, Task
@@ -70,7 +71,12 @@ def test_a_run_longer_than_the_brokers_retry_is_trained_exactly_once(qcluster):
     seconds = (run.finished_at - run.started_at).total_seconds()
     assert seconds > 2 * retry
     deliveries = cluster.log.read_text().count(f"processing training-run-{run.pk} ")
-    assert deliveries >= 2, cluster.log_tail()  # q2 did hand the run out again...
+    if "orm" in settings.Q_CLUSTER:
+        assert deliveries >= 2, cluster.log_tail()  # q2 did hand the run out again...
+    else:
+        # The Redis broker of the scale-out settings keeps no message receipts, so `retry` never
+        # redelivers there (django-q2's docs, "Brokers"): the one delivery must still train once.
+        assert deliveries == 1, cluster.log_tail()
     assert run.log.count("training on ") == 1  # ...and it trained once
     assert list(AdapterVersion.objects.values_list("run_id", flat=True)) == [run.pk]
     assert sorted(p.name for p in services.adapters_root().iterdir()) == ["v1"]
