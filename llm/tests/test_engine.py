@@ -73,14 +73,13 @@ def backend(request):
     return request.param
 
 
-@pytest.fixture
-def make_engine(tiny_model, backend):
-    """Engine factory of the backend on the tiny model (fp32, as training evaluates; one llama.cpp
-    thread, as torch gets one); every engine is closed after."""
+def engine_factory(backend, base_dir):
+    """Yields a factory of `backend`'s engines on the checkpoint base_dir (fp32, as training
+    evaluates; one llama.cpp thread, as torch gets one); closes every engine it made after."""
     engines = []
 
     def make(**overrides):
-        config = EngineConfig(**{"base_dir": tiny_model, "dtype": "float32", "threads": 1, **overrides})
+        config = EngineConfig(**{"base_dir": base_dir, "dtype": "float32", "threads": 1, **overrides})
         engine = ENGINES[backend](config)
         engines.append(engine)
         return engine
@@ -88,6 +87,12 @@ def make_engine(tiny_model, backend):
     yield make
     for engine in engines:
         engine.close()
+
+
+@pytest.fixture
+def make_engine(tiny_model, backend):
+    """Engine factory of the backend on the tiny model."""
+    yield from engine_factory(backend, tiny_model)
 
 
 def _slow(delay, started=None):

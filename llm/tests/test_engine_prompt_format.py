@@ -26,7 +26,7 @@ from llm.prompting import (
     render_conversation,
     render_training_example,
 )
-from llm.tests.test_engine import ENGINES, _answer, _question, _slow, _wait_for
+from llm.tests.test_engine import ENGINES, _answer, _question, _slow, _wait_for, engine_factory
 from llm.tests.test_prompting import TEMPLATE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -86,18 +86,8 @@ def backend(request):
 
 @pytest.fixture
 def make_engine(templated_model, backend):
-    """Engine factory of the backend on the templated checkpoint (fp32, one llama.cpp thread)."""
-    engines = []
-
-    def make(**overrides):
-        config = EngineConfig(**{"base_dir": templated_model, "dtype": "float32", "threads": 1, **overrides})
-        engine = ENGINES[backend](config)
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.close()
+    """Engine factory of the backend on the templated checkpoint."""
+    yield from engine_factory(backend, templated_model)
 
 
 def _training_prompt(record, engine, system="", prompt_format=PromptFormat.GEMMA):
