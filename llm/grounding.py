@@ -1,0 +1,87 @@
+"""Grounded answers: which of three modes answers a question, and what the model reads.
+
+Every answer comes from the curated Q&A. The retriever (`llm.retrieval`) ranks the approved
+pairs for a question; `decide` turns its hits into a mode:
+
+- `curated`: the best pair is a confident match; its curated answer is given verbatim (no model).
+- `grounded`: the top k pairs go into the prompt (`grounded_question`) and the adapter answers
+  from them; it was trained on the same rendering (RAFT, `llm.finetune.raft`).
+- `fallback`: nothing is close enough; the configured reply offers a person instead.
+
+Pure Python: no Django, no torch. The rendering here is the one place a reference block is
+written, for training and for serving alike.
+"""
+
+from dataclasses import dataclass
+
+CURATED = "curated"
+GROUNDED = "grounded"
+FALLBACK = "fallback"
+MODES = (CURATED, GROUNDED, FALLBACK)
+
+# Recorded as finetune_config.json["grounding"] by a RAFT-trained adapter: the prompt rendering
+# below. An adapter without it was trained on bare questions and is served that way.
+GROUNDING_FORMAT = "references-v1"
+DEFAULT_K = 3
+
+# What a RAFT-trained adapter learns to say when its references do not hold the answer. Serving
+# holds generated text back while it could still be this sentence, and when it is, answers in
+# the fallback mode with the configured reply (CSP_FALLBACK_REPLY) instead.
+TRAINED_FALLBACK = "抱歉，资料中没有这个问题的答案。"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Scores (the top hit's `score`, 0..1) that pick a mode."""
+
+    curated: float  # at or above: the top pair's curated answer, verbatim
+    fallback: float  # below: nothing is close enough
+
+    def __post_init__(self):
+        if not 0.0 <= self.fallback <= self.curated <= 1.0:
+            raise ValueError(f"thresholds need 0 <= fallback ({self.fallback}) <= curated ({self.curated}) <= 1")
+
+
+@dataclass(frozen=True)
+class Decision:
+    mode: str
+    hits: tuple  # the retrieved pairs (llm.retrieval.Hit), best first
+    reason: str  # why this mode, for logs and the admin
+
+    @property
+    def best(self):
+        return self.hits[0] if self.hits else None
+
+
+def decide(hits, thresholds, *, can_ground=True):
+    """The mode for a question whose retrieved pairs are `hits` (best first).
+
+    can_ground is False when no grounding-trained adapter serves the question (a fresh install,
+    or an adapter trained before grounding): a match between the thresholds is then answered with
+    the top pair's curated answer rather than by a model that never learned to read references.
+    """
+    hits = tuple(hits)
+    if not hits:
+        return Decision(FALLBACK, hits, "nothing retrieved")
+    score = hits[0].score
+    if score < thresholds.fallback:
+        return Decision(FALLBACK, hits, f"best match {score:.3f} below the fallback threshold {thresholds.fallback:.3f}")
+    if score >= thresholds.curated:
+        return Decision(CURATED, hits, f"best match {score:.3f} at or above the curated threshold {thresholds.curated:.3f}")
+    if not can_ground:
+        return Decision(CURATED, hits, f"best match {score:.3f}; no grounded adapter, so the closest curated answer")
+    return Decision(GROUNDED, hits, f"best match {score:.3f} between the thresholds")
+
+
+def render_references(references):
+    """The reference block: each pair's question and curated answer, numbered from 1.
+
+    references: objects with .question and .answer (retrieval hits), in prompt order.
+    """
+    blocks = [f"[{number}] Q: {ref.question.strip()}\nA: {ref.answer.strip()}" for number, ref in enumerate(references, 1)]
+    return "<references>\n" + "\n\n".join(blocks) + "\n</references>"
+
+
+def grounded_question(question, references):
+    """The user turn a grounded adapter reads: the references, then the customer's question."""
+    return f"{render_references(references)}\nQuestion: {question.strip()}"
