@@ -42,6 +42,11 @@ class Thresholds:
             raise ValueError(f"thresholds need 0 <= fallback ({self.fallback}) <= curated ({self.curated}) <= 1")
 
 
+# Used until a training run calibrated its own (the version page shows them) and no setting
+# overrides them: measured with benchmarks/retrieval.py on the sample data (benchmarks/README.md).
+DEFAULT_THRESHOLDS = Thresholds(curated=0.93, fallback=0.86)
+
+
 @dataclass(frozen=True)
 class Decision:
     mode: str
