@@ -256,6 +256,40 @@ CSP_WS_MAX_FRAME_BYTES = envint("CSP_WS_MAX_FRAME_BYTES", 256 * 1024, minimum=10
 # timeout: dead peers and vanished tabs stop holding a socket (and their answer) open.
 CSP_WS_PING_INTERVAL = envint("CSP_WS_PING_INTERVAL", 20, minimum=1)
 CSP_WS_PING_TIMEOUT = envint("CSP_WS_PING_TIMEOUT", 30, minimum=1)
+# Grounded answers (chat.grounding, llm.grounding): every answer comes from the approved Q&A.
+# Off: the engine answers every message on its own, as before grounding (not recommended).
+CSP_GROUNDING = envbool("CSP_GROUNDING", True)
+CSP_GROUNDING_K = envint("CSP_GROUNDING_K", 3, minimum=1)  # pairs retrieved into a grounded prompt
+
+
+def envscore(name):
+    """An optional retrieval score 0..1 (empty: the active version's calibrated value)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a number.") from None
+    if not 0.0 <= value <= 1.0:
+        raise ImproperlyConfigured(f"{name}={value} must be between 0 and 1.")
+    return value
+
+
+# Override the thresholds each training run calibrates (the version page shows them): a top
+# match at or above CSP_CURATED_THRESHOLD gets its curated answer verbatim, one below
+# CSP_FALLBACK_THRESHOLD the fallback reply.
+CSP_CURATED_THRESHOLD = envscore("CSP_CURATED_THRESHOLD")
+CSP_FALLBACK_THRESHOLD = envscore("CSP_FALLBACK_THRESHOLD")
+if None not in (CSP_CURATED_THRESHOLD, CSP_FALLBACK_THRESHOLD) and CSP_FALLBACK_THRESHOLD > CSP_CURATED_THRESHOLD:
+    raise ImproperlyConfigured(
+        f"CSP_FALLBACK_THRESHOLD={CSP_FALLBACK_THRESHOLD} must not be above CSP_CURATED_THRESHOLD={CSP_CURATED_THRESHOLD}."
+    )
+# What the assistant says when the knowledge base has no answer (empty: a built-in text in the
+# page's language, offering a person).
+CSP_FALLBACK_REPLY = envstr("CSP_FALLBACK_REPLY", "")
+# Show customers the curated question each answer came from, under the answer.
+CSP_CHAT_SHOW_SOURCES = envbool("CSP_CHAT_SHOW_SOURCES", False)
 # A customer message containing one of these (case-insensitive) asks for a person: the
 # conversation waits for an agent instead of getting an answer from the assistant.
 CSP_HANDOFF_KEYWORDS = envlist("CSP_HANDOFF_KEYWORDS", "人工,human agent,real person,talk to a human")
