@@ -41,6 +41,13 @@ class Thresholds:
         if not 0.0 <= self.fallback <= self.curated <= 1.0:
             raise ValueError(f"thresholds need 0 <= fallback ({self.fallback}) <= curated ({self.curated}) <= 1")
 
+    @property
+    def correction(self):
+        """The score at which the best pair's curated answer replaces a generated answer the fact
+        guard stopped (below it: the fallback reply). Grounded answers are asked only below the
+        curated threshold, so the bar is lower: halfway between the two."""
+        return (self.fallback + self.curated) / 2
+
 
 # Used until a training run calibrated its own (the version page shows them) and no setting
 # overrides them: measured with benchmarks/retrieval.py on the sample data (benchmarks/README.md).
