@@ -258,7 +258,7 @@ CSP_WS_PING_INTERVAL = envint("CSP_WS_PING_INTERVAL", 20, minimum=1)
 CSP_WS_PING_TIMEOUT = envint("CSP_WS_PING_TIMEOUT", 30, minimum=1)
 # Grounded answers (chat.grounding, llm.grounding): every answer comes from the approved Q&A.
 # Off: the engine answers every message on its own, as before grounding (not recommended).
-CSP_GROUNDING = envbool("CSP_GROUNDING", True)
+CSP_GROUNDING = envbool("CSP_GROUNDING", "true")
 CSP_GROUNDING_K = envint("CSP_GROUNDING_K", 3, minimum=1)  # pairs retrieved into a grounded prompt
 
 
@@ -289,7 +289,7 @@ if None not in (CSP_CURATED_THRESHOLD, CSP_FALLBACK_THRESHOLD) and CSP_FALLBACK_
 # page's language, offering a person).
 CSP_FALLBACK_REPLY = envstr("CSP_FALLBACK_REPLY", "")
 # Show customers the curated question each answer came from, under the answer.
-CSP_CHAT_SHOW_SOURCES = envbool("CSP_CHAT_SHOW_SOURCES", False)
+CSP_CHAT_SHOW_SOURCES = envbool("CSP_CHAT_SHOW_SOURCES", "false")
 # A customer message containing one of these (case-insensitive) asks for a person: the
 # conversation waits for an agent instead of getting an answer from the assistant.
 CSP_HANDOFF_KEYWORDS = envlist("CSP_HANDOFF_KEYWORDS", "人工,human agent,real person,talk to a human")
