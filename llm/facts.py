@@ -89,6 +89,7 @@ class Fact:
 # one character each way, so positions in the normalised text are positions in the text.
 _NARROW = {chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)}
 _NARROW.update({"\u3000": " ", "\u00a0": " ", "\uffe5": "¥", "\u2013": "-", "\u301c": "~"})
+del _NARROW["，"]  # the Chinese comma ends a fact ("7天，"); only "," separates thousands
 
 _DIGITS = frozenset("0123456789")
 _CN_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}

@@ -170,6 +170,10 @@ def test_a_url_or_email_is_held_until_it_ends():
     assert guard.feed("请访问 www.xing") == "请访问 "
     assert guard.feed("he.cn 查看") == ""
     assert guard.violation.key == "xinghe.cn"
+    guard = FactGuard(["邮箱 kefu@xinghe.com"])
+    assert guard.feed("请写信给 kefu") == "请写信给 "  # may be an e-mail's local part
+    assert guard.feed("@xinghe.com，") == "kefu@xinghe.com，"
+    assert guard.feed("或 vip") == "或 " and guard.feed("@xinghe.com。") == "" and guard.violation.text == "vip@xinghe.com"
 
 
 def test_chinese_numerals_and_digits_support_each_other_while_streaming():
@@ -225,3 +229,22 @@ def test_every_split_of_every_sample_answer_streams_back_unchanged():
             released, tail = _stream(guard, pieces)
             assert guard.violation is None, (answer, pieces, guard.violation)
             assert "".join(released) + tail == answer
+
+
+def test_the_guard_stops_at_the_first_fact_extract_facts_finds_however_the_stream_is_cut():
+    """The stream and the whole text are read alike: with no sources, a sample answer's first
+    fact (kind, key and position) is the violation, and nothing from it on was released."""
+    rng = random.Random(7)
+    for answer in _sample_answers():
+        facts = extract_facts(answer)
+        if not facts:
+            continue
+        pieces, rest = [], answer
+        while rest:
+            size = rng.randint(1, 6)
+            pieces.append(rest[:size])
+            rest = rest[size:]
+        guard = FactGuard([])
+        released, tail = _stream(guard, pieces)
+        assert guard.violation == facts[0]
+        assert answer[: facts[0].start].startswith("".join(released) + tail)  # none of it was shown
