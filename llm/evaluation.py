@@ -11,15 +11,24 @@ Pure and fast: no Django, no torch. The training task generates one answer per d
 Every score is a fraction between 0 and 1 (BLEU too, where sacrebleu says 0-100). A customer
 cares most that the numbers are right (7天, 99元, 400-820-1234), which ROUGE and BLEU barely
 weigh, hence key_fact_recall.
+
+With grounded answers the training task asks each dev and out-of-scope question as the chat
+would (`answer_as_served`: retrieval, the mode, the adapter only in the grounded mode, the fact
+guard) and reports per mode with `evaluate_served`: the share of answers, key-fact recall and the
+share of answers with an invented number.
 """
 
 import logging
 import re
 import unicodedata
+from dataclasses import dataclass
 
 import jieba
 import sacrebleu
 from rouge_chinese import Rouge
+
+from llm import facts
+from llm.grounding import CURATED, DEFAULT_K, FALLBACK, GROUNDED, MODES, TRAINED_FALLBACK, decide, grounded_question
 
 jieba.setLogLevel(logging.WARNING)  # it logs its dictionary loading at INFO on first use
 
@@ -134,3 +143,98 @@ def evaluate(predictions, references):
         "key_facts": facts_total,
         "examples": examples,
     }
+
+
+# --- Answers as serving gives them, per mode (grounded answers) ---
+
+INVENTED_HELP = (
+    "Share of answers that state a number found neither in the reference answer nor in the retrieved "
+    "pairs' answers (nor the question): an invented number."
+)
+
+
+@dataclass(frozen=True)
+class ServedAnswer:
+    """One question answered as the chat would: its final mode and text."""
+
+    question: str
+    mode: str  # llm.grounding.CURATED / GROUNDED / FALLBACK, after the fact guard
+    text: str
+    hits: tuple  # the retrieved pairs (llm.retrieval.Hit), best first
+    guarded: bool = False  # a generated answer the fact guard replaced
+
+
+def answer_as_served(question, hits, thresholds, *, can_ground, generate, k=DEFAULT_K, fallback_reply=TRAINED_FALLBACK):
+    """Answer `question` as serving does, given its retrieved `hits`.
+
+    The mode comes from llm.grounding.decide; curated is the top pair's answer; grounded is
+    `generate(grounded_question(question, top k))`, the adapter's greedy answer, where the trained
+    "no answer" sentence is the fallback and an answer with a fact the guard finds in neither the
+    references nor the question is replaced by the top curated answer when its score reaches
+    `thresholds.correction`, else by the fallback.
+    """
+    hits = tuple(hits)
+    decision = decide(hits, thresholds, can_ground=can_ground)
+    if decision.mode == CURATED:
+        return ServedAnswer(question, CURATED, decision.best.answer, hits)
+    if decision.mode == FALLBACK:
+        return ServedAnswer(question, FALLBACK, fallback_reply, hits)
+    references = hits[:k]
+    text = generate(grounded_question(question, references))
+    if normalise(text) == normalise(TRAINED_FALLBACK):
+        return ServedAnswer(question, FALLBACK, fallback_reply, hits)
+    if facts.unsupported(text, [ref.answer for ref in references] + [question]):
+        if decision.best.score >= thresholds.correction:
+            return ServedAnswer(question, CURATED, decision.best.answer, hits, guarded=True)
+        return ServedAnswer(question, FALLBACK, fallback_reply, hits, guarded=True)
+    return ServedAnswer(question, GROUNDED, text, hits)
+
+
+def _number_values(text):
+    return {value for fact in key_facts(text) for value in re.findall(r"\d+(?:\.\d+)?", fact)}
+
+
+def invented_numbers(text, sources):
+    """The numbers `text` states (by value, list markers aside) that no source text states."""
+    known = set().union(*(_number_values(source) for source in sources)) if sources else set()
+    return sorted(_number_values(text) - known)
+
+
+def evaluate_served(answers, references=None):
+    """Per-mode report of ServedAnswers; references (same order) for the dev pairs, None for the
+    out-of-scope questions (no reference: key-fact recall is not measured, only invented numbers).
+
+    Returns {"count", "modes": {mode: {"count", "share", "key_fact_recall", "invented_number_share"}},
+    "invented_number_share", "invented_answers", "guarded"} plus, with references, the overall
+    scores of `evaluate` (without its per-answer examples).
+    """
+    answers = list(answers)
+    refs = list(references) if references is not None else [None] * len(answers)
+    if len(refs) != len(answers):
+        raise ValueError(f"{len(answers)} answers for {len(refs)} references")
+    invented = [
+        bool(invented_numbers(a.text, [a.question, *(h.answer for h in a.hits), *([r] if r else [])])) for a, r in zip(answers, refs)
+    ]
+    count = len(answers)
+    modes = {}
+    for mode in MODES:
+        chosen = [i for i, a in enumerate(answers) if a.mode == mode]
+        scores = evaluate([answers[i].text for i in chosen], [refs[i] for i in chosen]) if references is not None else {}
+        modes[mode] = {
+            "count": len(chosen),
+            "share": len(chosen) / count if count else None,
+            "key_fact_recall": scores.get("key_fact_recall"),
+            "key_facts": scores.get("key_facts"),
+            "invented_number_share": sum(invented[i] for i in chosen) / len(chosen) if chosen else None,
+        }
+    report = {
+        "count": count,
+        "modes": modes,
+        "invented_number_share": sum(invented) / count if count else None,
+        "invented_answers": sum(invented),
+        "guarded": sum(a.guarded for a in answers),
+    }
+    if references is not None:
+        overall = evaluate([a.text for a in answers], refs)
+        report.update({name: value for name, value in overall.items() if name != "examples"})
+    return report

@@ -126,14 +126,15 @@ def write_json(path, data):
     os.replace(tmp, path)
 
 
-def save_adapter(model, config, metrics, out_dir, *, prompt_format=PromptFormat.GEMMA):
+def save_adapter(model, config, metrics, out_dir, *, prompt_format=PromptFormat.GEMMA, grounding=None):
     """Write out_dir/adapter so that it exists only when complete: build aside, then rename.
 
     The adapter folder carries its config and the prompt format it was trained on, which the
-    engine must serve it with (llm.prompting.read_prompt_format).
+    engine must serve it with (llm.prompting.read_prompt_format), and for a RAFT-trained adapter
+    how it reads references (grounding: {"grounding": format, "k": k}, llm.finetune.raft.read_grounding).
     """
     out_dir = Path(out_dir)
-    record = {**config.to_dict(), "prompt_format": PromptFormat(prompt_format).value}
+    record = {**config.to_dict(), "prompt_format": PromptFormat(prompt_format).value, **(grounding or {})}
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out_dir))
     with removed_on_error(tmp):
         model.save_pretrained(tmp)

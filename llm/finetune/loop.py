@@ -52,7 +52,7 @@ def linear_schedule(optimizer, warmup_steps, total_steps):
 
 def train(
     config, base_dir, train_records, dev_records, out_dir, *, on_progress=None, should_stop=None, should_interrupt=None,
-    resume=True,
+    resume=True, grounding=None,
 ):
     """Fine-tune a LoRA adapter on base_dir with train_records; write it to out_dir/adapter.
 
@@ -64,18 +64,21 @@ def train(
     TrainingInterrupted is raised. Otherwise a checkpoint is saved every config.checkpoint_every
     steps, once config.checkpoint_seconds of training passed since the last one, and at each
     epoch's end (with either set). With resume, training continues from the last complete
-    checkpoint in out_dir/checkpoints. Returns the metrics dict that is also saved as metrics.json.
+    checkpoint in out_dir/checkpoints. grounding, for records built by llm.finetune.raft, is
+    what the adapter records of how it reads references (raft.grounding_record()): the engine
+    then serves it grounded prompts. Returns the metrics dict that is also saved as metrics.json.
     """
     _, _, metrics = train_model(
         config, base_dir, train_records, dev_records, out_dir,
         on_progress=on_progress, should_stop=should_stop, should_interrupt=should_interrupt, resume=resume,
+        grounding=grounding,
     )
     return metrics
 
 
 def train_model(
     config, base_dir, train_records, dev_records, out_dir, *, on_progress=None, should_stop=None, should_interrupt=None,
-    resume=True,
+    resume=True, grounding=None,
 ):
     """`train`, returning (model, tokenizer, metrics): evaluate in the same process without reloading.
 
@@ -232,8 +235,9 @@ def train_model(
         "device": str(device),
         "resumed_from_step": resumed_from,
         "prompt_format": prompt_format.value,
+        **(grounding or {}),
     }
-    save_adapter(model, config, metrics, out_dir, prompt_format=prompt_format)
+    save_adapter(model, config, metrics, out_dir, prompt_format=prompt_format, grounding=grounding)
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     model.config.use_cache = True
     model.eval()

@@ -1,0 +1,100 @@
+"""Thresholds of the answer modes, calibrated per training run on what the run did not train on.
+
+The dev pairs are asked against an index of the training pairs only (a dev pair never retrieves
+itself, as an unseen paraphrase at serving would not), and the out-of-scope questions
+(data/out_of_scope.json) against the same index. From their top-1 scores:
+
+- curated threshold: the lowest dev top-1 score at or above which the top pair is the right one
+  for at least 99% of the dev questions there (right: its curated answer is the dev pair's). With
+  no such score, 1.0: nothing is answered verbatim by score alone.
+- fallback threshold: at least 90% of the out-of-scope questions must score below it, and as
+  few dev questions as possible: with m = ceil(0.9 * out-of-scope count), it lies midway between
+  the m-th lowest out-of-scope score and the next higher score of either set (so the dev
+  questions lost are exactly those at or below that out-of-scope score). Never above the curated
+  threshold; 0.0 when there is no out-of-scope set (nothing falls back by score).
+
+Small sets make coarse thresholds: with 24 dev pairs, 99% precision means no wrong top-1 at all
+above the threshold. `calibrate` returns the thresholds with the precision and shares they give,
+which the version page shows. Pure Python: no Django, no torch.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from llm.evaluation import normalise
+from llm.grounding import Thresholds
+
+CURATED_PRECISION = 0.99
+OUT_OF_SCOPE_BELOW = 0.90
+
+
+@dataclass(frozen=True)
+class Calibration:
+    thresholds: Thresholds
+    report: dict = field(default_factory=dict)  # JSON: what the thresholds give on the sets
+
+
+def top_scores(index, questions):
+    """(top-1 score, top-1 hit) per question; score 0.0 and hit None when nothing is retrieved."""
+    scored = []
+    for question in questions:
+        hits = index.search(question, k=1)
+        scored.append((hits[0].score, hits[0]) if hits else (0.0, None))
+    return scored
+
+
+def calibrate(dev, out_of_scope, *, precision=CURATED_PRECISION, oos_below=OUT_OF_SCOPE_BELOW):
+    """dev: [(top-1 score, top-1 is right)]; out_of_scope: [top-1 score]. Returns a Calibration."""
+    dev = [(float(score), bool(right)) for score, right in dev]
+    oos = sorted(float(score) for score in out_of_scope)
+
+    curated = 1.0
+    for candidate in sorted({score for score, _ in dev}):
+        above = [right for score, right in dev if score >= candidate]
+        if sum(above) / len(above) >= precision:
+            curated = candidate
+            break
+
+    if oos:
+        needed = math.ceil(oos_below * len(oos))
+        edge = oos[needed - 1]
+        higher = [s for s in [*oos, *(score for score, _ in dev)] if s > edge]
+        fallback = (edge + min(higher)) / 2 if higher else min(1.0, edge + 1e-6)
+    else:
+        fallback = 0.0
+    capped = fallback > curated
+    fallback = min(fallback, curated)
+    thresholds = Thresholds(curated=round(curated, 6), fallback=round(fallback, 6))
+
+    def share(items):
+        return len(items) / len(dev) if dev else None
+
+    curated_dev = [right for score, right in dev if score >= thresholds.curated]
+    report = {
+        "rule": f"curated: lowest dev top-1 score with >= {precision:.0%} top-1 precision at or above it; "
+        f"fallback: >= {oos_below:.0%} of out-of-scope below it, fewest dev lost",
+        "dev_count": len(dev),
+        "out_of_scope_count": len(oos),
+        "curated_threshold": thresholds.curated,
+        "fallback_threshold": thresholds.fallback,
+        "fallback_capped_at_curated": capped,
+        # of the dev questions at or above the curated threshold, the share whose top pair is right
+        "curated_precision": sum(curated_dev) / len(curated_dev) if curated_dev else None,
+        "dev_curated_share": share(curated_dev),
+        "dev_top1_accuracy": share([r for _, r in dev if r]),
+        "dev_fallback_share": share([s for s, _ in dev if s < thresholds.fallback]),
+        "out_of_scope_fallback_share": sum(s < thresholds.fallback for s in oos) / len(oos) if oos else None,
+        "out_of_scope_curated_share": sum(s >= thresholds.curated for s in oos) / len(oos) if oos else None,
+    }
+    return Calibration(thresholds, report)
+
+
+def calibrate_on(index, dev_pairs, oos_questions):
+    """Calibrate with `index` (the training pairs only): dev_pairs [(question, reference answer)],
+    oos_questions [question]. A dev question's top-1 is right when its answer is the reference."""
+    dev = [
+        (score, hit is not None and normalise(hit.answer) == normalise(answer))
+        for (score, hit), (_question, answer) in zip(top_scores(index, [q for q, _ in dev_pairs]), dev_pairs)
+    ]
+    oos = [score for score, _hit in top_scores(index, oos_questions)]
+    return calibrate(dev, oos)

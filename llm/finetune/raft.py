@@ -1,0 +1,162 @@
+"""RAFT training records: each question with the pairs the retriever returns for it.
+
+A grounded adapter reads `llm.grounding.grounded_question(question, references)` and answers from
+the references (RAFT, Zhang et al. 2024). So it is trained on exactly that: for each training
+pair, several questions, each with the k pairs the serving retriever returns for it, the gold pair
+at a seeded random position; in a share of the examples the gold pair is left out (the next
+retrieved pair takes its place) and the target is `TRAINED_FALLBACK`, so that the model learns to
+say it does not know. The records are plain {"instruction", "input", "output"} dicts: the usual
+`encode_example` and training loop train them unchanged.
+
+Why several questions per pair: a first version trained on the curated questions alone (3 or 8
+epochs, 35% without the gold pair) fell back on almost every unseen paraphrase (5-8% of key
+facts): it learned "copy when the question stands verbatim in the references, else give up".
+Serving only reaches the model when the best match is NOT a near-verbatim one (those answer with
+the curated text), so the training questions must differ from the references' questions: the
+pair's alternates, and paraphrase-like rewrites of its question (`paraphrases`). Dev pairs and
+the out-of-scope set are never read here: the caller passes the training entries only.
+
+Pure Python: no Django, no torch (the index is any object with `search(query, k=)`, such as
+llm.retrieval.Index built over the training pairs only).
+"""
+
+import random
+import re
+from dataclasses import dataclass
+
+from llm.finetune.config import read_saved_record
+from llm.grounding import DEFAULT_K, GROUNDING_FORMAT, TRAINED_FALLBACK, grounded_question
+from llm.prompting import question_text
+from llm.retrieval import customer_text
+
+DEFAULT_NO_GOLD_SHARE = 0.25
+DEFAULT_VARIANTS = 2  # paraphrase-like rewrites per pair, besides its question and alternates
+
+# Everyday rewrites of customer questions, each way round: (written, also said as).
+SYNONYMS = (
+    ("可以", "能"), ("怎么", "如何"), ("怎么", "咋"), ("多久", "多长时间"), ("多久", "几天"), ("东西", "商品"),
+    ("运费", "快递费"), ("退款", "退钱"), ("账号", "账户"), ("查看", "看"), ("申请", "办理"), ("为什么", "为啥"),
+    ("是否", "能不能"), ("怎样", "怎么"), ("哪里", "哪儿"), ("什么时候", "啥时候"), ("什么", "啥"), ("多少钱", "多少"),
+    ("订单", "单子"), ("购买", "买"), ("收到", "拿到"), ("需要", "要"), ("取消", "撤销"), ("修改", "改"),
+)
+OPENINGS = ("请问", "你好，", "您好，想问一下，", "问下，", "咨询一下，", "我想知道")
+ENDINGS = ("？", "呢？", "啊？", "")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A pair as the reference block shows it (what a retrieval hit carries)."""
+
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """How a grounded adapter reads its references: the rendering and how many pairs."""
+
+    format: str
+    k: int
+
+
+def grounding_record(k=DEFAULT_K):
+    """What train() adds to the adapter's finetune_config.json for a RAFT-trained adapter."""
+    return {"grounding": GROUNDING_FORMAT, "k": k}
+
+
+def read_grounding(adapter_dir):
+    """The grounding an adapter was trained with, or None for one trained on bare questions
+    (every adapter trained before RAFT): serve those the old way."""
+    record = read_saved_record(adapter_dir)
+    if not record.get("grounding"):
+        return None
+    return Grounding(format=record["grounding"], k=int(record.get("k") or DEFAULT_K))
+
+
+def paraphrases(question, rng, count):
+    """Up to `count` rewrites of `question` that differ from it and from each other.
+
+    Cheap and rule-based (no model): the speaker dropped, everyday synonyms swapped, an opening
+    or ending changed, a leading clause left out. Enough that the question is no longer a
+    substring of the references, which is what serving's grounded mode sees.
+    """
+    base = customer_text(question)
+    found, tries = [], 0
+    while len(found) < count and tries < 20 * max(count, 1):
+        tries += 1
+        text = _rewrite(base, rng)
+        if text and text not in (question, base) and text not in found:
+            found.append(text)
+    return found
+
+
+def _rewrite(text, rng):
+    swaps = [pair if rng.random() < 0.5 else pair[::-1] for pair in SYNONYMS]
+    rng.shuffle(swaps)
+    changed = 0
+    for old, new in swaps:
+        # one character alone is too often part of another word (要 in 想要): only whole words are swapped in
+        if len(old) > 1 and old in text and changed < 3 and not (new in text and old in new):
+            text = text.replace(old, new, 1)
+            changed += 1
+    clauses = [c for c in re.split(r"[，,]", text) if c.strip()]
+    if len(clauses) > 1 and rng.random() < 0.4:
+        text = "，".join(clauses[1:])  # the question part usually comes last
+    body = text.rstrip("？?！!。. ")
+    body = re.sub(r"^(请问|你好|您好)[，,]?", "", body)
+    if rng.random() < 0.6:
+        body = rng.choice(OPENINGS) + body
+    return body + (rng.choice(("？", "")) if body.endswith(("吗", "呢", "么")) else rng.choice(ENDINGS))
+
+
+def training_questions(entry, rng, variants=DEFAULT_VARIANTS):
+    """The pair's question, its alternates, and `variants` paraphrase-like rewrites of them."""
+    own = [entry.question, *[a for a in entry.alternates if a and a.strip()]]
+    questions = list(dict.fromkeys(q.strip() for q in own))
+    rewrites = []
+    for index in range(variants):
+        source = questions[index % len(questions)]
+        rewrites += [p for p in paraphrases(source, rng, 1) if p not in questions and p not in rewrites]
+    return questions + rewrites
+
+
+def raft_records(entries, index, *, k=DEFAULT_K, no_gold_share=DEFAULT_NO_GOLD_SHARE, variants=DEFAULT_VARIANTS, seed=42):
+    """RAFT training records for the training `entries` (llm.retrieval.Entry), retrieved from
+    `index` (built over those entries only). Deterministic for the same entries, index and seed.
+
+    Exactly round(no_gold_share * n) of the n examples leave the gold pair out (a seeded choice)
+    and answer TRAINED_FALLBACK; the others hold it at a seeded random position among the k.
+    A retrieved pair with the gold's very answer counts as the gold (it is not a distractor).
+    """
+    if not 0.0 <= no_gold_share <= 1.0:
+        raise ValueError(f"no_gold_share must be between 0 and 1, not {no_gold_share!r}")
+    rng = random.Random(seed)
+    asked = [(entry, question) for entry in entries for question in training_questions(entry, rng, variants)]
+    no_gold = set(rng.sample(range(len(asked)), round(no_gold_share * len(asked))))
+    records = []
+    for number, (entry, question) in enumerate(asked):
+        hits = index.search(question, k=k + 1)
+        gold_answer = entry.answer.strip()
+        others = [Reference(h.question, h.answer) for h in hits if h.pair_id != entry.pair_id and h.answer.strip() != gold_answer]
+        if number in no_gold:
+            references, output = others[:k], TRAINED_FALLBACK
+        else:
+            references = others[: k - 1]
+            references.insert(rng.randrange(len(references) + 1), Reference(entry.question, entry.answer))
+            output = entry.answer
+        if references:
+            records.append({"instruction": grounded_question(question, references), "input": "", "output": output})
+    return records
+
+
+def grounded_dev_records(dev_records, index, *, k=DEFAULT_K):
+    """Dev records as a grounded adapter is asked them: the question with what the training-only
+    index returns for it (the dev pair itself is never in it), for the dev loss."""
+    grounded = []
+    for record in dev_records:
+        question = customer_text(question_text(record["instruction"], record.get("input", "")))
+        hits = index.search(question, k=k)
+        references = [Reference(h.question, h.answer) for h in hits]
+        grounded.append({"instruction": grounded_question(question, references), "input": "", "output": record["output"]})
+    return grounded
+

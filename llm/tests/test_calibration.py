@@ -1,0 +1,102 @@
+"""Thresholds calibrated on dev and out-of-scope scores, and questions answered as serving would, per mode."""
+
+import pytest
+
+from llm.calibration import calibrate
+from llm.evaluation import answer_as_served, evaluate_served, invented_numbers
+from llm.grounding import CURATED, FALLBACK, GROUNDED, TRAINED_FALLBACK, Thresholds
+from llm.retrieval import Hit
+
+RETURNS = "您好！星河商城支持7天无理由退货，运费10元由您承担。"
+SHIPPING = "您好！订单满99元包邮，一般48小时内发货。"
+
+
+def _hits(*scored):
+    return tuple(Hit(pair_id=n, rank=n, score=score, fused=0.0, question=f"问题{n}", answer=answer) for n, (score, answer) in enumerate(scored, 1))
+
+
+def test_the_curated_threshold_is_the_lowest_score_with_no_wrong_top_pair_above_it():
+    dev = [(0.97, True), (0.95, True), (0.91, False), (0.93, True), (0.89, True)]
+    result = calibrate(dev, [0.5, 0.6])
+    assert result.thresholds.curated == 0.93  # 0.91 was wrong: everything from 0.93 up is right
+    assert result.report["curated_precision"] == 1.0 and result.report["dev_curated_share"] == 3 / 5
+
+
+def test_with_the_best_scoring_dev_question_wrong_nothing_is_curated_by_score():
+    assert calibrate([(0.99, False), (0.9, True)], []).thresholds.curated == 1.0
+
+
+def test_the_fallback_threshold_keeps_ninety_percent_of_out_of_scope_below_it_and_loses_the_fewest_dev():
+    oos = [0.50 + n / 100 for n in range(9)] + [0.70]  # 9 low, one close to the dev questions
+    dev = [(0.95, True), (0.80, True), (0.62, True)]
+    result = calibrate(dev, oos)
+    # 9 of 10 must be below: just above the 9th lowest (0.58), midway to the next score (the dev 0.62)
+    assert result.thresholds.fallback == pytest.approx(0.60)
+    assert result.report["out_of_scope_fallback_share"] == 0.9 and result.report["dev_fallback_share"] == 0
+
+
+def test_the_fallback_threshold_never_exceeds_the_curated_one_and_is_zero_without_out_of_scope_questions():
+    capped = calibrate([(0.6, True)], [0.7, 0.8, 0.9])
+    assert capped.thresholds.fallback == capped.thresholds.curated == 0.6 and capped.report["fallback_capped_at_curated"]
+    assert calibrate([(0.9, True)], []).thresholds.fallback == 0.0
+
+
+THRESHOLDS = Thresholds(curated=0.9, fallback=0.6)
+
+
+def _never(prompt):
+    raise AssertionError("no model call expected")
+
+
+def test_a_confident_match_is_the_curated_answer_and_a_poor_one_the_fallback_without_the_model():
+    curated = answer_as_served("能退货吗", _hits((0.95, RETURNS), (0.7, SHIPPING)), THRESHOLDS, can_ground=True, generate=_never)
+    assert (curated.mode, curated.text) == (CURATED, RETURNS)
+    fallback = answer_as_served("卖汽车吗", _hits((0.4, RETURNS)), THRESHOLDS, can_ground=True, generate=_never)
+    assert fallback.mode == FALLBACK
+    # between the thresholds, an adapter that never read references gets the closest curated answer
+    old = answer_as_served("退货运费", _hits((0.8, RETURNS)), THRESHOLDS, can_ground=False, generate=_never)
+    assert (old.mode, old.text) == (CURATED, RETURNS)
+
+
+def test_a_grounded_answer_is_generated_from_the_references_and_the_trained_no_answer_is_the_fallback():
+    prompts = []
+    hits = _hits((0.8, RETURNS), (0.7, SHIPPING))
+    grounded = answer_as_served("退货运费谁出", hits, THRESHOLDS, can_ground=True, generate=lambda p: prompts.append(p) or "运费10元由您承担。")
+    assert (grounded.mode, grounded.text) == (GROUNDED, "运费10元由您承担。")
+    assert prompts[0].startswith("<references>") and RETURNS in prompts[0] and prompts[0].endswith("Question: 退货运费谁出")
+    unsure = answer_as_served("退货运费谁出", hits, THRESHOLDS, can_ground=True, generate=lambda p: TRAINED_FALLBACK)
+    assert unsure.mode == FALLBACK and not unsure.guarded
+
+
+def test_a_generated_answer_with_an_unsupported_number_is_replaced():
+    assert THRESHOLDS.correction == pytest.approx(0.75)
+    unsure = _hits((0.7, RETURNS), (0.65, SHIPPING))
+    stopped = answer_as_served("退货运费谁出", unsure, THRESHOLDS, can_ground=True, generate=lambda p: "运费30元由您承担。")
+    assert stopped.mode == FALLBACK and stopped.guarded  # 0.7: below the correction bar
+    confident = _hits((0.8, RETURNS))
+    corrected = answer_as_served("退货运费谁出", confident, THRESHOLDS, can_ground=True, generate=lambda p: "运费30元由您承担。")
+    assert (corrected.mode, corrected.text, corrected.guarded) == (CURATED, RETURNS, True)
+
+
+def test_invented_numbers_are_numbers_no_source_states_list_markers_aside():
+    assert invented_numbers("满199元包邮，1. 下单", [SHIPPING]) == ["199"]
+    assert invented_numbers("满99元包邮，48小时内发货", [SHIPPING]) == []
+
+
+def test_the_served_report_gives_each_modes_share_recall_and_invented_numbers():
+    hits = _hits((0.8, RETURNS))
+    answers = [
+        answer_as_served("能退吗", _hits((0.95, RETURNS)), THRESHOLDS, can_ground=True, generate=_never),
+        answer_as_served("退货运费", hits, THRESHOLDS, can_ground=True, generate=lambda p: "7天内可退，运费10元。"),
+        answer_as_served("卖车吗", _hits((0.3, SHIPPING)), THRESHOLDS, can_ground=True, generate=_never),
+    ]
+    report = evaluate_served(answers, [RETURNS, RETURNS, SHIPPING])
+    assert [report["modes"][m]["count"] for m in (CURATED, GROUNDED, FALLBACK)] == [1, 1, 1]
+    assert report["modes"][CURATED]["key_fact_recall"] == 1.0 and report["modes"][FALLBACK]["key_fact_recall"] == 0.0
+    assert report["invented_number_share"] == 0.0 and report["count"] == 3 and "exact_match" in report
+
+    # Out of scope: no reference; a made-up number counts as invented
+    made_up = answer_as_served("卖车吗", _hits((0.7, SHIPPING)), THRESHOLDS, can_ground=True, generate=lambda p: "满99元包邮。")
+    oos = evaluate_served([made_up])
+    assert oos["modes"][GROUNDED]["count"] == 1 and oos["invented_number_share"] == 0.0  # 99 is in the retrieved answer
+    assert oos["modes"][GROUNDED]["key_fact_recall"] is None
