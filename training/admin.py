@@ -11,14 +11,48 @@ from knowledge.admin import QAPairAdmin
 from knowledge.models import QAPair
 from training import lineage, services
 from training.charts import loss_chart_svg
-from llm.evaluation import METRIC_HELP
+from llm.evaluation import INVENTED_HELP, METRIC_HELP
+from llm.grounding import CURATED, FALLBACK, GROUNDED
 from training.forms import TrainingRunForm
 from training.models import AdapterVersion, BaseModel, DatasetSnapshot, RetrainingPolicy, TrainingRun
 
 
+MODE_LABELS = {CURATED: _("curated (verbatim)"), GROUNDED: _("grounded (generated)"), FALLBACK: _("fallback")}
+
+
+def _figure(value, digits=3):
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def mode_rows(results):
+    """Per set (dev, out-of-scope) and mode: share of answers, key-fact recall, invented numbers."""
+    rows = []
+    for label, report in ((_("dev pairs"), results), (_("out-of-scope questions"), results.get("out_of_scope") or {})):
+        for mode, figures in (report.get("modes") or {}).items():
+            rows.append({
+                "set": label,
+                "mode": MODE_LABELS.get(mode, mode),
+                "share": f"{_figure(figures.get('share'), 2)} ({figures.get('count', 0)})",
+                "key_fact_recall": _figure(figures.get("key_fact_recall")),
+                "invented": _figure(figures.get("invented_number_share")),
+            })
+    return rows
+
+
 def evaluation_html(results):
-    rows = [(name, results[name], text) for name, text in METRIC_HELP.items() if name in results]
-    return render_to_string("admin/training/evaluation.html", {"results": results, "rows": rows})
+    helps = {**METRIC_HELP, "invented_number_share": INVENTED_HELP}
+    rows = [(name, results[name], text) for name, text in helps.items() if results.get(name) is not None]
+    context = {"results": results, "rows": rows, "modes": mode_rows(results), "oos": results.get("out_of_scope") or {}}
+    return render_to_string("admin/training/evaluation.html", context)
+
+
+def calibration_html(version):
+    """The version's thresholds with the precision and shares they gave on its run's dev and
+    out-of-scope questions."""
+    report = version.calibration or {}
+    if version.curated_threshold is None:
+        return _("Not calibrated (trained before calibration): the settings or the built-in defaults apply.")
+    return render_to_string("admin/training/calibration.html", {"version": version, "report": report})
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -205,8 +239,10 @@ class AdapterVersionAdmin(ReadOnlyAdmin):
     list_display = ("name", "is_active", "key_metrics", "base_model", "run", "size", "created_at", "activated_at")
     list_filter = ("is_active", "base_model")
     list_select_related = ("base_model", "run")
-    readonly_fields = ("name", "is_active", "run", "base_model", "path", "size", "evaluation", "created_at", "activated_at")
-    exclude = ("metrics",)
+    readonly_fields = (
+        "name", "is_active", "run", "base_model", "path", "size", "thresholds", "evaluation", "created_at", "activated_at",
+    )
+    exclude = ("metrics", "curated_threshold", "fallback_threshold", "calibration")
     actions = ("activate", "rollback")
 
     # What serves the versions (the engine, the inference workers) is chat's, above training:
@@ -240,6 +276,10 @@ class AdapterVersionAdmin(ReadOnlyAdmin):
     @admin.display(description=_("evaluation on the dev pairs"))
     def evaluation(self, obj):
         return evaluation_html(obj.metrics.get("eval", {}))
+
+    @admin.display(description=_("calibrated thresholds"))
+    def thresholds(self, obj):
+        return calibration_html(obj)
 
     @admin.action(description=_("Activate the selected version (serve it to customers)"), permissions=["activate"])
     def activate(self, request, queryset):

@@ -127,6 +127,17 @@ class AdapterVersion(models.Model):
     path = models.CharField(_("path"), max_length=500)
     metrics = models.JSONField(_("metrics"), default=dict)
     size_bytes = models.PositiveBigIntegerField(_("size (bytes)"), default=0)
+    # Calibrated by its run on the dev pairs and the out-of-scope questions (llm.calibration);
+    # None for versions trained before calibration. CSP_CURATED_THRESHOLD / CSP_FALLBACK_THRESHOLD override them.
+    curated_threshold = models.FloatField(
+        _("curated threshold"), null=True, blank=True,
+        help_text=_("A top match scoring at least this gets its curated answer verbatim."),
+    )
+    fallback_threshold = models.FloatField(
+        _("fallback threshold"), null=True, blank=True,
+        help_text=_("A top match scoring below this gets the fallback reply and a handoff offer."),
+    )
+    calibration = models.JSONField(_("calibration"), default=dict, blank=True)
     is_active = models.BooleanField(_("active"), default=False)
     activated_at = models.DateTimeField(_("activated at"), null=True, blank=True)
     created_at = models.DateTimeField(_("created at"), auto_now_add=True)

@@ -4,8 +4,9 @@ The django-q2 schedule "Scheduled retraining" calls `retraining_check()` (throug
 training.tasks.scheduled_retraining). When the policy is on and at least `min_new_pairs` approved
 pairs are not in the last snapshot, it starts a run (trigger "schedule") with the hyper-parameters
 of the last successful run. When that run has trained and been evaluated, `scheduled_activation()`
-evaluates the ACTIVE version on the same dev pairs and activates the new one only when it is not
-worse on any metric (policy "auto"), or leaves it to staff ("manual"). The reason is written on
+evaluates the ACTIVE version on the same dev pairs (and out-of-scope questions, with the same index
+and thresholds) and activates the new one only when it is not worse on any metric, more answers
+with an invented number included (policy "auto"), or leaves it to staff ("manual"). The reason is written on
 the run (`activation_decision`) and on the policy (`last_decision`), where staff see it.
 """
 
@@ -26,6 +27,7 @@ METRIC_NAMES = {
     "rouge_l_word": "ROUGE-L (word)",
     "exact_match": "exact match",
     "bleu4": "BLEU-4",
+    "invented_number_share": "answers with an invented number",
 }
 
 
@@ -74,7 +76,7 @@ def retraining_check():
 
 
 def _numbers(new, old):
-    shown = [name for name in METRIC_NAMES if name in new and name in old]
+    shown = [name for name in METRIC_NAMES if new.get(name) is not None and old.get(name) is not None]
     return "; ".join(f"{METRIC_NAMES[name]} {new[name]:.3f} vs {old[name]:.3f}" for name in shown)
 
 

@@ -49,5 +49,8 @@ class TrainingRunStartSerializer(serializers.Serializer):
 class AdapterVersionSerializer(serializers.ModelSerializer):
     class Meta:
         model = AdapterVersion
-        fields = ["id", "name", "is_active", "run", "base_model", "metrics", "size_bytes", "created_at", "activated_at"]
+        fields = [
+            "id", "name", "is_active", "run", "base_model", "metrics", "size_bytes", "curated_threshold", "fallback_threshold",
+            "calibration", "created_at", "activated_at",
+        ]
         read_only_fields = fields

@@ -250,8 +250,10 @@ def next_version_name():
     return f"v{max(numbers, default=0) + 1}"
 
 
-def adapter_version_create(*, run, adapter_dir, metrics):
+def adapter_version_create(*, run, adapter_dir, metrics, calibration=None):
     """Move a finished adapter into the versions folder and record it; the first one is activated.
+
+    calibration (llm.calibration.Calibration): the thresholds the run calibrated, stored on the version.
 
     The row is inserted first and the folder renamed into place before the commit, so that the
     unique name is held while the folder is touched. A worker killed between the rename and the
@@ -265,7 +267,16 @@ def adapter_version_create(*, run, adapter_dir, metrics):
         name = next_version_name()
         target = root / name
         version = AdapterVersion.objects.create(
-            name=name, run=run, base_model=run.base_model, path=str(target), metrics=metrics, size_bytes=size
+            name=name, run=run, base_model=run.base_model, path=str(target), metrics=metrics, size_bytes=size,
+            **(
+                {
+                    "curated_threshold": calibration.thresholds.curated,
+                    "fallback_threshold": calibration.thresholds.fallback,
+                    "calibration": calibration.report,
+                }
+                if calibration is not None
+                else {}
+            ),
         )
         if target.exists():
             shutil.rmtree(target)
@@ -277,14 +288,24 @@ def adapter_version_create(*, run, adapter_dir, metrics):
     return version
 
 
+# Lower is better for these; higher for the scores.
+LOWER_IS_BETTER = ("dev_loss", "invented_number_share")
+
+
 def compare_metrics(new, old):
-    """Names of the metrics on which `new` is worse than `old` (lower loss, higher others)."""
-    worse = []
-    for name in ("key_fact_recall", "rouge_l_char", "rouge_l_word", "exact_match", "bleu4"):
-        if name in new and name in old and new[name] < old[name]:
-            worse.append(name)
-    if "dev_loss" in new and "dev_loss" in old and new["dev_loss"] > old["dev_loss"]:
-        worse.append("dev_loss")
+    """Names of the metrics on which `new` is worse than `old`: a lower score, a higher dev loss,
+    or more answers stating an invented number (invented_number_share, over the dev and
+    out-of-scope questions answered as served). A metric either side lacks (None: not measured,
+    e.g. versions evaluated before invented numbers were counted) is not compared."""
+
+    def both(name):
+        return new.get(name) is not None and old.get(name) is not None
+
+    worse = [
+        name for name in ("key_fact_recall", "rouge_l_char", "rouge_l_word", "exact_match", "bleu4")
+        if both(name) and new[name] < old[name]
+    ]
+    worse += [name for name in LOWER_IS_BETTER if both(name) and new[name] > old[name]]
     return worse
 
 

@@ -1,8 +1,9 @@
 """Freezing the approved Q&A pairs into a dataset snapshot.
 
-A snapshot is a folder with train.jsonl, dev.jsonl (the seed's format, plus id and category)
-and manifest.json. Its SHA-256 covers the two data files only, so the same approved set always
-gives the same hash and the same folder, whenever it is taken.
+A snapshot is a folder with train.jsonl, dev.jsonl (the seed's format, plus id, category and,
+where a pair has them, its alternate questions) and manifest.json. Its SHA-256 covers the two data
+files only, so the same approved set always gives the same hash and the same folder, whenever it
+is taken.
 """
 
 import hashlib
@@ -31,13 +32,19 @@ def assigned_split(pair):
 
 
 def _record(pair):
-    return {
+    record = {
         "id": pair.pk,
         "instruction": pair.instruction,
         "input": pair.input,
         "output": pair.output,
         "category": pair.category.name if pair.category_id else "",
     }
+    # Alternate questions are trained on (RAFT asks them too); written only where a pair has some,
+    # so that a set without any keeps the hash it had before alternates existed.
+    alternates = [a for a in getattr(pair, "alternates", None) or [] if a and a.strip()]
+    if alternates:
+        record["alternates"] = alternates
+    return record
 
 
 def _jsonl(records):

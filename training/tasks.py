@@ -3,7 +3,9 @@
 `run_training(run_id)` is enqueued by services.training_run_start. It claims the run (so a
 redelivered task never trains twice), sends heartbeats from a side thread while the pure
 fine-tuning module works, reports progress to the run row, evaluates the adapter on the dev
-pairs and records an adapter version. A SIGTERM while it trains ends the run interrupted at a
+pairs and records an adapter version. With CSP_RAFT it trains grounded prompts built over the
+snapshot's training pairs (training.grounding), calibrates the version's mode thresholds and
+evaluates it as the chat would answer, per mode. A SIGTERM while it trains ends the run interrupted at a
 checkpoint (see Termination). `reconcile_training_runs` is scheduled every minute.
 """
 
@@ -21,10 +23,10 @@ from django.db import DatabaseError, connection
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from training import retraining, services
-from llm import evaluation
+from training import grounding, retraining, services
 from llm.finetune.loop import TrainingCancelled, TrainingInterrupted, train_model
-from llm.generation import generate_answer
+from llm.finetune.raft import read_grounding
+from llm.grounding import TRAINED_FALLBACK
 from llm.modeling import load_adapter
 from llm.prompting import read_prompt_format
 from llm import gguf as gguf_export
@@ -159,24 +161,42 @@ def _train(run_id, termination):
         train_records = read_records(run.snapshot, "train")
         dev_records = read_records(run.snapshot, "dev")
         reporter.log(f"training on {len(train_records)} pairs, evaluating on {len(dev_records)}; base {run.base_model.path}")
+        # The training pairs only: a dev pair must never retrieve itself.
+        index = grounding.train_index(run.snapshot, train_records)
+        fit_train, fit_dev, grounded = grounding.fit_records(index, train_records, dev_records, config)
+        if grounded:
+            reporter.log(
+                f"RAFT: {len(fit_train)} examples from {len(train_records)} pairs, each with the {grounded['k']} pairs retrieved for it"
+                f" ({sum(r['output'] == TRAINED_FALLBACK for r in fit_train)} without the right one)"
+            )
         model, tokenizer, metrics = train_model(
             config,
             run.base_model.path,
-            train_records,
-            dev_records,
+            fit_train,
+            fit_dev,
             work,
             on_progress=reporter.on_progress,
             should_stop=reporter.should_stop,
             should_interrupt=lambda: termination.received,
+            grounding=grounded,
         )
         if metrics.get("resumed_from_step"):
             reporter.log(f"resumed from the checkpoint at step {metrics['resumed_from_step']}")
         reporter.log(f"trained {metrics['steps']} steps in {metrics['seconds']:.0f} s ({metrics['tokens_per_s']:.0f} tokens/s)")
-        results = evaluate_adapter(run, model, tokenizer, config, dev_records, reporter)
+        calibrated = grounding.calibrate(index, dev_records)
+        thresholds = calibrated.thresholds
+        reporter.log(
+            f"thresholds calibrated: curated {thresholds.curated:.3f} "
+            f"(precision {_share(calibrated.report['curated_precision'])}), fallback {thresholds.fallback:.3f} "
+            f"(out-of-scope below it {_share(calibrated.report['out_of_scope_fallback_share'])})"
+        )
+        results = evaluate_adapter(run, model, tokenizer, config, dev_records, reporter, index, thresholds, grounded)
         del model
         metrics["eval"] = results
         export_gguf(run, work / "adapter", reporter)
-        version = services.adapter_version_create(run=run, adapter_dir=work / "adapter", metrics=metrics)
+        version = services.adapter_version_create(
+            run=run, adapter_dir=work / "adapter", metrics=metrics, calibration=calibrated
+        )
         run.eval_results = results
         run.status = TrainingRun.Status.SUCCEEDED
         run.finished_at = timezone.now()
@@ -185,7 +205,7 @@ def _train(run_id, termination):
         reporter.log(f"adapter version {version.name} saved{' and activated' if version.is_active else ''}")
         if run.trigger == TrainingRun.Trigger.SCHEDULE:
             decision = retraining.scheduled_activation(
-                run, version, results, lambda active: evaluate_version(active, config, dev_records, reporter)
+                run, version, results, lambda active: evaluate_version(active, config, dev_records, reporter, index, thresholds)
             )
             reporter.log(decision)
         outcome = version.name
@@ -240,51 +260,32 @@ def _finish(run, status, message):
     run.save(update_fields=["status", "error", "finished_at", "log"])
 
 
-def evaluate_adapter(run, model, tokenizer, config, dev_records, reporter):
-    """Greedy answers on the dev pairs (at most CSP_EVAL_MAX_PAIRS) scored against the references."""
-    results = evaluate_answers(model, tokenizer, config, dev_records, reporter)
+def evaluate_adapter(run, model, tokenizer, config, dev_records, reporter, index, thresholds, grounded):
+    """The dev pairs (at most CSP_EVAL_MAX_PAIRS) and the out-of-scope questions answered as the chat
+    would (training.grounding.evaluate_served), scored against the references, per mode."""
+    results = grounding.evaluate_served(model, tokenizer, config, index, thresholds, dev_records, grounding=grounded, log=reporter.log)
     if results and run.dev_loss_history:
         results["dev_loss"] = run.dev_loss_history[-1][1]
     return results
 
 
-def evaluate_answers(model, tokenizer, config, dev_records, reporter, prompt_format=None):
-    """prompt_format: the one the adapter was trained on (None: the one train() picks for this
-    tokenizer, right for the model it has just trained)."""
-    records = dev_records[: settings.CSP_EVAL_MAX_PAIRS]
-    if not records:
-        return {}
-    predictions = []
-    for index, record in enumerate(records, start=1):
-        predictions.append(
-            generate_answer(
-                model,
-                tokenizer,
-                record["instruction"],
-                record.get("input", ""),
-                max_new_tokens=settings.CSP_EVAL_MAX_NEW_TOKENS,
-                system=config.system_prompt,
-                prompt_format=prompt_format,
-            )
-        )
-        if index % 5 == 0:
-            reporter.log(f"evaluated {index}/{len(records)} dev pairs")
-    results = evaluation.evaluate(predictions, [r["output"] for r in records])
-    results["samples"] = [
-        {"question": r["instruction"], "reference": r["output"], "prediction": p} for r, p in list(zip(records, predictions))[:5]
-    ]
-    return results
-
-
-def evaluate_version(version, config, dev_records, reporter):
-    """Another version's metrics on these dev pairs (the scheduled-retraining comparison)."""
+def evaluate_version(version, config, dev_records, reporter, index, thresholds):
+    """Another version's metrics on these dev pairs, with this run's index and thresholds (the
+    scheduled-retraining comparison: only the adapters differ)."""
     reporter.log(f"evaluating the active version {version.name} on the same dev pairs")
     model, tokenizer = load_adapter(version.base_model.path, version.path, config)
     # Asked in the format it learnt: a version trained before formats were recorded is Gemma's even
-    # where the base checkpoint has a chat template.
-    results = evaluate_answers(model, tokenizer, config, dev_records, reporter, read_prompt_format(version.path))
+    # where the base checkpoint has a chat template; one trained before RAFT is never asked grounded.
+    results = grounding.evaluate_served(
+        model, tokenizer, config, index, thresholds, dev_records,
+        grounding=read_grounding(version.path), prompt_format=read_prompt_format(version.path), log=reporter.log,
+    )
     del model
     return results
+
+
+def _share(value):
+    return "—" if value is None else f"{value:.0%}"
 
 
 def scheduled_retraining():

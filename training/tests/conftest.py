@@ -46,6 +46,14 @@ class Cluster:
         return alive
 
 
+@pytest.fixture(autouse=True)
+def _pairs_as_they_are(settings):
+    """The training tests count steps, checkpoints and memorised answers of runs on the pairs as
+    they are; RAFT (CSP_RAFT, on by default) turns each pair into several longer examples. The
+    tests of RAFT runs turn it back on."""
+    settings.CSP_RAFT = False
+
+
 @pytest.fixture
 def qcluster(settings, training_env, tiny_model):
     """Start a q2 cluster on this test's database and data folder: `qcluster(CSP_...="...")`.
@@ -68,6 +76,7 @@ def qcluster(settings, training_env, tiny_model):
             "CSP_EVAL_MAX_PAIRS": "0",  # these tests are about the run's life, not its answers
             "OMP_NUM_THREADS": "1",  # the tests share the cores; spinning threads only slow them
             "CSP_TRAINING_DEVICE": "cpu",
+            "CSP_RAFT": "false",  # steps counted on the pairs as they are (see _pairs_as_they_are)
             **env,
         }
         log = training_env / f"qcluster-{len(clusters)}.log"

@@ -84,6 +84,10 @@ def _versions(tmp_path):
         ({"key_fact_recall": 0.8, "rouge_l_char": 0.5}, {"key_fact_recall": 0.7, "rouge_l_char": 0.6}, "auto", False, "worse on ROUGE-L (char)"),
         ({"key_fact_recall": 0.8, "rouge_l_char": 0.6}, {"key_fact_recall": 0.7, "rouge_l_char": 0.6}, "manual", False, "left to staff"),
         ({}, {"key_fact_recall": 0.7}, "auto", False, "no dev pairs"),
+        (
+            {"key_fact_recall": 0.8, "invented_number_share": 0.1}, {"key_fact_recall": 0.7, "invented_number_share": 0.0},
+            "auto", False, "worse on answers with an invented number",
+        ),
     ],
 )
 def test_the_activation_decision_compares_with_the_active_version(tmp_path, new, old, activation, activated, words):

@@ -118,6 +118,7 @@ def test_worker_killed_mid_run_fails_the_run_keeps_the_previous_adapter_and_resu
         "CSP_HEARTBEAT_SECONDS": "1",
         "CSP_CHECKPOINT_EVERY": "5",
         "CSP_TRAINING_DEVICE": "cpu",
+        "CSP_RAFT": "false",  # 360 steps on the pairs as they are
     }
     worker_log = tmp_path / "qcluster.log"
     worker = subprocess.Popen(
@@ -154,3 +155,41 @@ def test_worker_killed_mid_run_fails_the_run_keeps_the_previous_adapter_and_resu
     assert killed_at - 5 <= resumed_from <= killed_at
     assert run.status == TrainingRun.Status.SUCCEEDED and run.step == run.total_steps == 360
     assert [p[0] for p in run.loss_history] == list(range(1, 361))
+
+
+@pytest.mark.train
+@pytest.mark.django_db
+def test_a_raft_run_trains_grounded_prompts_calibrates_its_thresholds_and_reports_each_mode(
+    q2_sync, django_capture_on_commit_callbacks, settings, tiny_model
+):
+    settings.CSP_RAFT = True
+    settings.CSP_EVAL_MAX_PAIRS = 6
+    settings.CSP_EVAL_MAX_NEW_TOKENS = 12
+    train_pairs, dev_pairs = _sample_pairs()
+    with django_capture_on_commit_callbacks(execute=True):
+        run = services.training_run_start(hyperparameters={**MEMORISE, "epochs": 2, "max_length": 1024})
+    run.refresh_from_db()
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    assert "RAFT: " in run.log and "thresholds calibrated: curated" in run.log
+
+    version = AdapterVersion.objects.get()
+    # 12 pairs, each asked its question and two rewrites: 36 examples, 4 a step, 2 epochs
+    assert run.total_steps == 18
+    record = json.loads((Path(version.path) / "finetune_config.json").read_text())
+    assert record["grounding"] == "references-v1" and record["k"] == settings.CSP_GROUNDING_K
+    from llm.finetune.raft import read_grounding
+
+    assert read_grounding(version.path).k == settings.CSP_GROUNDING_K
+
+    # thresholds from the dev pairs (against the 12 training pairs only) and the out-of-scope set
+    assert 0.0 <= version.fallback_threshold <= version.curated_threshold <= 1.0
+    calibration = version.calibration
+    assert calibration["dev_count"] == len(dev_pairs) and calibration["out_of_scope_count"] >= 30
+    assert calibration["out_of_scope_fallback_share"] >= 0.9 or calibration["fallback_capped_at_curated"]
+
+    results = run.eval_results
+    assert results["thresholds"] == {"curated": version.curated_threshold, "fallback": version.fallback_threshold}
+    assert set(results["modes"]) == {"curated", "grounded", "fallback"}
+    assert sum(m["count"] for m in results["modes"].values()) == results["count"] == len(dev_pairs)
+    assert results["out_of_scope"]["count"] == 6 and "invented_number_share" in results
+    assert {"exact_match", "rouge_l_char", "key_fact_recall", "dev_loss"} <= set(results)

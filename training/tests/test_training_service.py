@@ -138,6 +138,21 @@ def test_worse_version_warns_and_strict_gate_refuses(finished_run, settings):
     assert AdapterVersion.objects.get(is_active=True) == worse
 
 
+def test_the_strict_gate_refuses_a_version_with_more_answers_stating_an_invented_number(finished_run, settings):
+    careful = _version("v1", finished_run, key_fact_recall=0.9, invented_number_share=0.0)
+    inventive = _version("v2", finished_run, key_fact_recall=0.95, invented_number_share=0.05)
+    services.adapter_version_activate(version=careful)
+    settings.CSP_EVAL_GATE = "strict"
+    with pytest.raises(services.ActivationRefused, match="invented_number_share"):
+        services.adapter_version_activate(version=inventive)
+    # a version evaluated before invented numbers were counted is compared on the rest only
+    older = _version("v3", finished_run, key_fact_recall=0.9)
+    assert services.adapter_version_activate(version=older) == []
+    settings.CSP_EVAL_GATE = "warn"
+    services.adapter_version_activate(version=careful, force=True)
+    assert services.adapter_version_activate(version=inventive) == ["invented_number_share"]
+
+
 def test_the_reconciler_is_scheduled_every_minute():
     from django.utils.module_loading import import_string
     from django_q.models import Schedule

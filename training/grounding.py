@@ -1,0 +1,117 @@
+"""A training run's grounded side: its index, RAFT records, calibrated thresholds and per-mode evaluation.
+
+Everything here sees the snapshot's TRAIN pairs only: the index is built from train.jsonl, so a
+dev pair never retrieves itself (an unseen paraphrase at serving finds only its siblings), the
+RAFT records come from the training pairs alone, and the dev pairs and the out-of-scope questions
+(CSP_OUT_OF_SCOPE_DATA) are only asked, for the thresholds and the evaluation. The pure work is
+llm's (llm.finetune.raft, llm.calibration, llm.evaluation); this module feeds it the run's data.
+"""
+
+import json
+
+from django.conf import settings
+
+from knowledge.retrieval import DatabaseEmbeddingCache
+from llm import calibration, evaluation
+from llm.finetune import raft
+from llm.generation import generate_answer
+from llm.prompting import question_text
+from llm.retrieval import Entry, Index, customer_text, default_embedder
+
+
+def record_entry(record):
+    """A snapshot record (train.jsonl) as the index sees it."""
+    return Entry(
+        pair_id=record["id"],
+        question=question_text(record["instruction"], record.get("input", "")),
+        answer=record["output"],
+        alternates=tuple(record.get("alternates") or ()),
+    )
+
+
+def train_index(snapshot, train_records):
+    """The index over the snapshot's training pairs only (embeddings shared through the database)."""
+    embedder = default_embedder()
+    return Index(
+        [record_entry(r) for r in train_records], embedder=embedder, cache=DatabaseEmbeddingCache(embedder.name),
+        stamp=f"snapshot:{snapshot.sha256[:16]}:train",
+    )
+
+
+def fit_records(index, train_records, dev_records, config):
+    """(train records, dev records, grounding) that train_model fits: RAFT-style with CSP_RAFT
+    (grounding is what the adapter records), else the pairs as they are (grounding None)."""
+    if not settings.CSP_RAFT:
+        return train_records, dev_records, None
+    k = settings.CSP_GROUNDING_K
+    records = raft.raft_records(
+        [record_entry(r) for r in train_records], index, k=k, no_gold_share=settings.CSP_RAFT_NO_GOLD_SHARE,
+        variants=settings.CSP_RAFT_VARIANTS, seed=config.seed,
+    )
+    return records, raft.grounded_dev_records(dev_records, index, k=k), raft.grounding_record(k)
+
+
+def out_of_scope_questions():
+    """The questions of CSP_OUT_OF_SCOPE_DATA ([{"question": ...}] or plain strings); none when it is missing."""
+    path = settings.CSP_OUT_OF_SCOPE_DATA
+    if not path.is_file():
+        return []
+    items = json.loads(path.read_text(encoding="utf-8"))
+    return [item if isinstance(item, str) else item.get("question") or item.get("instruction", "") for item in items]
+
+
+def dev_questions(dev_records):
+    """[(question as a customer types it, reference answer)] of the dev records."""
+    return [(customer_text(question_text(r["instruction"], r.get("input", ""))), r["output"]) for r in dev_records]
+
+
+def calibrate(index, dev_records):
+    """The run's thresholds (llm.calibration) from the dev pairs and the out-of-scope questions."""
+    return calibration.calibrate_on(index, dev_questions(dev_records), out_of_scope_questions())
+
+
+def evaluate_served(model, tokenizer, config, index, thresholds, dev_records, *, grounding, prompt_format=None, log=None):
+    """The dev pairs and the out-of-scope questions (each at most CSP_EVAL_MAX_PAIRS) answered as
+    the chat would with these thresholds, reported per mode (llm.evaluation.evaluate_served).
+
+    grounding: the adapter's (raft.read_grounding / grounding_record), None for one trained on
+    bare questions, which serving never asks for a grounded answer. Returns {} with no dev pairs.
+    """
+    limit = settings.CSP_EVAL_MAX_PAIRS
+    dev = dev_questions(dev_records)[:limit]
+    if not dev:
+        return {}
+    oos = out_of_scope_questions()[:limit]
+    k = grounding["k"] if isinstance(grounding, dict) else getattr(grounding, "k", settings.CSP_GROUNDING_K)
+
+    def generate(prompt):
+        return generate_answer(
+            model, tokenizer, prompt, "", max_new_tokens=settings.CSP_EVAL_MAX_NEW_TOKENS, system=config.system_prompt,
+            prompt_format=prompt_format,
+        )
+
+    def answer(questions, label):
+        answers = []
+        for number, question in enumerate(questions, start=1):
+            hits = index.search(question, k=k)
+            answers.append(evaluation.answer_as_served(question, hits, thresholds, can_ground=grounding is not None, generate=generate, k=k))
+            if log and number % 10 == 0:
+                log(f"answered {number}/{len(questions)} {label} questions as served")
+        return answers
+
+    dev_answers = answer([q for q, _ in dev], "dev")
+    results = evaluation.evaluate_served(dev_answers, [a for _, a in dev])
+    results["samples"] = [
+        {"question": a.question, "reference": ref, "prediction": a.text, "mode": a.mode} for a, (_, ref) in list(zip(dev_answers, dev))[:5]
+    ]
+    if oos:
+        oos_answers = answer(oos, "out-of-scope")
+        results["out_of_scope"] = evaluation.evaluate_served(oos_answers)
+        results["out_of_scope"]["samples"] = [{"question": a.question, "prediction": a.text, "mode": a.mode} for a in oos_answers[:5]]
+    # The gate's number: answers stating an invented number, over dev and out-of-scope together.
+    results["dev_invented_number_share"] = results["invented_number_share"]
+    results["dev_invented_answers"] = results["invented_answers"]
+    results["invented_answers"] += results.get("out_of_scope", {}).get("invented_answers", 0)
+    results["invented_number_share"] = results["invented_answers"] / (len(dev) + len(oos))
+    results["thresholds"] = {"curated": thresholds.curated, "fallback": thresholds.fallback}
+    return results

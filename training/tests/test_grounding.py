@@ -1,0 +1,106 @@
+"""A run's grounded side as staff see it: the snapshot carries the alternates RAFT asks, the
+version page shows its calibrated thresholds with the precision they gave, and the run page the
+answers per mode."""
+
+import json
+from pathlib import Path
+
+import pytest
+from django.urls import reverse
+
+from knowledge.models import QAPair
+from llm.calibration import calibrate
+from llm.evaluation import answer_as_served, evaluate_served
+from llm.grounding import Thresholds
+from llm.retrieval import Hit
+from training import grounding, services
+from training.models import AdapterVersion
+from training.snapshots import read_records
+
+pytestmark = [pytest.mark.django_db, pytest.mark.services]
+
+RETURNS = "您好！支持7天无理由退货。"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(training_env):
+    pass
+
+
+@pytest.fixture
+def run():
+    for n in range(6):
+        QAPair.objects.create(instruction=f"用户问：第{n}号问题？", output=f"您好！答案是{n}天。", status="approved", split="train")
+    QAPair.objects.create(
+        instruction="用户问：能退货吗？", output=RETURNS, status="approved", split="train", alternates=["不想要了能退吗"]
+    )
+    QAPair.objects.create(instruction="用户问：验证问题？", output="您好！答案是9天。", status="approved", split="dev")
+    run = services.training_run_start(enqueue=False)
+    run.status = "succeeded"
+    run.save()
+    return run
+
+
+def test_the_snapshot_keeps_the_alternates_that_raft_asks_and_the_index_entries_carry_them(run):
+    train = read_records(run.snapshot, "train")
+    returns = next(r for r in train if r["output"] == RETURNS)
+    assert returns["alternates"] == ["不想要了能退吗"]
+    assert all("alternates" not in r for r in train if r is not returns)  # no key where a pair has none
+    assert grounding.record_entry(returns).alternates == ("不想要了能退吗",)
+
+
+def test_the_out_of_scope_questions_are_read_from_the_setting(settings, tmp_path):
+    assert len(grounding.out_of_scope_questions()) >= 30
+    path = tmp_path / "oos.json"
+    path.write_text(json.dumps([{"question": "卖车吗？"}, "能用比特币吗？"], ensure_ascii=False))
+    settings.CSP_OUT_OF_SCOPE_DATA = path
+    assert grounding.out_of_scope_questions() == ["卖车吗？", "能用比特币吗？"]
+    settings.CSP_OUT_OF_SCOPE_DATA = Path(tmp_path / "missing.json")
+    assert grounding.out_of_scope_questions() == []
+
+
+def _served_results(thresholds):
+    hits = (Hit(pair_id=1, rank=1, score=0.85, fused=0.0, question="能退货吗？", answer=RETURNS),)
+    dev = [
+        answer_as_served("能退吗", hits, thresholds, can_ground=True, generate=lambda prompt: "支持7天无理由退货。"),
+        answer_as_served("能退吗", hits, thresholds, can_ground=True, generate=lambda prompt: "支持30天无理由退货。"),
+    ]
+    results = evaluate_served(dev, [RETURNS, RETURNS])
+    results["out_of_scope"] = evaluate_served([answer_as_served("卖车吗", (), thresholds, can_ground=True, generate=None)])
+    results["thresholds"] = {"curated": thresholds.curated, "fallback": thresholds.fallback}
+    return results
+
+
+def test_the_version_page_shows_the_calibrated_thresholds_with_their_precision_and_the_run_page_each_mode(run, staff_client):
+    calibrated = calibrate([(0.97, True), (0.92, True), (0.9, False)], [0.3, 0.4, 0.5, 0.6, 0.62, 0.7, 0.71, 0.72, 0.73, 0.95])
+    assert calibrated.thresholds == Thresholds(curated=0.92, fallback=0.815)  # midway from 0.73 to the dev 0.9
+    results = _served_results(calibrated.thresholds)
+    version = services.adapter_version_create(run=run, adapter_dir=_adapter_folder(run), metrics={"eval": results}, calibration=calibrated)
+    run.eval_results = results
+    run.save()
+    assert (version.curated_threshold, version.fallback_threshold) == (0.92, 0.815)
+
+    page = staff_client.get(reverse("admin:training_adapterversion_change", args=[version.pk]), HTTP_ACCEPT_LANGUAGE="en")
+    text = page.content.decode()
+    assert "calibrated thresholds" in text.lower() and "0.920" in text and "0.815" in text
+    assert "Top-1 precision 1.000 on the dev questions at or above it" in text
+    assert "Out-of-scope questions below it: 0.90" in text
+
+    text = staff_client.get(reverse("admin:training_trainingrun_change", args=[run.pk]), HTTP_ACCEPT_LANGUAGE="en").content.decode()
+    assert "Answered as the chat would, per mode" in text and "out-of-scope questions" in text
+    assert "grounded (generated)" in text and "invented_number_share" in text
+    # the second answer said 30 days: the fact guard replaced it (0.85 is below the correction bar 0.8675)
+    assert results["guarded"] == 1 and results["modes"]["grounded"]["count"] == 1 and results["modes"]["fallback"]["count"] == 1
+
+
+def test_a_version_trained_before_calibration_says_so(run, staff_client):
+    version = AdapterVersion.objects.create(name="v1", run=run, base_model=run.base_model, path="/nowhere", metrics={})
+    text = staff_client.get(reverse("admin:training_adapterversion_change", args=[version.pk]), HTTP_ACCEPT_LANGUAGE="en").content.decode()
+    assert "Not calibrated (trained before calibration)" in text
+
+
+def _adapter_folder(run):
+    folder = services.run_dir(run.pk) / "adapter"
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"0")
+    return folder
