@@ -205,6 +205,20 @@ CSP_EVAL_MAX_NEW_TOKENS = envint("CSP_EVAL_MAX_NEW_TOKENS", 160, minimum=8)
 CSP_EVAL_GATE = envstr("CSP_EVAL_GATE", "warn")
 if CSP_EVAL_GATE not in ("warn", "strict"):
     raise ImproperlyConfigured(f"CSP_EVAL_GATE={CSP_EVAL_GATE!r} must be warn or strict.")
+# RAFT (llm.finetune.raft): train on each question with the pairs retrieved for it, so the adapter
+# answers from references; in CSP_RAFT_NO_GOLD_SHARE of the examples the right pair is left out and
+# the target is "no answer in the references". CSP_RAFT_VARIANTS paraphrase-like rewrites per pair.
+CSP_RAFT = envbool("CSP_RAFT", "true")
+try:
+    CSP_RAFT_NO_GOLD_SHARE = float(envstr("CSP_RAFT_NO_GOLD_SHARE", "0.25"))
+except ValueError:
+    raise ImproperlyConfigured(f"CSP_RAFT_NO_GOLD_SHARE={os.environ['CSP_RAFT_NO_GOLD_SHARE']!r} is not a number.") from None
+if not 0.0 <= CSP_RAFT_NO_GOLD_SHARE < 1.0:
+    raise ImproperlyConfigured(f"CSP_RAFT_NO_GOLD_SHARE={CSP_RAFT_NO_GOLD_SHARE} must be at least 0 and below 1.")
+CSP_RAFT_VARIANTS = envint("CSP_RAFT_VARIANTS", 2, minimum=0)
+# Questions the sample knowledge base does not cover: each run calibrates its fallback threshold
+# on them and reports how it answers them (never trained on).
+CSP_OUT_OF_SCOPE_DATA = BASE_DIR / "data" / "out_of_scope.json"
 
 # --- Chat serving (every client-supplied value is capped by these) ---
 # auto: llama.cpp on a CPU-only host when the base model has a GGUF (and llama-cpp-python is
