@@ -36,6 +36,15 @@ def _english_outside_requests():
 
 
 @pytest.fixture(autouse=True)
+def _grounding_as_marked(request, settings):
+    # Grounded answers (chat.grounding) are the product's default. A test of the answer pipeline's
+    # transports and engines asks the model directly, as before grounding; a test of grounding is
+    # marked `grounded` (and stocks its knowledge base). Live servers: tests/support/livetest.py.
+    settings.CSP_GROUNDING = request.node.get_closest_marker("grounded") is not None
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _fresh_cache():
     # Throttle counters live in the cache; one test's requests must not throttle the next.
     cache.clear()

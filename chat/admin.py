@@ -17,7 +17,7 @@ from chat.handoff_admin import HandoffAdminMixin
 from chat.inference.client import workers as recent_workers
 from chat.models import Conversation, Message, ReviewItem
 from chat.review import review_flag
-from chat.review_admin import ReviewItemAdmin, drafted_from
+from chat.review_admin import ReviewItemAdmin, citations, drafted_from
 from chat.serving import engine_status
 from knowledge.admin import QAPairAdmin
 from training.admin import AdapterVersionAdmin
@@ -92,7 +92,10 @@ class MessageRatingFilter(RatingFilter):
 
 class MessageInline(admin.TabularInline):
     model = Message
-    fields = ("created_at", "role", "text", "sent_by", "adapter_name", "latency_ms", "first_token_ms", "tokens", "finish_reason", "rating", "feedback_comment")
+    fields = (
+        "created_at", "role", "text", "sent_by", "adapter_name", "mode", citations, "latency_ms", "first_token_ms", "tokens",
+        "finish_reason", "rating", "feedback_comment",
+    )
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -193,13 +196,13 @@ class MessageAdmin(admin.ModelAdmin):
     list_display = (
         "short_text", "conversation", "role", "adapter_version", "latency_ms", "first_token_ms", "tokens", "rating", "created_at",
     )
-    list_filter = (MessageVersionFilter, MessageRatingFilter, "role", "finish_reason", "conversation__channel", "created_at")
+    list_filter = (MessageVersionFilter, MessageRatingFilter, "role", "mode", "finish_reason", "conversation__channel", "created_at")
     search_fields = ("text", "feedback_comment")
     list_select_related = ("conversation", "adapter_version")
     date_hierarchy = "created_at"
     readonly_fields = (
         "conversation", "role", "text", "adapter_version", "adapter_name", "latency_ms", "first_token_ms", "tokens",
-        "finish_reason", "rating", "feedback_comment", "flagged", "review_status", "sent_by", "created_at",
+        "finish_reason", "mode", citations, "rating", "feedback_comment", "flagged", "review_status", "sent_by", "created_at",
     )
     actions = ("flag_for_review",)
 

@@ -28,6 +28,7 @@ start-up and every minute on the django-q2 schedule "Close interrupted answers".
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -43,7 +44,7 @@ from django.http import StreamingHttpResponse
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from chat import services
+from chat import grounding, services
 from chat.models import Conversation, Message
 from chat.serving import active_engine
 from llm.engine import Done, EngineBusy, EngineError, InputTooLong, Stats, Token
@@ -123,19 +124,34 @@ def ready_engine():
     return engine
 
 
+def plan_for(*, text="", conversation_id=None, session_key="", user=None, turns=None, **options):
+    """The grounding Plan for a question as answer_start takes it (chat.grounding.plan_answer)."""
+    return grounding.plan_answer(
+        text=text, turns=turns, conversation_id=conversation_id, session_key=session_key, user=user, options=options
+    )
+
+
 async def answer_astart(**question):
-    """`answer_start` from an event loop. The model loads (first answer only) in a thread of its own,
-    not in the one database thread that every websocket consumer of the process shares."""
-    try:
-        engine = await sync_to_async(active_engine)()
-        await engine.aload()
-    except REFUSED as exc:
-        raise refusal(exc) from None
-    return await sync_to_async(answer_start)(engine=engine, **question)
+    """`answer_start` from an event loop. The model loads (first answer only, and only when the
+    question needs it: curated and fallback answers don't) in a thread of its own, not in the one
+    database thread that every websocket consumer of the process shares."""
+    plan = await sync_to_async(plan_for)(**{k: v for k, v in question.items() if k != "channel"})
+    engine = None
+    if plan.needs_engine:
+        try:
+            engine = await sync_to_async(active_engine)()
+            await engine.aload()
+        except REFUSED as exc:
+            raise refusal(exc) from None
+    return await sync_to_async(answer_start)(engine=engine, plan=plan, **question)
 
 
-def answer_start(*, engine, channel, text="", conversation_id=None, session_key="", user=None, turns=None, **options):
+def answer_start(*, engine=None, channel, text="", conversation_id=None, session_key="", user=None, turns=None, plan=None, **options):
     """Queue an answer on the (loaded) engine and store its question and answer rows: an AnswerSession.
+
+    `plan` (chat.grounding.Plan, made here when not given) says how: a curated answer or the
+    fallback reply needs no engine; a grounded one, or any when grounding is off, goes to `engine`
+    (the process's engine, loaded here when None).
 
     The question is either `text`, the next message of the caller's conversation `conversation_id`
     (a new one when empty), its history read back from the database; or `turns`, the whole
@@ -147,23 +163,45 @@ def answer_start(*, engine, channel, text="", conversation_id=None, session_key=
     stored and rolled back the question), and the rows are written in one transaction with the
     submit, so a client that retries after a refusal leaves no duplicate question behind.
     """
+    submitted = monotonic()
     session = AnswerSession()
     try:
-        engine.check_room()
+        if plan is None:
+            plan = plan_for(text=text, conversation_id=conversation_id, session_key=session_key, user=user, turns=turns, **options)
+        session.plan = plan
+        if plan.needs_engine:
+            engine = engine if engine is not None else ready_engine()
+            engine.check_room()
+
+        def submit(history):
+            if not plan.needs_engine:
+                name = plan.version.name if plan.version is not None else None
+                return grounding.CannedRequest(plan.reply(), adapter=name, on_event=session.on_event, submitted=submitted)
+            if plan.decision is None:  # grounding is off
+                return engine.submit(history, on_event=session.on_event, **options)
+            session.shaper = grounding.GuardedStream(plan, on_event=session.on_event)
+            request = engine.submit(plan.prompt_turns(history), on_event=session.shaper, **options)
+            session.shaper.attach(request)
+            return request
+
         with transaction.atomic():
             if turns is None:
                 conversation = services.conversation_for(
                     conversation_id=conversation_id, session_key=session_key, user=user, channel=channel
                 )
                 history, _question = services.message_add_question(conversation=conversation, text=text)
-                session.request = engine.submit(history, on_event=session.on_event, **options)
+                session.request = submit(history)
             else:
                 # Submitted before the first write: a pinned version that is not loaded yet loads
                 # without holding the database's write lock (SQLite takes it at the first write).
-                session.request = engine.submit(turns, on_event=session.on_event, **options)
+                session.request = submit(turns)
                 conversation = services.conversation_record(turns=turns, user=user, channel=channel)
             session.conversation = conversation
-            session.answer = services.message_start_answer(conversation=conversation, adapter_name=session.request.adapter)
+            session.answer = services.message_start_answer(
+                conversation=conversation, adapter_name=session.request.adapter, mode=plan.mode, sources=plan.sources
+            )
+        if isinstance(session.request, grounding.CannedRequest):
+            session.request.start()
     except BaseException as exc:
         if session.request is not None:
             session.request.cancel()
@@ -189,10 +227,21 @@ class Text:
 
 
 @dataclass(frozen=True)
+class Replaced:
+    """The fact guard stopped a generated answer: what was shown of it is to be replaced by `text`
+    (the best curated answer, or the fallback reply)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Finished:
     answer: Message  # stored
     text: str  # as generated (the stored text drops NUL characters)
-    stats: Stats  # finish_reason: stop, length, timeout, error, filtered, or cancelled
+    stats: Stats  # finish_reason: stop, length, timeout, error, filtered, cancelled, corrected or fallback
+    mode: str = ""  # curated, grounded or fallback ("" with grounding off)
+    sources: list = dataclasses.field(default_factory=list)  # [{"pair", "rank", "score"}], retrieved
+    used: list = dataclasses.field(default_factory=list)  # ids of the pairs the answer drew on
 
 
 @dataclass(frozen=True)
@@ -203,6 +252,9 @@ class Failed:
     answer: Message
     text: str
     stats: Stats  # as far as it got: no finish reason
+    mode: str = ""
+    sources: list = dataclasses.field(default_factory=list)
+    used: list = dataclasses.field(default_factory=list)
     code: str = "unavailable"
 
 
@@ -212,6 +264,8 @@ class AnswerSession:
 
     def __init__(self):
         self.conversation = self.answer = self.request = None  # set by answer_start
+        self.plan = None  # chat.grounding.Plan, set by answer_start
+        self.shaper = None  # chat.grounding.GuardedStream of a grounded answer
         # The engine's Token/Done events, handed over from its decode thread by on_event.
         self._pending = collections.deque()
         self._lock = threading.Lock()
@@ -260,9 +314,13 @@ class AnswerSession:
                         event = await self._next()
                 except TimeoutError:
                     break
-                if isinstance(event, Token):
-                    self._streamed.append(event.text)
-                    yield Text(event.text)
+                if isinstance(event, (Token, grounding.Replace)):
+                    if isinstance(event, Token):
+                        self._streamed.append(event.text)
+                        yield Text(event.text)
+                    else:
+                        self._streamed[:] = [event.text]
+                        yield Replaced(event.text)
                     # After the yield: what is saved was handed to the transport. Awaited, not left to
                     # run beside the stream, so it never lands after the final write; the pieces that
                     # arrive meanwhile wait in _pending.
@@ -298,7 +356,7 @@ class AnswerSession:
                 if isinstance(event, (Finished, Failed)):
                     self._write()
                 yield event
-                if isinstance(event, Text) and self._save_due():
+                if isinstance(event, (Text, Replaced)) and self._save_due():
                     self._save_progress()
         finally:
             loop.run_until_complete(events.aclose())  # a reader that left: the decode is stopped, waited for
@@ -350,18 +408,38 @@ class AnswerSession:
             text="".join(self._streamed).replace("\x00", ""), tokens=len(self._streamed), saved_at=timezone.now()
         )
 
+    @property
+    def text(self):
+        """The answer as the customer sees it: the engine's text unless the fact guard shaped it."""
+        return self.shaper.text if self.shaper is not None else self.request.text
+
+    @property
+    def mode(self):
+        if self.shaper is not None:
+            return self.shaper.mode
+        return self.plan.mode if self.plan is not None else ""
+
+    def _grounding(self):
+        """mode, sources, used: what Finished/Failed carry and the answer row stores."""
+        if self.plan is None or self.plan.decision is None:
+            return {"mode": "", "sources": [], "used": []}
+        used = self.plan.used(self.text)
+        if self.shaper is not None and self.shaper.outcome is not None:
+            used = [self.plan.decision.best.pair_id] if self.mode == "curated" else []
+        return {"mode": self.mode, "sources": self.plan.sources, "used": used}
+
     def _write(self):
         if self._stored:
             return
         stats = self._end.stats if self._end is not None else self.request.stats
-        services.message_finish_answer(answer=self.answer, text=self.request.text, stats=stats)
+        services.message_finish_answer(answer=self.answer, text=self.text, stats=stats, **self._grounding())
         self._stored = True
 
     def _last_event(self):
         if self._end is None:
             logger.error("chat request %s never finished; the engine is not decoding", self.request.id)
-            return Failed(answer=self.answer, text=self.request.text, stats=self.request.stats)
-        return Finished(answer=self.answer, text=self.request.text, stats=self._end.stats)
+            return Failed(answer=self.answer, text=self.text, stats=self.request.stats, **self._grounding())
+        return Finished(answer=self.answer, text=self.text, stats=self._end.stats, **self._grounding())
 
 
 # --- answers left open by a process that died ---

@@ -28,7 +28,7 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from chat import answering, handoff, services
+from chat import answering, grounding, handoff, services
 from chat.models import Conversation, Message
 from chat.serializers import (
     HandoffRoutedSerializer,
@@ -78,7 +78,7 @@ def refusal_response(refused, *, text_field):
     return Response({"detail": refused.detail, "code": refused.code}, status=code)
 
 
-def answer_body(*, conversation_id, answer, text, stats):
+def answer_body(*, conversation_id, answer, text, stats, mode="", sources=(), used=()):
     """The whole answer, as the JSON response and the stream's `done` event give it."""
     return ChatAnswerSerializer(
         {
@@ -90,8 +90,19 @@ def answer_body(*, conversation_id, answer, text, stats):
             "first_token_ms": answer.first_token_ms,
             "tokens": stats.tokens,
             "finish_reason": stats.finish_reason,
+            "mode": mode,
+            "sources": grounding.wire_sources(sources),
+            "used": list(used),
+            "handoff_offered": mode == Message.Mode.FALLBACK,
         }
     ).data
+
+
+def end_body(conversation_id, end):
+    return answer_body(
+        conversation_id=conversation_id, answer=end.answer, text=end.text, stats=end.stats,
+        mode=end.mode, sources=end.sources, used=end.used,
+    )
 
 
 def sse_frames(event, stopped):
@@ -101,9 +112,10 @@ def sse_frames(event, stopped):
         return [answering.sse(data, event="start")]
     if isinstance(event, answering.Text):
         return [answering.sse({"text": event.text}, event="token")]
+    if isinstance(event, answering.Replaced):
+        return [answering.sse({"text": event.text}, event="replace")]
     if isinstance(event, answering.Finished):
-        body = answer_body(conversation_id=event.answer.conversation_id, answer=event.answer, text=event.text, stats=event.stats)
-        return [answering.sse(body, event="done")]
+        return [answering.sse(end_body(event.answer.conversation_id, event), event="done")]
     return [answering.sse({"code": event.code, "detail": stopped}, event="error")]
 
 
@@ -130,6 +142,7 @@ STREAM_DESCRIPTION = """With `?stream=1`: Server-Sent Events, each `event: <name
 
 - `start`: `{"conversation", "message", "adapter"}` (`message`: the answer's id);
 - `token`: `{"text"}`, one per piece of the answer, in order;
+- `replace`: `{"text"}`, the fact guard stopped a generated answer: show this text instead of the tokens so far;
 - `done`: the stored answer, the same object as the JSON response;
 - or, instead of `done`, `error`: `{"code", "detail"}` when the model stopped answering.
 
@@ -199,7 +212,6 @@ class ChatView(APIView):
             )
             if routed is None:
                 session = answering.answer_start(
-                    engine=answering.ready_engine(),
                     channel=Conversation.Channel.API,
                     text=data["text"],
                     conversation_id=data["conversation"],
@@ -222,7 +234,7 @@ class ChatView(APIView):
         end = session.result_sync()
         if isinstance(end, answering.Failed):  # the engine stopped answering; what was said is stored
             return Response({"detail": answering.stopped_detail(), "code": end.code}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
-        return Response(answer_body(conversation_id=session.conversation.pk, answer=end.answer, text=end.text, stats=end.stats))
+        return Response(end_body(session.conversation.pk, end))
 
 
 @extend_schema(tags=["chat"])

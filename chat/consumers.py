@@ -5,7 +5,10 @@ Client → server: {"type": "message", "text", "conversation"}, {"type": "cancel
 {"type": "handoff", "conversation"} (ask for a person), {"type": "join", "conversation"} (follow a
 conversation again after a reconnect: answered with its state) and {"type": "rate",
 "conversation", "rating": 1-5} (satisfaction once it is closed).
-Server → client: start, token…, done; or error / busy. In a handoff: {"type": "handoff",
+Server → client: start, token…, done; or error / busy. A generated answer the fact guard stopped
+gets {"type": "replace", "text"} (show that instead of the tokens so far) before its done; the done
+frame says the answer's mode (curated, grounded, fallback), its retrieved sources and whether a
+person is offered (handoff_offered, with the fallback reply). In a handoff: {"type": "handoff",
 "state"} on every state change, {"type": "agent", "text", "message"} for each staff reply, and
 {"type": "received", "conversation", "message"} for a message stored for the agent (the
 assistant does not answer it). Every malformed frame gets an error frame and the socket stays
@@ -30,8 +33,8 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils.translation import gettext as _
 
-from chat import answering, handoff, services
-from chat.models import Conversation
+from chat import answering, grounding, handoff, services
+from chat.models import Conversation, Message
 from chat.serving import busy_now
 from csplatform.login_throttle import trusted_client
 from csplatform.parsers import JSONNestingError, loads_json
@@ -307,6 +310,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             )
         elif isinstance(event, answering.Text):
             await self.send_json({"type": "token", "text": event.text})
+        elif isinstance(event, answering.Replaced):  # the fact guard replaced what was shown
+            await self.send_json({"type": "replace", "text": event.text})
         elif isinstance(event, answering.Failed):  # the engine stopped answering
             await self.error(event.code, answering.stopped_detail())
             await self.send_json(self._done_frame(event.answer, event.stats.adapter))
@@ -327,6 +332,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
             "tokens": answer.tokens,
             "adapter": adapter,
             "finish_reason": answer.finish_reason,
+            "mode": answer.mode,
+            "sources": grounding.wire_sources(answer.sources),
+            "used": answer.used,
+            "cited": grounding.cited_questions(answer.sources, answer.used),
+            # The fallback reply offers a person: the chat page shows the handoff button with it.
+            "handoff_offered": answer.mode == Message.Mode.FALLBACK,
         }
 
     async def _stop_generation(self):

@@ -2,7 +2,8 @@
 
 /admin/chat/conversation/<id>/handoff/ shows the conversation and lets staff take it over, reply
 (the reply reaches the customer's open socket live), hand it back to the assistant or close it,
-and turn any of their replies into a draft Q&A pair (source: handoff) in one click.
+and turn any of their replies into a draft Q&A pair (source: handoff) in one click. Above the reply
+box it suggests the curated answers retrieved for the customer's last question.
 """
 
 from django.contrib import messages
@@ -19,6 +20,7 @@ from chat.models import Conversation, Message
 from chat.review import review_draft_pair
 from chat.services import ChatError
 from knowledge.models import QAPair
+from knowledge.retrieval import serving_index
 
 
 class HandoffAdminMixin:
@@ -36,6 +38,8 @@ class HandoffAdminMixin:
         return reverse("admin:chat_conversation_handoff", args=[conversation.pk])
 
     def handoff_view(self, request, object_id):
+        """The agent's page: the conversation, the curated answers retrieved for the customer's last
+        question (each inserted into the reply with one click), and the reply form."""
         conversation = self.get_object(request, unquote(object_id))
         if conversation is None:
             return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
@@ -61,6 +65,7 @@ class HandoffAdminMixin:
             "can_act": can_act,
             "can_draft": request.user.has_perm("knowledge.add_qapair"),
             "State": Conversation.State,
+            "suggestions": suggestions(conversation) if can_act else [],
         }
         return TemplateResponse(request, self.handoff_template, context)
 
@@ -99,3 +104,21 @@ class HandoffAdminMixin:
             raise ChatError("invalid", _("No draft pair was made: %(problems)s") % {"problems": problems}) from None
         url = reverse("admin:knowledge_qapair_change", args=[pair.pk])
         self.message_user(request, format_html(_('Draft pair <a href="{}">#{}</a> created from your reply.'), url, pair.pk), messages.SUCCESS)
+
+
+# How many curated answers the handoff page suggests for the customer's last question.
+SUGGESTIONS = 3
+
+
+def suggestions(conversation):
+    """The top approved pairs for the customer's last question, retrieved with their earlier ones
+    (as the assistant retrieves): [(score, QAPair)], best first."""
+    questions = list(
+        conversation.messages.filter(role=Message.Role.USER).order_by("-created_at", "-id").values_list("text", flat=True)[:3]
+    )
+    if not questions:
+        return []
+    hits = serving_index().search(questions[0], k=SUGGESTIONS, context=tuple(reversed(questions[1:])))
+    pairs = QAPair.objects.in_bulk([hit.pair_id for hit in hits])
+    return [(hit.score, pairs[hit.pair_id]) for hit in hits if hit.pair_id in pairs]
+

@@ -82,6 +82,13 @@ class Message(models.Model):
         ERROR = "error", _("The model failed")
         FILTERED = "filtered", _("Stopped by the leak guard")
         INTERRUPTED = "interrupted", _("Interrupted (the server stopped mid-answer)")
+        CORRECTED = "corrected", _("Replaced by the curated answer (the fact guard found an unsupported fact)")
+        FALLBACK = "fallback", _("Replaced by the fallback reply (no answer in the knowledge base)")
+
+    class Mode(models.TextChoices):
+        CURATED = "curated", _("Curated answer, verbatim")
+        GROUNDED = "grounded", _("Generated from the retrieved pairs")
+        FALLBACK = "fallback", _("Fallback reply (offers a person)")
 
     conversation = models.ForeignKey(Conversation, verbose_name=_("conversation"), on_delete=models.CASCADE, related_name="messages")
     role = models.CharField(_("role"), max_length=10, choices=Role.choices)
@@ -98,6 +105,17 @@ class Message(models.Model):
     first_token_ms = models.PositiveIntegerField(_("first token (ms)"), null=True, blank=True)
     tokens = models.PositiveIntegerField(_("tokens"), null=True, blank=True)
     finish_reason = models.CharField(_("finish reason"), max_length=20, choices=FinishReason.choices, blank=True)
+    mode = models.CharField(
+        _("answer mode"), max_length=10, choices=Mode.choices, blank=True,
+        help_text=_("How the answer was made from the knowledge base; empty: before grounding, or grounding is off."),
+    )
+    sources = models.JSONField(
+        _("retrieved pairs"), default=list, blank=True,
+        help_text=_("The approved Q&A pairs retrieved for the question: pair id, rank and similarity score."),
+    )
+    used = models.JSONField(
+        _("pairs used"), default=list, blank=True, help_text=_("Ids of the retrieved pairs the answer drew on (its citations)."),
+    )
     # The heartbeat of an answer being streamed: its text is saved every CSP_ANSWER_SAVE_SECONDS,
     # and one left open without a save for long had its process die (chat.answering).
     saved_at = models.DateTimeField(

@@ -56,7 +56,7 @@ from rest_framework.exceptions import APIException, AuthenticationFailed, Method
 from rest_framework.renderers import JSONRenderer
 from rest_framework.views import APIView
 
-from chat import answering
+from chat import answering, grounding
 from chat.models import Conversation
 from chat.serializers import MAX_CLIENT_TEMPERATURE, sampling_temperature
 from csplatform.parsers import JSONNestingError, loads_json
@@ -72,7 +72,8 @@ CHARS_PER_TOKEN = 4
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # The engine's reasons in OpenAI's words: a time cap cut the answer short, as a length cap does;
 # the leak guard's stop is OpenAI's "content_filter" (the text before it stands).
-FINISH_REASONS = {STOP: "stop", LENGTH: "length", TIMEOUT: "length", FILTERED: "content_filter"}
+# corrected / fallback: the fact guard replaced a generated answer (the text is the replacement).
+FINISH_REASONS = {STOP: "stop", LENGTH: "length", TIMEOUT: "length", FILTERED: "content_filter", "corrected": "stop", "fallback": "stop"}
 # `model` names that mean "the active version, whichever it is" (a client need not know its name).
 ACTIVE_ALIASES = ("default", "csplatform")
 BASE_MODEL_ID = "base"
@@ -375,6 +376,17 @@ def end_reason(event):
     return event.stats.finish_reason or "unavailable"
 
 
+def grounding_field(end):
+    """The extra `csp` field of a completion: how the answer was grounded (OpenAI clients ignore it)."""
+    return {
+        "mode": end.mode,
+        "sources": grounding.wire_sources(end.sources),
+        "used": end.used,
+        "finish_reason": end.stats.finish_reason,
+        "handoff_offered": end.mode == "fallback",
+    }
+
+
 def usage(stats):
     return {
         "prompt_tokens": stats.prompt_tokens,
@@ -395,9 +407,18 @@ def chunk_renderer(completion, include_usage):
             return [chunk({"role": "assistant", "content": ""})]
         if isinstance(event, answering.Text):
             return [chunk({"content": event.text})]
+        if isinstance(event, answering.Replaced):
+            # A stream only appends: the replacement follows what was shown, on a line of its own,
+            # and the final chunk's `csp` says so (the non-streamed answer is the replacement alone).
+            return [chunk({"content": "\n\n" + event.text})]
         reason = end_reason(event)
         # The status line is sent already: an answer that was not generated is said in the stream, as OpenAI does.
-        frames = [chunk({}, FINISH_REASONS[reason]) if reason in FINISH_REASONS else answering.sse(not_generated(reason))]
+        if reason in FINISH_REASONS:
+            last = {**completion, "object": "chat.completion.chunk", "csp": grounding_field(event)}
+            last["choices"] = [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": FINISH_REASONS[reason]}]
+            frames = [answering.sse(last)]
+        else:
+            frames = [answering.sse(not_generated(reason))]
         if include_usage:
             frames.append(answering.sse({**completion, "object": "chat.completion.chunk", "choices": [], "usage": usage(event.stats)}))
         return [*frames, answering.sse("[DONE]")]
@@ -465,6 +486,7 @@ class ChatCompletionsView(OpenAIView):
                     }
                 ],
                 "usage": usage(end.stats),
+                "csp": grounding_field(end),
             },
             json_dumps_params={"ensure_ascii": False},
         )

@@ -8,7 +8,8 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
@@ -79,12 +80,35 @@ class ReviewReasonFilter(admin.SimpleListFilter):
         return queryset
 
 
+@admin.display(description=_("citations"))
+def citations(message):
+    """The pairs retrieved for an answer's question, linked, with their scores; the ones the answer
+    used in bold (chat.grounding stores them)."""
+    sources = message.sources or []
+    if not sources:
+        return "-"
+    used = set(message.used or [])
+    rows = [
+        format_html(
+            '<{tag}><a href="{url}">#{pair}</a> {question} ({score})</{tag}>',
+            tag="strong" if source["pair"] in used else "span",
+            url=reverse("admin:knowledge_qapair_change", args=[source["pair"]]),
+            pair=source["pair"], question=Truncator(source.get("question", "")).chars(40), score=f"{source['score']:.2f}",
+        )
+        for source in sources
+    ]
+    return format_html_join(mark_safe("<br>"), "{}", ((row,) for row in rows))
+
+
 class ReviewItemAdmin(admin.ModelAdmin):
     """Open an answer to see its conversation and turn it into a draft pair with a corrected answer."""
 
-    list_display = ("created_at", "customer_question", "answer", "rating", "flagged", "feedback_comment", "adapter_version", "review_status")
+    list_display = (
+        "created_at", "customer_question", "answer", "mode", citations, "rating", "flagged", "feedback_comment", "adapter_version",
+        "review_status",
+    )
     list_display_links = ("created_at", "customer_question")
-    list_filter = (ReviewStatusFilter, ReviewReasonFilter, "adapter_version", "conversation__channel")
+    list_filter = (ReviewStatusFilter, ReviewReasonFilter, "mode", "adapter_version", "conversation__channel")
     list_select_related = ("adapter_version",)
     search_fields = ("text", "feedback_comment")
     date_hierarchy = "created_at"

@@ -127,6 +127,12 @@ def _checked_question(value):
         raise serializers.ValidationError(exc.detail) from None
 
 
+class SourceSerializer(serializers.Serializer):
+    pair = serializers.IntegerField(help_text=_("The Q&A pair's id."))
+    rank = serializers.IntegerField()
+    score = serializers.FloatField(help_text=_("Similarity of the question to the pair, 0..1."))
+
+
 class ChatAnswerSerializer(serializers.Serializer):
     conversation = serializers.UUIDField(help_text=_("Send it back to continue the conversation."))
     message = serializers.IntegerField(help_text=_("The answer's id, for feedback."))
@@ -136,10 +142,19 @@ class ChatAnswerSerializer(serializers.Serializer):
     first_token_ms = serializers.IntegerField(allow_null=True, help_text=_("null when no token was generated."))
     tokens = serializers.IntegerField()
     finish_reason = serializers.ChoiceField(
-        choices=FINISH_REASONS,
-        help_text=_("stop: the model ended its answer; length: max_new_tokens reached; timeout: CSP_CHAT_MAX_SECONDS "
-                    "passed; cancelled: a streaming client went away; error: the model failed (the text is what came before)."),
+        choices=(*FINISH_REASONS, "corrected", "fallback"),
+        help_text=_("stop: the answer ended; length: max_new_tokens reached; timeout: CSP_CHAT_MAX_SECONDS "
+                    "passed; cancelled: a streaming client went away; error: the model failed (the text is what came before); "
+                    "corrected / fallback: the fact guard replaced a generated answer by the curated answer / the fallback reply."),
     )
+    mode = serializers.ChoiceField(
+        choices=("", "curated", "grounded", "fallback"),
+        help_text=_("curated: a curated answer, verbatim; grounded: generated from the retrieved pairs; fallback: the "
+                    "knowledge base has no answer (a person is offered); empty: grounding is off."),
+    )
+    sources = SourceSerializer(many=True, help_text=_("The approved Q&A pairs retrieved for the question, best first."))
+    used = serializers.ListField(child=serializers.IntegerField(), help_text=_("Ids of the retrieved pairs the answer drew on."))
+    handoff_offered = serializers.BooleanField(help_text=_("The reply offers a person: ask for one with the handoff endpoint."))
 
 
 class ChatErrorSerializer(serializers.Serializer):

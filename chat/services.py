@@ -79,16 +79,24 @@ def conversation_record(*, turns, user, channel):
     return conversation
 
 
-def message_start_answer(*, conversation, adapter_name):
+def message_start_answer(*, conversation, adapter_name, mode="", sources=()):
     return Message.objects.create(
         conversation=conversation,
         role=Message.Role.ASSISTANT,
         adapter_name=adapter_name or "",
         adapter_version=AdapterVersion.objects.filter(name=adapter_name).first() if adapter_name else None,
+        mode=mode,
+        sources=list(sources),
     )
 
 
-def message_finish_answer(*, answer, text, stats):
+def message_finish_answer(*, answer, text, stats, mode=None, sources=None, used=None):
+    """Store how an answer ended; mode/sources/used (chat.grounding) when it was grounded."""
+    fields = ["text", "tokens", "latency_ms", "first_token_ms", "finish_reason"]
+    for name, value in (("mode", mode), ("sources", sources), ("used", used)):
+        if value is not None:
+            setattr(answer, name, value)
+            fields.append(name)
     # A model can emit the byte 0x00 (the random tiny test model does); PostgreSQL refuses NUL in
     # text, so it is dropped here, where every answer is stored, rather than lose the whole answer.
     answer.text = text.replace("\x00", "")
@@ -98,7 +106,7 @@ def message_finish_answer(*, answer, text, stats):
     # No reason yet: the caller stopped waiting for a request it cancelled (a client that left
     # while the decode thread was busy); it ends as cancelled, never as an unfinished row.
     answer.finish_reason = stats.finish_reason or CANCELLED
-    answer.save(update_fields=["text", "tokens", "latency_ms", "first_token_ms", "finish_reason"])
+    answer.save(update_fields=fields)
     Conversation.objects.filter(pk=answer.conversation_id).update(updated_at=timezone.now())
 
 

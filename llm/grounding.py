@@ -51,7 +51,7 @@ class Thresholds:
 
 # Used until a training run calibrated its own (the version page shows them) and no setting
 # overrides them: measured with benchmarks/retrieval.py on the sample data (benchmarks/README.md).
-DEFAULT_THRESHOLDS = Thresholds(curated=0.93, fallback=0.86)
+DEFAULT_THRESHOLDS = Thresholds(curated=0.96, fallback=0.91)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ def _engine_closed_at_the_end():
 
 
 # These modules run on both inference backends (issue #7); the others on transformers.
-BOTH_BACKENDS = {"test_websocket", "test_openai", "test_browser"}
+BOTH_BACKENDS = {"test_websocket", "test_openai", "test_browser", "test_grounded_chat"}
 
 
 def pytest_generate_tests(metafunc):

@@ -166,6 +166,19 @@
           : format(strings.responseTimeOnly, { total: seconds(info.latency_ms) });
       meta.appendChild(element("span", "msg-time", label));
     }
+    (info.cited || []).forEach(function (question) {
+      if (typeof question === "string" && question) meta.appendChild(element("span", "msg-source", format(strings.source, { question: question })));
+    });
+    if (info.handoffOffered && handoffState === "bot") {
+      // The knowledge base had no answer: offer a person right under the reply.
+      var offer = element("button", "msg-handoff", strings.offerPerson);
+      offer.type = "button";
+      offer.addEventListener("click", function () {
+        if (!send({ type: "handoff", conversation: conversation })) showNotice(strings.offlineSend);
+        offer.disabled = true;
+      });
+      meta.appendChild(offer);
+    }
     if (answer.id !== undefined && answer.id !== null && answer.text) {
       var rating = element("span", "msg-rating");
       rating.appendChild(ratingButton(answer.id, 1, "👍", strings.helpful));
@@ -410,9 +423,21 @@
       case "token":
         if (streaming && typeof frame.text === "string") renderToken(streaming, frame.text);
         break;
+      case "replace": // the fact guard stopped a generated answer: its replacement instead
+        if (streaming && typeof frame.text === "string") {
+          streaming.text = "";
+          renderToken(streaming, frame.text);
+        }
+        break;
       case "done":
         if (streaming) {
-          finishAnswer(streaming, { state: "done", latency_ms: frame.latency_ms, first_token_ms: frame.first_token_ms });
+          finishAnswer(streaming, {
+            state: "done",
+            latency_ms: frame.latency_ms,
+            first_token_ms: frame.first_token_ms,
+            handoffOffered: frame.handoff_offered === true,
+            cited: Array.isArray(frame.cited) ? frame.cited : [],
+          });
           streaming = null;
         }
         break;

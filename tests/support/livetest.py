@@ -35,6 +35,7 @@ def start_serve(data_dir):
     (Ctrl-C: `send_signal(signal.SIGINT)`, then `communicate()`)."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env.update(CSP_DATA_DIR=str(data_dir), CSP_ADMIN_PASSWORD="a-long-chosen-pass", OMP_NUM_THREADS="1")
+    env.setdefault("CSP_GROUNDING", "false")  # as in-process tests: conftest._grounding_as_marked
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True, timeout=300)
     port = free_port()
     serve = subprocess.Popen(
@@ -86,7 +87,8 @@ def database_env():
 def live_daphne(*, env, log, daphne_args=()):
     """daphne_args: extra daphne options, e.g. ("--ping-interval", "1", "--ping-timeout", "2")."""
     port = free_port()
-    full_env = {**os.environ, **database_env(), **env}
+    # Grounding off unless the caller turns it on, as for in-process tests (conftest._grounding_as_marked).
+    full_env = {**os.environ, "CSP_GROUNDING": "false", **database_env(), **env}
     process = subprocess.Popen(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), *daphne_args, "csplatform.asgi:application"],
         cwd=ROOT, env=full_env, start_new_session=True, stdout=Path(log).open("w"), stderr=subprocess.STDOUT,

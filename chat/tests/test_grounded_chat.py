@@ -1,0 +1,118 @@
+"""Grounded answers end to end over the websocket (tiny model; the real retriever over approved pairs):
+each mode, the fact guard while streaming, citations stored, an adapter from before grounding."""
+
+import asyncio
+
+import pytest
+from channels.testing import WebsocketCommunicator
+
+from chat.models import Message
+from csplatform.asgi import application
+from knowledge.models import QAPair
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services, pytest.mark.grounded]
+ORIGIN = [(b"origin", b"http://localhost")]
+
+
+def approve(records):
+    return [
+        QAPair.objects.create(instruction=r["instruction"], input=r.get("input", ""), output=r["output"], status=QAPair.Status.APPROVED)
+        for r in records
+    ]
+
+
+async def _ask(text):
+    """Every frame of one answer, start to done."""
+    communicator = WebsocketCommunicator(application, "/ws/chat/", headers=ORIGIN)
+    connected, _ = await communicator.connect()
+    assert connected
+    await communicator.send_json_to({"type": "message", "text": text})
+    frames = [await communicator.receive_json_from(timeout=60)]
+    while frames[-1]["type"] not in ("done", "error", "busy"):
+        frames.append(await communicator.receive_json_from(timeout=60))
+    await communicator.disconnect()
+    return frames
+
+
+def shown(frames):
+    """The answer as the chat page shows it: tokens appended, a replace frame starting over."""
+    text = ""
+    for frame in frames:
+        if frame["type"] == "token":
+            text += frame["text"]
+        elif frame["type"] == "replace":
+            text = frame["text"]
+    return text
+
+
+def test_before_any_version_a_known_question_gets_its_curated_answer_verbatim(training_env, faq):
+    pairs = approve(faq)
+    frames = asyncio.run(_ask(faq[3]["instruction"]))
+    done = frames[-1]
+    assert shown(frames) == faq[3]["output"] and done["mode"] == "curated" and done["finish_reason"] == "stop"
+    assert done["sources"][0]["pair"] == pairs[3].pk and done["used"] == [pairs[3].pk] and not done["handoff_offered"]
+    answer = Message.objects.get(pk=done["message"])
+    assert answer.mode == "curated" and answer.text == faq[3]["output"] and answer.used == [pairs[3].pk]
+    assert answer.sources[0] == {**done["sources"][0], "question": faq[3]["instruction"]}
+
+
+def test_a_question_the_knowledge_base_does_not_cover_gets_the_fallback_and_a_person_offered(training_env, faq):
+    approve(faq)
+    frames = asyncio.run(_ask("可以用比特币付款吗？"))
+    done = frames[-1]
+    assert done["mode"] == "fallback" and done["handoff_offered"] and done["used"] == []
+    assert "person" in shown(frames)  # the built-in reply, in English under the tests' language
+    assert Message.objects.get(pk=done["message"]).mode == "fallback"
+
+
+def test_a_follow_up_is_retrieved_with_the_conversation(training_env, faq):
+    pairs = approve(faq)
+
+    async def scenario():
+        communicator = WebsocketCommunicator(application, "/ws/chat/", headers=ORIGIN)
+        await communicator.connect()
+        frames = []
+        for text in ("退货的流程是怎样的？", "运费谁出？"):
+            await communicator.send_json_to({"type": "message", "text": text, "conversation": frames[0]["conversation"] if frames else None})
+            frames.append(await communicator.receive_json_from(timeout=60))
+            while (frame := await communicator.receive_json_from(timeout=60))["type"] != "done":
+                pass
+            frames.append(frame)
+        await communicator.disconnect()
+        return frames[-1]
+
+    done = asyncio.run(scenario())
+    assert pairs[2].pk in [source["pair"] for source in done["sources"]]  # 7天无理由退货的运费谁出？
+
+
+@pytest.fixture
+def grounded_zone(settings):
+    """Every question between the thresholds: the adapter answers (grounded mode)."""
+    settings.CSP_CURATED_THRESHOLD = 1.0
+    settings.CSP_FALLBACK_THRESHOLD = 0.0
+
+
+def test_an_adapter_from_before_grounding_still_answers_and_cites_what_it_used(serving, faq, grounded_zone):
+    pairs = approve(faq)
+    frames = asyncio.run(_ask(faq[0]["instruction"]))
+    done = frames[-1]
+    assert frames[0]["adapter"] == "v1" and done["mode"] == "grounded" and done["finish_reason"] == "stop"
+    assert shown(frames) == faq[0]["output"]  # its facts (7天) are the retrieved answer's: let through
+    assert pairs[0].pk in done["used"]
+    answer = Message.objects.get(pk=done["message"])
+    assert answer.mode == "grounded" and answer.text == faq[0]["output"] and pairs[0].pk in answer.used
+
+
+def test_the_fact_guard_replaces_an_answer_with_a_number_the_knowledge_base_does_not_have(serving, faq, grounded_zone):
+    # The adapter memorised "一般48小时内完成审核 ... 1-3个工作日"; the knowledge base now says otherwise.
+    changed = dict(faq[1], output="您好！仓库签收退货并审核通过后（一般24小时内完成审核），退款将在2-5个工作日内原路退回。")
+    # Only pairs without those numbers: a fact any retrieved answer has is supported.
+    pairs = approve([faq[0], changed, faq[5]])
+    frames = asyncio.run(_ask(faq[1]["instruction"]))
+    done = frames[-1]
+    tokens = "".join(frame["text"] for frame in frames if frame["type"] == "token")
+    assert "48" not in tokens  # held back while streaming, never shown
+    assert shown(frames) == changed["output"] and done["finish_reason"] == "corrected" and done["mode"] == "curated"
+    assert done["used"] == [pairs[1].pk]
+    answer = Message.objects.get(pk=done["message"])
+    assert answer.text == changed["output"] and answer.finish_reason == "corrected"

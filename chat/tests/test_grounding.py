@@ -1,0 +1,113 @@
+"""chat.grounding without an engine: the guarded stream fed the events an engine sends, the canned
+answers, the thresholds' sources."""
+
+import pytest
+
+from chat import grounding
+from llm import grounding as modes
+from llm.engine import Done, Stats, Token
+from llm.retrieval import Hit
+
+ANSWER = "您好！星河商城支持7天无理由退货，自签收次日起7天内均可申请。"
+
+
+def hit(pair_id, score, answer=ANSWER, rank=1):
+    return Hit(pair_id=pair_id, rank=rank, score=score, fused=0.0, question=f"问题{pair_id}", answer=answer)
+
+
+def plan(score=0.9, *, references=True, hits=None):
+    limits = modes.Thresholds(curated=0.95, fallback=0.8)
+    hits = hits or (hit(1, score), hit(2, 0.7, answer="运费由您承担，最高赔付12元。", rank=2))
+    decision = modes.decide(hits, limits)
+    return grounding.Plan(
+        decision=decision, version=None, references_in_prompt=references, question="可以退货吗？",
+        customer_texts=("可以退货吗？",), fallback_text="FALLBACK", thresholds=limits,
+    )
+
+
+class Request:
+    def __init__(self):
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def run(stream, pieces, reason="stop"):
+    events = []
+    guarded = grounding.GuardedStream(stream, on_event=events.append)
+    request = Request()
+    guarded.attach(request)
+    for piece in pieces:
+        guarded(Token(piece))
+    guarded(Done(Stats(request_id="r", adapter="v1", finish_reason=reason)))
+    return guarded, events, request
+
+
+def test_a_supported_answer_passes_through_unchanged_whatever_its_pieces():
+    for size in (1, 2, 5, 100):
+        pieces = [ANSWER[i : i + size] for i in range(0, len(ANSWER), size)]
+        guarded, events, request = run(plan(), pieces)
+        assert "".join(e.text for e in events if isinstance(e, Token)) == ANSWER
+        assert events[-1].stats.finish_reason == "stop" and guarded.mode == "grounded" and not request.cancelled
+
+
+def test_an_unsupported_number_is_never_shown_and_the_confident_best_pair_replaces_the_answer():
+    wrong = "您好！星河商城支持30天无理由退货。"
+    guarded, events, request = run(plan(score=0.9), list(wrong))
+    shown = "".join(e.text for e in events if isinstance(e, Token))
+    assert "30" not in shown and shown == "您好！星河商城支持"
+    assert isinstance(events[-2], grounding.Replace) and events[-2].text == ANSWER
+    assert events[-1].stats.finish_reason == "corrected" and guarded.mode == "curated" and request.cancelled
+    assert guarded.text == ANSWER
+
+
+def test_below_the_correction_bar_the_fallback_replaces_it():
+    guarded, events, _ = run(plan(score=0.85), ["30天内可以退货。"])  # correction bar: 0.875
+    assert [e.text for e in events if isinstance(e, Token)] == ["FALLBACK"]  # nothing shown before: no replace
+    assert events[-1].stats.finish_reason == "fallback" and guarded.mode == "fallback"
+
+
+def test_numbers_from_the_customer_and_from_a_lower_ranked_pair_are_supported():
+    text = "可以的，运费最高赔付12元。"
+    guarded, events, _ = run(plan(), list(text))
+    assert guarded.text == text and events[-1].stats.finish_reason == "stop"
+
+
+def test_the_trained_no_answer_sentence_becomes_the_configured_fallback_reply():
+    said = modes.TRAINED_FALLBACK
+    guarded, events, request = run(plan(), [said[:3], said[3:], "……"])
+    assert [e.text for e in events if isinstance(e, Token)] == ["FALLBACK"] and guarded.mode == "fallback"
+    assert events[-1].stats.finish_reason == "fallback" and request.cancelled
+
+
+def test_an_answer_that_only_begins_like_the_sentence_is_shown_whole():
+    start = modes.TRAINED_FALLBACK[:2]
+    guarded, events, _ = run(plan(), [start, "没关系，7天内可以退。"])
+    assert guarded.text == start + "没关系，7天内可以退。" and guarded.mode == "grounded"
+
+
+def test_a_version_trained_without_references_is_not_watched_for_the_sentence():
+    said = modes.TRAINED_FALLBACK
+    guarded, _, _ = run(plan(references=False), [said])
+    assert guarded.text == said and guarded.mode == "grounded"
+
+
+def test_canned_answers_stream_in_pieces_and_end_at_once():
+    events = []
+    request = grounding.CannedRequest(ANSWER + "\n1. 进入“我的订单”", adapter=None, on_event=events.append, submitted=0.0)
+    request.start()
+    assert "".join(e.text for e in events[:-1]) == request.text and len(events) > 3
+    assert events[-1].stats.finish_reason == "stop" and events[-1].stats.tokens == len(events) - 1
+
+
+@pytest.mark.django_db
+def test_thresholds_come_from_settings_then_the_versions_calibration_then_the_default(settings):
+    class Version:
+        curated_threshold, fallback_threshold, path = 0.97, 0.9, "/nonexistent"
+
+    settings.CSP_CURATED_THRESHOLD = settings.CSP_FALLBACK_THRESHOLD = None
+    assert grounding.thresholds(None) == modes.DEFAULT_THRESHOLDS
+    assert grounding.thresholds(Version()) == modes.Thresholds(curated=0.97, fallback=0.9)
+    settings.CSP_CURATED_THRESHOLD = 0.85  # below the calibrated fallback: the fallback follows it down
+    assert grounding.thresholds(Version()) == modes.Thresholds(curated=0.85, fallback=0.85)
