@@ -9,7 +9,7 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from knowledge import formats, services
-from knowledge.forms import ImportForm, MoveToCategoryForm
+from knowledge.forms import ImportForm, MoveToCategoryForm, QAPairForm
 from knowledge.models import Category, QAPair
 
 
@@ -28,18 +28,19 @@ class CategoryAdmin(admin.ModelAdmin):
 
 @admin.register(QAPair)
 class QAPairAdmin(admin.ModelAdmin):
-    list_display = ("id", "question", "category", "status", "split", "source", "updated_at")
+    form = QAPairForm
+    list_display = ("id", "question", "alternate_count", "category", "status", "split", "source", "updated_at")
     list_display_links = ("id", "question")
     list_filter = ("status", "category", "split", "source", "created_at")
     list_select_related = ("category",)
-    search_fields = ("instruction", "output")
+    search_fields = ("instruction", "output", "alternates")
     date_hierarchy = "created_at"
     list_per_page = 50
     readonly_fields = (
         "training_preview", "question_hash", "source", "created_by", "created_at", "updated_by", "updated_at",
     )
     fieldsets = (
-        (None, {"fields": ("instruction", "input", "output")}),
+        (None, {"fields": ("instruction", "alternates", "input", "output")}),
         (_("Curation"), {"fields": ("category", "status", "split")}),
         (
             _("Training text preview"),
@@ -63,6 +64,10 @@ class QAPairAdmin(admin.ModelAdmin):
     @admin.display(description=_("question"), ordering="instruction")
     def question(self, obj):
         return str(obj)
+
+    @admin.display(description=_("alternates"))
+    def alternate_count(self, obj):
+        return len(obj.alternates)
 
     @admin.display(description=_("rendered training text"))
     def training_preview(self, obj):

@@ -13,6 +13,12 @@ that keeps the round trip lossless: a cell gets the extra `'` when, after any le
 starts with one of those characters, and import removes one `'` only from a cell of that shape
 ("'Tis", "'quoted'" stay as they are both ways; "'=x" is written "''=x"). JSON and JSONL are
 written and read unchanged.
+
+A pair's alternate questions are a list under the key `alternates` in JSON and JSONL, and one
+CSV cell `alternates` that joins them with " || " (ALTERNATE_CELL_SEPARATOR). No alternate may
+contain "||" (the knowledge base refuses it), so the cell needs no escaping. The cell is
+neutralised as a whole, as any other: only its start can make a spreadsheet run it. A file
+without alternates (the seed's) reads as pairs without any.
 """
 
 import csv
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 from django.utils.translation import gettext as _
 
 from csplatform.parsers import JSONNestingError, loads_json
+from knowledge.models import ALTERNATE_SEPARATOR
 
 FORMATS = ("json", "jsonl", "csv")
 CONTENT_TYPES = {
@@ -32,12 +39,15 @@ CONTENT_TYPES = {
     "csv": "text/csv; charset=utf-8",
 }
 # Column order of every export; import accepts them in any order.
-FIELDS = ("instruction", "input", "output", "category", "split", "status", "id")
+FIELDS = ("instruction", "input", "output", "alternates", "category", "split", "status", "id")
 REQUIRED_COLUMNS = ("instruction", "output")
 # OWASP's list of characters that make a spreadsheet read a cell as a formula.
 FORMULA_START = "=+-@\t\r"
 _FORMULA_LIKE = re.compile(f"[{re.escape(FORMULA_START)}]")
 _NEUTRALISED = re.compile(f"'+[{re.escape(FORMULA_START)}]")  # what export makes of a formula-like cell
+
+
+ALTERNATE_CELL_SEPARATOR = f" {ALTERNATE_SEPARATOR} "
 
 
 class FileFormatError(ValueError):
@@ -60,6 +70,19 @@ def neutralise_formula(text):
 def restore_formula(cell):
     """The text of a cell written by neutralise_formula (any other cell is returned unchanged)."""
     return cell[1:] if _NEUTRALISED.match(cell) else cell
+
+
+def alternates_cell(alternates):
+    """A pair's alternates as one CSV cell's text (before formula neutralisation)."""
+    return ALTERNATE_CELL_SEPARATOR.join(alternates)
+
+
+def alternates_from_cell(cell):
+    """The alternates of a CSV cell: split at "||", each stripped ("" for an empty one, which
+    validation then refuses by its position); an empty cell holds none."""
+    if not cell.strip():
+        return []
+    return [text.strip() for text in cell.split(ALTERNATE_SEPARATOR)]
 
 
 def detect_format(filename, declared=None):
@@ -151,13 +174,10 @@ def _parse_csv(text):
                 rows.append(RawRow(number, None, _("The row has more cells than the header has columns.")))
                 continue
             cells = {key: value for key, value in item.items() if value is not None}
-            rows.append(
-                RawRow(
-                    number,
-                    {key: restore_formula(value) for key, value in cells.items()},
-                    warnings=_formula_warnings(cells),
-                )
-            )
+            data = {key: restore_formula(value) for key, value in cells.items()}
+            if "alternates" in data:
+                data["alternates"] = alternates_from_cell(data["alternates"])
+            rows.append(RawRow(number, data, warnings=_formula_warnings(cells)))
     except csv.Error as exc:
         raise FileFormatError(_("Not valid CSV: %(msg)s.") % {"msg": exc}) from None
     return rows
@@ -183,7 +203,9 @@ def _raw(number, item):
 
 def serialise(records, file_format):
     """records: dicts with FIELDS keys. Returns UTF-8 bytes."""
-    records = [{field: record.get(field, "") for field in FIELDS} for record in records]
+    records = [
+        {field: record.get(field, [] if field == "alternates" else "") for field in FIELDS} for record in records
+    ]
     if file_format == "json":
         return (json.dumps(records, ensure_ascii=False, indent=2) + "\n").encode()
     if file_format == "jsonl":
@@ -193,7 +215,10 @@ def serialise(records, file_format):
         writer = csv.DictWriter(buffer, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(
-            {name: neutralise_formula(value) if isinstance(value, str) else value for name, value in record.items()}
+            {
+                name: neutralise_formula(value) if isinstance(value, str) else value
+                for name, value in dict(record, alternates=alternates_cell(record["alternates"])).items()
+            }
             for record in records
         )
         # The BOM makes Excel open UTF-8 Chinese text correctly; import strips it again.

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, models, transaction
+from django.utils.text import format_lazy
 from django.utils.translation import gettext_lazy as _
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -16,7 +17,7 @@ from rest_framework.fields import get_error_detail
 
 from csplatform.api_fields import TextField
 from knowledge import formats
-from knowledge.models import Category, QAPair
+from knowledge.models import ALTERNATE_MAX_LENGTH, ALTERNATE_SEPARATOR, ALTERNATES_MAX, Category, QAPair
 
 
 class TextModelSerializer(serializers.ModelSerializer):
@@ -49,6 +50,23 @@ class CategoryNameField(serializers.SlugRelatedField):
 
 
 class QAPairSerializer(TextModelSerializer):
+    # The model checks each alternate (QAPair.clean), so the API refuses what the admin refuses;
+    # blank and untrimmed items pass here to reach those checks and their messages.
+    alternates = serializers.ListField(
+        child=TextField(allow_blank=True, trim_whitespace=False),
+        required=False,
+        label=_("alternate questions"),
+        help_text=format_lazy(
+            _(
+                "Other ways customers ask this question (相似问法): at most {count}, each at most {length} "
+                "characters, not blank, without {sep}, none the same (ignoring width, case and punctuation) as "
+                "this pair's question, another alternate, or any other pair's question or alternate."
+            ),
+            count=ALTERNATES_MAX,
+            length=ALTERNATE_MAX_LENGTH,
+            sep=ALTERNATE_SEPARATOR,
+        ),
+    )
     category = CategoryNameField(
         slug_field="name",
         queryset=Category.objects.all(),
@@ -80,6 +98,7 @@ class QAPairSerializer(TextModelSerializer):
             "instruction",
             "input",
             "output",
+            "alternates",
             "category",
             "status",
             "split",
@@ -210,6 +229,9 @@ class ExportRecordSerializer(serializers.Serializer):
     instruction = serializers.CharField()
     input = serializers.CharField(allow_blank=True)
     output = serializers.CharField()
+    alternates = serializers.ListField(
+        child=serializers.CharField(), help_text=_("Alternate questions (相似问法); a CSV export joins them with \" || \".")
+    )
     category = serializers.CharField(allow_blank=True, help_text=_("The category's name; empty for none."))
     split = serializers.ChoiceField(choices=QAPair.Split.choices)
     status = serializers.ChoiceField(choices=QAPair.Status.choices)

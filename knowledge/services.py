@@ -19,8 +19,11 @@ from knowledge.models import (
     OUTPUT_MAX_LENGTH,
     Category,
     QAPair,
+    clean_alternates,
     normalise_question,
+    owner_message,
     question_hash,
+    question_owners,
 )
 
 
@@ -93,6 +96,7 @@ class _Planned:
     result: RowResult
     values: dict
     pair: QAPair | None = None
+    duplicate: bool = False  # the same pair as an earlier row of the file
 
 
 def _text(data, key, max_length, errors, *, required=False):
@@ -140,6 +144,13 @@ def _clean_row(raw, *, status, split):
     }
     if values["instruction"] and not normalise_question(values["instruction"], values["input"]):
         errors.setdefault("instruction", []).append(_("The question must contain at least one letter or digit."))
+    values["alternates"] = None  # a file without them (the seed's) leaves a stored pair's alternates alone
+    if "alternates" in data:
+        values["alternates"], messages = clean_alternates(
+            data["alternates"], question_key=normalise_question(values["instruction"], values["input"])
+        )
+        if messages:
+            errors["alternates"] = messages
     raw_id = data.get("id")
     if raw_id not in (None, ""):
         try:
@@ -154,7 +165,7 @@ def _clean_row(raw, *, status, split):
 def _plan(raw_rows, *, status, split):
     """Decide what each row would do, without writing anything."""
     planned = []
-    first_row_of = {}  # question hash -> (row number, output) within this file
+    first_row_of = {}  # question hash -> (row number, values) within this file
     hashes = {}
     cleaned = []
     for raw in raw_rows:
@@ -179,19 +190,28 @@ def _plan(raw_rows, *, status, split):
             continue
         digest = hashes[raw.number]
         if digest in first_row_of:
-            first_row, first_output = first_row_of[digest]
-            if first_output == values["output"]:
-                result.action = RowAction.SKIPPED
-                result.reason = _("Duplicate of row %(row)s in this file.") % {"row": first_row}
-            else:
+            first_row, first_values = first_row_of[digest]
+            if first_values["output"] != values["output"]:
                 result.errors = {
                     "output": [
                         _("Row %(row)s asks the same question with a different answer; keep one.") % {"row": first_row}
                     ]
                 }
                 result.reason = _("Conflicting answers in this file.")
+            elif values["alternates"] is not None and first_values["alternates"] != values["alternates"]:
+                result.errors = {
+                    "alternates": [
+                        _("Row %(row)s asks the same question with other alternate questions; keep one.")
+                        % {"row": first_row}
+                    ]
+                }
+                result.reason = _("Conflicting answers in this file.")
+            else:
+                result.action = RowAction.SKIPPED
+                result.reason = _("Duplicate of row %(row)s in this file.") % {"row": first_row}
+                planned[-1].duplicate = True
             continue
-        first_row_of[digest] = (raw.number, values["output"])
+        first_row_of[digest] = (raw.number, values)
 
         pair = existing_by_id.get(values.get("id")) if "id" in values else None
         same_question = existing_by_hash.get(digest)
@@ -206,6 +226,8 @@ def _plan(raw_rows, *, status, split):
             continue
         pair = pair or same_question
         planned[-1].pair = pair
+        if values["alternates"] is None:
+            values["alternates"] = list(pair.alternates) if pair is not None else []
         if pair is None:
             result.action = RowAction.CREATED
             continue
@@ -217,11 +239,47 @@ def _plan(raw_rows, *, status, split):
         else:
             result.action = RowAction.SKIPPED
             result.reason = _("Already stored as pair #%(id)s.") % {"id": pair.pk}
+    _check_questions_across_rows(planned)
     return planned
 
 
+def _check_questions_across_rows(planned):
+    """Refuse a row whose question or alternate another pair asks once the file is imported:
+    a stored pair the file leaves alone, or another row of the file.
+
+    A pair the file updates is judged by its row, not by what is stored, so a file may move an
+    alternate from one pair to another.
+    """
+    rows = [item for item in planned if item.result.action != RowAction.REJECTED and not item.duplicate]
+    updated = [item.pair.pk for item in rows if item.pair is not None]
+    asked = {}  # normalised question -> (row number, "row"): the first row of the file that asks it
+    texts_of = {}
+    for item in rows:
+        question = normalise_question(item.values["instruction"], item.values["input"])
+        texts_of[item.result.row] = [(question, item.values["instruction"], "instruction")] + [
+            (normalise_question(text), text, "alternates") for text in item.values["alternates"]
+        ]
+    keys = {key for texts in texts_of.values() for key, _text, _field in texts}
+    stored = question_owners(keys, exclude=updated)
+    for item in rows:
+        for key, _text, _field in texts_of[item.result.row]:
+            asked.setdefault(key, (item.result.row, "row"))
+    for item in rows:
+        errors = {}
+        for key, text, name in texts_of[item.result.row]:
+            owner = stored.get(key)  # (a row asking a stored pair's question updates that pair: not here)
+            if owner is not None:
+                errors.setdefault(name, []).append(owner_message(text, owner))
+            elif asked[key][0] != item.result.row:
+                errors.setdefault(name, []).append(owner_message(text, asked[key]))
+        if errors:
+            item.result.action = RowAction.REJECTED
+            item.result.errors = errors
+            item.result.reason = _("A question is asked by another pair.")
+
+
 def _changes(pair, values, category_names):
-    changed = [name for name in ("instruction", "input", "output") if getattr(pair, name) != values[name]]
+    changed = [name for name in ("instruction", "input", "output", "alternates") if getattr(pair, name) != values[name]]
     if values["category"] and category_names.get(pair.category_id) != values["category"]:
         changed.append("category")
     for name in ("status", "split"):
@@ -285,6 +343,7 @@ def _apply(planned, *, user, filename):
                 instruction=values["instruction"],
                 input=values["input"],
                 output=values["output"],
+                alternates=values["alternates"],
                 status=values["status"] or QAPair.Status.DRAFT,
                 split=values["split"] or QAPair.Split.AUTO,
                 source=QAPair.Source.IMPORT,
@@ -298,6 +357,7 @@ def _apply(planned, *, user, filename):
         elif result.action == RowAction.UPDATED:
             pair = item.pair
             pair.instruction, pair.input, pair.output = values["instruction"], values["input"], values["output"]
+            pair.alternates = values["alternates"]
             if values["category"]:
                 pair.category = category_for(values["category"])
             pair.status = values["status"] or pair.status

@@ -89,7 +89,7 @@ class QAPairViewSet(viewsets.ModelViewSet):
     filterset_class = QAPairFilter
     # Any path segment reaches the view, so a malformed id is a JSON 404 like an unknown one.
     lookup_value_regex = "[^/]+"
-    search_fields = ["instruction", "output"]
+    search_fields = ["instruction", "output", "alternates"]
     ordering_fields = ["id", "created_at", "updated_at", "status"]
 
     # API writes land in the admin history too, like the admin's own changes.

@@ -112,7 +112,7 @@ def test_staff_reads_a_pair(staff_api):
     assert body["status"] == "approved"
     assert body["created_by"] is None
     assert set(body) == {
-        "id", "instruction", "input", "output", "category", "status", "split", "source",
+        "id", "instruction", "input", "output", "alternates", "category", "status", "split", "source",
         "question_hash", "created_at", "updated_at", "created_by", "updated_by",
     }  # fmt: skip
 
