@@ -68,9 +68,11 @@ class Decision:
 def decide(hits, thresholds, *, can_ground=True):
     """The mode for a question whose retrieved pairs are `hits` (best first).
 
-    can_ground is False when no grounding-trained adapter serves the question (a fresh install,
-    or an adapter trained before grounding): a match between the thresholds is then answered with
-    the top pair's curated answer rather than by a model that never learned to read references.
+    can_ground is False when no adapter serves the question (a fresh install): the base model
+    never learned the knowledge base or to read references, and the top pair of a match below the
+    curated threshold may be another question's (or the question is not the shop's at all), so
+    such a match gets the fallback reply. An adapter trained before grounding can ground: it
+    answers the bare question as it was trained, and the fact guard checks it.
     """
     hits = tuple(hits)
     if not hits:
@@ -81,7 +83,7 @@ def decide(hits, thresholds, *, can_ground=True):
     if score >= thresholds.curated:
         return Decision(CURATED, hits, f"best match {score:.3f} at or above the curated threshold {thresholds.curated:.3f}")
     if not can_ground:
-        return Decision(CURATED, hits, f"best match {score:.3f}; no grounded adapter, so the closest curated answer")
+        return Decision(FALLBACK, hits, f"best match {score:.3f} below the curated threshold and no version to answer from it")
     return Decision(GROUNDED, hits, f"best match {score:.3f} between the thresholds")
 
 

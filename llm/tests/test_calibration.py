@@ -26,19 +26,21 @@ def test_with_the_best_scoring_dev_question_wrong_nothing_is_curated_by_score():
     assert calibrate([(0.99, False), (0.9, True)], []).thresholds.curated == 1.0
 
 
-def test_the_fallback_threshold_keeps_ninety_percent_of_out_of_scope_below_it_and_loses_the_fewest_dev():
-    oos = [0.50 + n / 100 for n in range(9)] + [0.70]  # 9 low, one close to the dev questions
-    dev = [(0.95, True), (0.80, True), (0.62, True)]
+def test_the_fallback_threshold_keeps_ninety_five_percent_of_dev_above_it_and_screens_out_the_most_out_of_scope():
+    dev = [(0.95, True)] * 18 + [(0.90, True), (0.85, False), (0.70, True)]  # 21: one may be lost
+    oos = [0.50, 0.60, 0.80, 0.84, 0.86]
     result = calibrate(dev, oos)
-    # 9 of 10 must be below: just above the 9th lowest (0.58), midway to the next score (the dev 0.62)
-    assert result.thresholds.fallback == pytest.approx(0.60)
-    assert result.report["out_of_scope_fallback_share"] == 0.9 and result.report["dev_fallback_share"] == 0
+    # the lowest dev score kept is 0.85; midway to the next lower score of either set (the oos 0.84)
+    assert result.thresholds.fallback == pytest.approx(0.845)
+    assert result.report["dev_fallback_share"] == 1 / 21 and result.report["out_of_scope_fallback_share"] == 4 / 5
 
 
-def test_the_fallback_threshold_never_exceeds_the_curated_one_and_is_zero_without_out_of_scope_questions():
-    capped = calibrate([(0.6, True)], [0.7, 0.8, 0.9])
-    assert capped.thresholds.fallback == capped.thresholds.curated == 0.6 and capped.report["fallback_capped_at_curated"]
-    assert calibrate([(0.9, True)], []).thresholds.fallback == 0.0
+def test_the_fallback_threshold_never_exceeds_the_curated_one_and_is_zero_without_dev_questions():
+    capped = calibrate([(0.6, False), (0.9, False)], [0.1])
+    assert capped.thresholds.curated == 1.0 and capped.thresholds.fallback == pytest.approx(0.35)
+    over = calibrate([(0.6, True), (0.7, True)], [])
+    assert over.thresholds.fallback <= over.thresholds.curated
+    assert calibrate([], [0.7]).thresholds.fallback == 0.0
 
 
 THRESHOLDS = Thresholds(curated=0.9, fallback=0.6)
@@ -53,9 +55,9 @@ def test_a_confident_match_is_the_curated_answer_and_a_poor_one_the_fallback_wit
     assert (curated.mode, curated.text) == (CURATED, RETURNS)
     fallback = answer_as_served("卖汽车吗", _hits((0.4, RETURNS)), THRESHOLDS, can_ground=True, generate=_never)
     assert fallback.mode == FALLBACK
-    # between the thresholds, an adapter that never read references gets the closest curated answer
-    old = answer_as_served("退货运费", _hits((0.8, RETURNS)), THRESHOLDS, can_ground=False, generate=_never)
-    assert (old.mode, old.text) == (CURATED, RETURNS)
+    # between the thresholds with no version to answer (the base model): the fallback
+    unserved = answer_as_served("退货运费", _hits((0.8, RETURNS)), THRESHOLDS, can_ground=False, generate=_never)
+    assert unserved.mode == FALLBACK
 
 
 def test_a_grounded_answer_is_generated_from_the_references_and_the_trained_no_answer_is_the_fallback():
