@@ -17,7 +17,7 @@ from chat.handoff_admin import HandoffAdminMixin
 from chat.inference.client import workers as recent_workers
 from chat.models import Conversation, Message, ReviewItem
 from chat.review import review_flag
-from chat.review_admin import ReviewItemAdmin, citations, drafted_from
+from chat.review_admin import ReviewItemAdmin, cited_in, citations, drafted_from
 from chat.serving import engine_status
 from knowledge.admin import QAPairAdmin
 from training.admin import AdapterVersionAdmin
@@ -229,6 +229,7 @@ class MessageAdmin(admin.ModelAdmin):
 
 admin.site.register(ReviewItem, ReviewItemAdmin)
 QAPairAdmin.add_lineage(drafted_from)
+QAPairAdmin.add_lineage(cited_in)
 
 
 def serving_status(request):

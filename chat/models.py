@@ -178,6 +178,29 @@ class Message(models.Model):
         )
 
 
+class Citation(models.Model):
+    """A pair retrieved for an answer's question (chat.grounding), kept for the pair's lineage: which
+    answers it grounded. The answer row itself keeps the same list as it was sent (`sources`,
+    `used`); these rows are its index by pair. Deleting the pair keeps the answer's record."""
+
+    message = models.ForeignKey(Message, verbose_name=_("answer"), on_delete=models.CASCADE, related_name="citations")
+    pair = models.ForeignKey(
+        "knowledge.QAPair", verbose_name=_("Q&A pair"), null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    rank = models.PositiveSmallIntegerField(_("rank"))
+    score = models.FloatField(_("score"))
+    used = models.BooleanField(_("used"), default=False, help_text=_("The answer drew on this pair."))
+
+    class Meta:
+        verbose_name = _("citation")
+        verbose_name_plural = _("citations")
+        ordering = ("message", "rank")
+        indexes = [models.Index(fields=["pair", "used"], name="chat_citation_pair_used")]
+
+    def __str__(self):
+        return f"#{self.message_id} → #{self.pair_id} ({self.rank})"
+
+
 class DraftedPair(models.Model):
     """A Q&A pair drafted from a chat message: the review queue's answer, or a staff reply.
 

@@ -15,7 +15,7 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from chat.forms import DraftFromAnswerForm
-from chat.models import DraftedPair, Message, ReviewItem
+from chat.models import Citation, DraftedPair, Message, ReviewItem
 from chat.review import review_dismiss, review_draft_pair
 
 
@@ -31,6 +31,21 @@ def drafted_from(pair):
     else:
         url = reverse("admin:chat_conversation_handoff", args=[answer.conversation_id])
     return format_html('<a href="{}">{}</a> ({})', url, answer, answer.get_role_display())
+
+
+@admin.display(description=_("cited in answers"))
+def cited_in(pair):
+    """How many answers drew on a pair (chat.Citation), with the latest few linked."""
+    if not pair.pk:
+        return "—"
+    citations = Citation.objects.filter(pair_id=pair.pk, used=True).select_related("message").order_by("-message__created_at")
+    count = citations.count()
+    if not count:
+        return "—"
+    links = format_html_join(
+        ", ", '<a href="{}">#{}</a>', ((reverse("admin:chat_message_change", args=[c.message_id]), c.message_id) for c in citations[:5])
+    )
+    return format_html("{} ({})", ngettext("%d answer", "%d answers", count) % count, links)
 
 
 class ReviewStatusFilter(admin.SimpleListFilter):

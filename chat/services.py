@@ -9,7 +9,8 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from llm.engine import CANCELLED, Turn
-from chat.models import Conversation, Message
+from chat.models import Citation, Conversation, Message
+from knowledge.models import QAPair
 from training.models import AdapterVersion
 
 
@@ -80,7 +81,7 @@ def conversation_record(*, turns, user, channel):
 
 
 def message_start_answer(*, conversation, adapter_name, mode="", sources=()):
-    return Message.objects.create(
+    answer = Message.objects.create(
         conversation=conversation,
         role=Message.Role.ASSISTANT,
         adapter_name=adapter_name or "",
@@ -88,6 +89,14 @@ def message_start_answer(*, conversation, adapter_name, mode="", sources=()):
         mode=mode,
         sources=list(sources),
     )
+    if sources:
+        # A pair deleted since the index was built is cited without its row (pair null).
+        existing = set(QAPair.objects.filter(pk__in=[s["pair"] for s in sources]).values_list("pk", flat=True))
+        Citation.objects.bulk_create(
+            Citation(message=answer, pair_id=s["pair"] if s["pair"] in existing else None, rank=s["rank"], score=s["score"])
+            for s in sources
+        )
+    return answer
 
 
 def message_finish_answer(*, answer, text, stats, mode=None, sources=None, used=None):
@@ -107,6 +116,8 @@ def message_finish_answer(*, answer, text, stats, mode=None, sources=None, used=
     # while the decode thread was busy); it ends as cancelled, never as an unfinished row.
     answer.finish_reason = stats.finish_reason or CANCELLED
     answer.save(update_fields=fields)
+    if used:
+        Citation.objects.filter(message=answer, pair_id__in=used).update(used=True)
     Conversation.objects.filter(pk=answer.conversation_id).update(updated_at=timezone.now())
 
 

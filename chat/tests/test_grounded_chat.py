@@ -5,8 +5,9 @@ import asyncio
 
 import pytest
 from channels.testing import WebsocketCommunicator
+from django.urls import reverse
 
-from chat.models import Message
+from chat.models import Citation, Message
 from csplatform.asgi import application
 from knowledge.models import QAPair
 
@@ -116,3 +117,29 @@ def test_the_fact_guard_replaces_an_answer_with_a_number_the_knowledge_base_does
     assert done["used"] == [pairs[1].pk]
     answer = Message.objects.get(pk=done["message"])
     assert answer.text == changed["output"] and answer.finish_reason == "corrected"
+
+
+def test_citations_are_stored_and_shown_in_the_admin(training_env, faq, client, superuser):
+    pairs = approve(faq)
+    done = asyncio.run(_ask(faq[3]["instruction"]))[-1]
+    cited = Citation.objects.filter(message_id=done["message"]).order_by("rank")
+    assert [(c.pair_id, c.rank, c.used) for c in cited][:1] == [(pairs[3].pk, 1, True)]
+    assert all(not c.used for c in cited[1:]) and len(cited) == len(done["sources"])
+    client.force_login(superuser)
+    message_page = client.get(reverse("admin:chat_message_change", args=[done["message"]]), HTTP_ACCEPT_LANGUAGE="en").content.decode()
+    assert f"#{pairs[3].pk}</a>" in message_page and "<strong>" in message_page  # the used pair, in bold
+    pair_page = client.get(reverse("admin:knowledge_qapair_change", args=[pairs[3].pk]), HTTP_ACCEPT_LANGUAGE="en").content.decode()
+    assert "cited in answers" in pair_page.lower() and f"#{done['message']}</a>" in pair_page
+    conversation = Message.objects.get(pk=done["message"]).conversation_id
+    conversation_page = client.get(reverse("admin:chat_conversation_change", args=[conversation]), HTTP_ACCEPT_LANGUAGE="en").content.decode()
+    assert f"#{pairs[3].pk}</a>" in conversation_page
+
+
+def test_the_handoff_page_suggests_the_curated_answers_for_the_last_question(training_env, faq, client, superuser):
+    pairs = approve(faq)
+    done = asyncio.run(_ask("我想问一下退款多长时间能回到账户里？"))[-1]
+    conversation = Message.objects.get(pk=done["message"]).conversation
+    client.force_login(superuser)
+    page = client.get(reverse("admin:chat_conversation_handoff", args=[conversation.pk]), HTTP_ACCEPT_LANGUAGE="en").content.decode()
+    assert "Suggested answers from the knowledge base" in page and 'class="button insert-suggestion"' in page
+    assert f"#{pairs[1].pk}</a>" in page  # 退款多久能到账？
