@@ -308,7 +308,7 @@ class GuardedStream:
             self._held += text
             said = self._held.lstrip()
             if said.startswith(grounding.TRAINED_FALLBACK):
-                self._replace("fallback", grounding.FALLBACK, self.plan.fallback_text)
+                self._replace(grounding.FALLBACK, grounding.FALLBACK, self.plan.fallback_text)
                 return
             if grounding.TRAINED_FALLBACK.startswith(said):
                 return  # it may still become the sentence
@@ -337,9 +337,9 @@ class GuardedStream:
     def _correct(self):
         best = self.plan.decision.best
         if best is not None and best.score >= self.plan.thresholds.correction:
-            self._replace("corrected", grounding.CURATED, best.answer)
+            self._replace(grounding.CORRECTED, grounding.CURATED, best.answer)
         else:
-            self._replace("fallback", grounding.FALLBACK, self.plan.fallback_text)
+            self._replace(grounding.FALLBACK, grounding.FALLBACK, self.plan.fallback_text)
 
     def _replace(self, reason, mode, text):
         with self._lock:

@@ -18,6 +18,10 @@ CURATED = "curated"
 GROUNDED = "grounded"
 FALLBACK = "fallback"
 MODES = (CURATED, GROUNDED, FALLBACK)
+# How a generated answer ends when the fact guard replaced it: by the best curated answer, or by
+# the fallback reply (the trained "no answer" sentence too). Besides the engine's finish reasons.
+CORRECTED = "corrected"
+FINISH_REASONS = (CORRECTED, FALLBACK)
 
 # Recorded as finetune_config.json["grounding"] by a RAFT-trained adapter: the prompt rendering
 # below. An adapter without it was trained on bare questions and is served that way.

@@ -27,6 +27,7 @@ from chat.answering import AnswerSession, Finished, Text, answer_start, ready_en
 from chat.models import Conversation, Message
 from chat.tests.conftest import backend_settings
 from csplatform.management.commands import serve
+from llm import grounding
 from llm.engine import FINISH_REASONS, Token
 from tests.support.livetest import live_daphne
 
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.django_db
 
 
 def test_every_finish_reason_has_a_label_and_interrupted_is_one_of_them():
-    assert set(Message.FinishReason.values) == {*FINISH_REASONS, "interrupted"}
+    assert set(Message.FinishReason.values) == {*FINISH_REASONS, *grounding.FINISH_REASONS, "interrupted"}
     answer = Message(role=Message.Role.ASSISTANT, finish_reason="interrupted")
     assert answer.get_finish_reason_display() == "Interrupted (the server stopped mid-answer)"
 
