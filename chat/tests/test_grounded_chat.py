@@ -2,12 +2,16 @@
 each mode, the fact guard while streaming, citations stored, an adapter from before grounding."""
 
 import asyncio
+import json
 
 import pytest
 from channels.testing import WebsocketCommunicator
+from django.test import Client
 from django.urls import reverse
+from rest_framework.authtoken.models import Token as AuthToken
 
 from chat.models import Citation, Message
+from chat.tests.test_chat_api import _events
 from csplatform.asgi import application
 from knowledge.models import QAPair
 
@@ -143,3 +147,53 @@ def test_the_handoff_page_suggests_the_curated_answers_for_the_last_question(tra
     page = client.get(reverse("admin:chat_conversation_handoff", args=[conversation.pk]), HTTP_ACCEPT_LANGUAGE="en").content.decode()
     assert "Suggested answers from the knowledge base" in page and 'class="button insert-suggestion"' in page
     assert f"#{pairs[1].pk}</a>" in page  # 退款多久能到账？
+
+
+# --- the same over the REST chat and /v1 (in-process: the same pipeline, other frames) ---
+
+CHANGED_REFUND = "您好！仓库签收退货并审核通过后（一般24小时内完成审核），退款将在2-5个工作日内原路退回。"
+
+
+def test_the_rest_chat_answers_in_the_same_modes_with_citations(training_env, faq, customer_api):
+    pairs = approve(faq)
+    curated = customer_api.post("/api/v1/chat/", {"text": faq[3]["instruction"]}, format="json").json()
+    assert curated["answer"] == faq[3]["output"] and curated["mode"] == "curated" and curated["used"] == [pairs[3].pk]
+    assert curated["sources"][0] == {"pair": pairs[3].pk, "rank": 1, "score": curated["sources"][0]["score"]}
+    unknown = customer_api.post("/api/v1/chat/", {"text": "你们卖二手汽车吗？"}, format="json").json()
+    assert unknown["mode"] == "fallback" and unknown["handoff_offered"] and unknown["used"] == []
+
+
+def test_the_rest_stream_says_replace_when_the_fact_guard_stops_an_answer(serving, faq, grounded_zone, customer_api):
+    pairs = approve([faq[0], dict(faq[1], output=CHANGED_REFUND), faq[5]])
+    response = customer_api.post("/api/v1/chat/?stream=1", {"text": faq[1]["instruction"]}, format="json")
+    events = _events(b"".join(response.streaming_content))
+    names = [name for name, _ in events]
+    assert "replace" in names and names[-1] == "done"
+    assert "48" not in "".join(data["text"] for name, data in events if name == "token")
+    replaced, done = dict(events)["replace"], events[-1][1]
+    assert replaced["text"] == CHANGED_REFUND == done["answer"] and done["finish_reason"] == "corrected"
+    assert done["mode"] == "curated" and done["used"] == [pairs[1].pk]
+
+
+def _v1(customer, body):
+    key = AuthToken.objects.create(user=customer).key
+    return Client().post("/v1/chat/completions", body, content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {key}")
+
+
+def test_v1_carries_the_mode_and_sources_in_its_csp_field(training_env, faq, customer):
+    pairs = approve(faq)
+    completion = _v1(customer, {"model": "default", "messages": [{"role": "user", "content": faq[3]["instruction"]}]}).json()
+    assert completion["choices"][0]["message"]["content"] == faq[3]["output"]
+    assert completion["csp"]["mode"] == "curated" and completion["csp"]["used"] == [pairs[3].pk]
+    assert completion["csp"]["sources"][0]["pair"] == pairs[3].pk and not completion["csp"]["handoff_offered"]
+
+
+def test_a_v1_stream_appends_the_replacement_and_says_so(serving, faq, grounded_zone, customer):
+    approve([faq[0], dict(faq[1], output=CHANGED_REFUND), faq[5]])
+    body = {"model": "default", "stream": True, "messages": [{"role": "user", "content": faq[1]["instruction"]}]}
+    raw = b"".join(_v1(customer, body).streaming_content).decode()
+    chunks = [json.loads(line[6:]) for line in raw.split("\n\n") if line.startswith("data: {")]
+    content = "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks if chunk.get("choices"))
+    assert "48" not in content and content.endswith("\n\n" + CHANGED_REFUND)
+    last = next(chunk for chunk in reversed(chunks) if chunk.get("csp"))
+    assert last["csp"]["finish_reason"] == "corrected" and last["choices"][0]["finish_reason"] == "stop"
