@@ -49,11 +49,20 @@ class CategoryNameField(serializers.SlugRelatedField):
     category"; the schema says so (no minLength)."""
 
 
+class AlternatesField(serializers.ListField):
+    """A list of strings, as the schema says; its items are checked by the model (QAPair.clean)
+    as the admin's are, so the errors are the admin's messages in one flat list (the API's error
+    shape), not DRF's errors keyed by item index."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, (str, dict)) or not isinstance(data, list):
+            self.fail("not_a_list", input_type=type(data).__name__)
+        return list(data)
+
+
 class QAPairSerializer(TextModelSerializer):
-    # The model checks each alternate (QAPair.clean), so the API refuses what the admin refuses;
-    # blank and untrimmed items pass here to reach those checks and their messages.
-    alternates = serializers.ListField(
-        child=TextField(allow_blank=True, trim_whitespace=False),
+    alternates = AlternatesField(
+        child=TextField(),
         required=False,
         label=_("alternate questions"),
         help_text=format_lazy(

@@ -212,3 +212,11 @@ def test_the_csv_cell_joins_alternates_with_the_documented_separator_and_guards_
     cells = list(csv.DictReader(io.StringIO(services.qa_export(pairs=QAPair.objects.all(), file_format="csv").decode("utf-8-sig"))))
     assert [row["alternates"] for row in cells] == ["怎么退货 || 东西不想要了能退吗", "'=HYPERLINK(1) || 多久发货"]
     assert formats.alternates_from_cell("a||b ||  c") == ["a", "b", "c"] and formats.alternates_from_cell(" ") == []
+
+
+def test_the_api_reports_an_alternate_that_is_not_text_in_one_flat_list(staff_api):
+    response = staff_api.post(
+        PAIRS, {"instruction": "运费谁承担？", "output": "商家承担。", "alternates": ["运费谁出", {"a": 1}, 3]}, format="json"
+    )
+    assert response.status_code == 400
+    assert response.json() == {"alternates": ["Alternate 2 must be text, not dict.", "Alternate 3 must be text, not int."]}

@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+from django.utils import timezone
 
 from knowledge import retrieval, services
 from knowledge.models import Embedding, QAPair
@@ -26,8 +27,9 @@ def _approve(pair):
 
 @pytest.fixture
 def fresh_process(monkeypatch):
-    """This process as if just started: no serving index built yet."""
+    """This process as if just started: no serving index built yet, no vectors in memory."""
     monkeypatch.setattr(retrieval, "_serving", None)
+    monkeypatch.setattr(retrieval, "_serving_cache", None)
 
 
 @pytest.fixture
@@ -92,6 +94,7 @@ def test_a_new_process_builds_its_index_from_the_stored_embeddings(fresh_process
     retrieval.serving_index()
     stored = set(Embedding.objects.values_list("key", flat=True))
     monkeypatch.setattr(retrieval, "_serving", None)
+    monkeypatch.setattr(retrieval, "_serving_cache", None)
     index = retrieval.serving_index()
     assert len(index) == 3 and set(Embedding.objects.values_list("key", flat=True)) == stored
 
@@ -114,9 +117,11 @@ def test_the_database_cache_gives_back_the_float32_vectors_it_was_given():
 
 
 # The second process: a plain Django script on the same database. It builds its serving index,
-# says what it holds, then waits for the first process to approve a pair and name it.
+# says what it holds, then waits for the first process to approve a pair and name it, and polls
+# its serving index until that pair is in it (a stamp query dearer than CHEAP_CHECK_SECONDS, as
+# on a busy machine, runs at most once per RECHECK_SECONDS).
 SECOND_PROCESS = """
-import json, os, sys
+import json, os, sys, time
 import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "csplatform.settings")
 django.setup()
@@ -125,7 +130,10 @@ from knowledge.retrieval import serving_index
 index = serving_index()
 print(json.dumps({"stamp": index.stamp, "size": len(index)}), flush=True)
 pair_id = int(sys.stdin.readline())
-index = serving_index()
+deadline = time.monotonic() + 60
+while len(index) == 3 and time.monotonic() < deadline:
+    time.sleep(0.05)
+    index = serving_index()
 top = index.search("退货运费谁出", k=1)
 print(json.dumps({"stamp": index.stamp, "size": len(index), "question": index.entry(pair_id).question,
                   "top": top[0].pair_id if top else None}), flush=True)
@@ -161,3 +169,15 @@ def test_the_index_is_rebuilt_after_an_approval_and_seen_by_a_second_process(sho
         if second.poll() is None:
             second.kill()
         second.communicate()
+
+
+def test_a_dear_stamp_is_checked_at_most_once_a_while_but_at_once_after_a_save_here(fresh_process, shop, monkeypatch):
+    monkeypatch.setattr(retrieval, "CHEAP_CHECK_SECONDS", -1.0)  # every check counts as dear
+    monkeypatch.setattr(retrieval, "RECHECK_SECONDS", 3600.0)
+    elsewhere = make_pair("用户问：运费多少？", "满99元包邮。")
+    index = retrieval.serving_index()
+    # as another process would approve it: no save() in this process, so no signal here
+    QAPair.objects.filter(pk=elsewhere.pk).update(status=APPROVED, updated_at=timezone.now())
+    assert retrieval.serving_index() is index  # not checked again yet
+    _approve(make_pair("用户问：能用花呗吗？", "可以使用花呗分期。"))  # saved here: the next use checks
+    assert len(retrieval.serving_index()) == 5
