@@ -6,10 +6,11 @@ Serving indexes every approved pair; evaluation builds its own index over the pa
 
 Every process (web, workers, several daphnes) keeps its own index in memory and asks the
 database before use whether the approved set changed (`approved_stamp`, one aggregate query):
-a pair approved in one process is retrieved by every other one from its next question. That
-query costs about 1 ms for a few hundred pairs but 20-40 ms for 20 000 on SQLite (measured on a
-busy 2-core machine), so once it is that dear it runs at most once per RECHECK_SECONDS, and a
-save in this process makes the next use check at once.
+a pair approved in one process is retrieved by every other one from its next question, or
+within RECHECK_SECONDS on a large knowledge base: the query costs about 1 ms for a few hundred
+pairs but 20-40 ms for 20 000 on SQLite (measured on a busy 2-core machine), so once it costs
+more than CHEAP_CHECK_SECONDS it runs at most once per RECHECK_SECONDS (a save or delete in this
+process still makes the next use check at once).
 
 A rebuild embeds only texts no process has embedded before (the pair that was approved or
 edited): vectors are cached by content in the database (`Embedding`), shared by every process,
