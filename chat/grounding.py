@@ -19,6 +19,7 @@ Which pairs were retrieved (rank, score) and which the answer used are stored on
 """
 
 import dataclasses
+import logging
 import re
 import threading
 import uuid
@@ -36,6 +37,8 @@ from llm.facts import FactGuard
 from llm.finetune.config import read_saved_record
 from llm.prompting import Turn
 from training.models import AdapterVersion
+
+logger = logging.getLogger(__name__)
 
 # Earlier customer messages of the conversation that a question is retrieved with (follow-ups).
 CONTEXT_QUESTIONS = 2
@@ -174,7 +177,11 @@ def plan_answer(*, text="", turns=None, conversation_id=None, session_key="", us
         context = earlier_questions(conversation_id=conversation_id, session_key=session_key, user=user)
     version = answering_version(options or {})
     limits = thresholds(version)
-    hits = serving_index().search(question, k=settings.CSP_GROUNDING_K, context=tuple(context))
+    try:
+        hits = serving_index().search(question, k=settings.CSP_GROUNDING_K, context=tuple(context))
+    except Exception:  # the customer is offered a person rather than an error; the operator sees why
+        logger.exception("retrieval failed; answering with the fallback reply")
+        hits = ()
     decision = grounding.decide(hits, limits, can_ground=version is not None)
     return Plan(
         decision=decision,

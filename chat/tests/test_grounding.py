@@ -111,3 +111,16 @@ def test_thresholds_come_from_settings_then_the_versions_calibration_then_the_de
     assert grounding.thresholds(Version()) == modes.Thresholds(curated=0.97, fallback=0.9)
     settings.CSP_CURATED_THRESHOLD = 0.85  # below the calibrated fallback: the fallback follows it down
     assert grounding.thresholds(Version()) == modes.Thresholds(curated=0.85, fallback=0.85)
+
+
+@pytest.mark.django_db
+def test_when_retrieval_fails_the_customer_gets_the_fallback_and_the_log_says_why(settings, monkeypatch, caplog):
+    settings.CSP_GROUNDING = True
+
+    def broken():
+        raise RuntimeError("embedding model missing")
+
+    monkeypatch.setattr(grounding, "serving_index", broken)
+    planned = grounding.plan_answer(text="可以退货吗？")
+    assert planned.mode == "fallback" and not planned.needs_engine and planned.reply() == grounding.fallback_reply()
+    assert "retrieval failed" in caplog.text and "embedding model missing" in caplog.text
