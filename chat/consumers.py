@@ -31,7 +31,9 @@ import time
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.utils import translation
 from django.utils.translation import gettext as _
+from django.utils.translation.trans_real import parse_accept_lang_header
 
 from chat import answering, grounding, handoff, services
 from chat.models import Conversation, Message
@@ -73,6 +75,26 @@ def _cool_down(scope):
     _cooling_down[address] = now + FLOOD_COOLDOWN_SECONDS
 
 
+def scope_language(scope):
+    """The language the chat page was served in, as LocaleMiddleware picks it for a request: the
+    language cookie, then Accept-Language, then the default."""
+    cookie = scope.get("cookies", {}).get(settings.LANGUAGE_COOKIE_NAME)
+    if cookie:
+        try:
+            return translation.get_supported_language_variant(cookie)
+        except LookupError:
+            pass
+    headers = dict(scope.get("headers", ()))
+    for code, _quality in parse_accept_lang_header(headers.get(b"accept-language", b"").decode("latin-1")):
+        if code == "*":
+            break
+        try:
+            return translation.get_supported_language_variant(code)
+        except LookupError:
+            continue
+    return settings.LANGUAGE_CODE
+
+
 class ChatConsumer(AsyncWebsocketConsumer):
     async def connect(self):
         self.generation = None  # the task streaming the answer being generated
@@ -80,6 +102,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.frame_times = []
         self.following = None  # the conversation whose group this socket is in
         self.following_state = None  # its handoff state as last heard (bot, waiting, agent, closed)
+        self.language = scope_language(self.scope)
         if _cooling_down.get(_client_address(self.scope), 0) > time.monotonic():
             await self.close()  # refused before accepting (HTTP 403), and before any database work
             return
@@ -144,6 +167,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # --- receiving ---
 
     async def receive(self, text_data=None, bytes_data=None):
+        # In the page's language (what LocaleMiddleware chose for it), not the server's default:
+        # error texts, the fallback reply. The answer's task, made inside, inherits it.
+        with translation.override(self.language):
+            await self._receive(text_data, bytes_data)
+
+    async def _receive(self, text_data=None, bytes_data=None):
         if len(text_data or bytes_data or "") > settings.CSP_WS_MAX_FRAME_BYTES:
             # Not a customer who typed too much (that gets an error frame below): drop the socket.
             await self.close(code=CLOSE_TOO_BIG)

@@ -197,3 +197,32 @@ def test_a_customer_asks_for_a_person_gets_the_reply_live_and_rates_the_conversa
         time.sleep(0.1)
     assert Conversation.objects.get().csat == 4
     _wait(browser, lambda d: not d.find_element(By.ID, "chat-csat").is_displayed(), message="rating not acknowledged")
+
+
+@pytest.mark.grounded
+def test_before_any_version_a_customer_gets_curated_answers_and_a_person_offered_when_the_knowledge_base_has_none(
+    training_env, tiny_model, browser, faq
+):
+    from selenium.webdriver.common.by import By
+
+    from knowledge.models import QAPair
+
+    for record in faq:
+        QAPair.objects.create(instruction=record["instruction"], output=record["output"], status=QAPair.Status.APPROVED)
+    env = {"CSP_DATA_DIR": str(training_env), "CSP_BASE_MODEL": str(tiny_model), "CSP_GROUNDING": "true", "CSP_CHAT_SHOW_SOURCES": "true"}
+    with live_daphne(env=env, log=training_env / "daphne.log") as url:
+        browser.get(url + "/chat/")
+        _wait(browser, _script("return document.getElementById('chat-status').dataset.state === 'online'"), message="not connected")
+        curated = _ask(browser, faq[3]["instruction"], 0)
+        assert curated.find_element(By.CSS_SELECTOR, ".msg-text").text == faq[3]["output"]
+        assert faq[3]["instruction"] in curated.find_element(By.CSS_SELECTOR, ".msg-source").text
+        assert not curated.find_elements(By.CSS_SELECTOR, ".msg-handoff")
+
+        unknown = _ask(browser, "你们卖二手汽车吗？", 1)
+        offer = unknown.find_element(By.CSS_SELECTOR, ".msg-handoff")
+        assert offer.text == "Talk to a person" and "person" in unknown.find_element(By.CSS_SELECTOR, ".msg-text").text
+        offer.click()
+        banner = browser.find_element(By.ID, "chat-handoff")
+        _wait(browser, lambda d: banner.get_attribute("data-state") == "waiting", message="not waiting")
+        assert Conversation.objects.get().state == "waiting"
+        assert list(Message.objects.filter(role="assistant").values_list("mode", flat=True).order_by("id")) == ["curated", "fallback"]

@@ -124,3 +124,12 @@ def test_when_retrieval_fails_the_customer_gets_the_fallback_and_the_log_says_wh
     planned = grounding.plan_answer(text="可以退货吗？")
     assert planned.mode == "fallback" and not planned.needs_engine and planned.reply() == grounding.fallback_reply()
     assert "retrieval failed" in caplog.text and "embedding model missing" in caplog.text
+
+
+def test_the_socket_speaks_the_pages_language(settings):
+    from chat.consumers import scope_language
+
+    assert scope_language({"cookies": {settings.LANGUAGE_COOKIE_NAME: "en"}, "headers": [(b"accept-language", b"zh-CN")]}) == "en"
+    assert scope_language({"cookies": {}, "headers": [(b"accept-language", b"fr-FR,en-US;q=0.8,en;q=0.5")]}) == "en"
+    assert scope_language({"cookies": {}, "headers": [(b"accept-language", b"zh-CN,zh;q=0.9")]}) == "zh-hans"
+    assert scope_language({"cookies": {settings.LANGUAGE_COOKIE_NAME: "xx"}, "headers": []}) == settings.LANGUAGE_CODE
