@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -58,6 +59,23 @@ def add_backend_arguments(parser: argparse.ArgumentParser):
 
 def chosen_backends(choice):
     return list(BACKENDS) if choice == "both" else [choice]
+
+
+def cpu_line():
+    """The CPU, its core count and the instructions the kernels care about: print it with every table
+    (llama.cpp and bf16 figures halve on a machine without AVX-512)."""
+    name, flags = platform.processor() or "cpu", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    return f"CPU: {name}, {os.cpu_count()} cores; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ' '.join(wanted)}"
 
 
 def load_average():

@@ -20,7 +20,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -36,25 +35,10 @@ if str(ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/, not 
 from llm.calibration import calibrate  # noqa: E402
 from llm.prompting import question_text  # noqa: E402
 from llm.retrieval import QUESTION, Embedder, Entry, Index, MemoryCache, customer_text, tokens  # noqa: E402
+from common import cpu_line  # noqa: E402  (benchmarks/ is on the path when run as a script)
 from tests.support.stats import percentile  # noqa: E402
 
 DATA = ROOT / "data"
-
-
-def cpu_line():
-    """The CPU, its core count and the instructions the kernels care about (as benchmarks/fidelity.py)."""
-    name, flags = platform.processor() or "cpu", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-    return f"CPU: {name}, {os.cpu_count()} cores; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ' '.join(wanted)}"
 
 
 def load(name):
