@@ -5,8 +5,9 @@ itself, as an unseen paraphrase at serving would not), and the out-of-scope ques
 (data/out_of_scope.json) against the same index. From their top-1 scores:
 
 - curated threshold: the lowest dev top-1 score at or above which the top pair is the right one
-  for at least 99% of the dev questions there (right: its curated answer is the dev pair's). With
-  no such score, 1.0: nothing is answered verbatim by score alone.
+  for at least 99% of the dev questions there (right: its curated answer is the dev pair's), and
+  never above 0.999 (VERBATIM: a question asked word for word is always curated). With no such
+  score, 0.999.
 - fallback threshold: as many out-of-scope questions below it as possible while at least 95% of
   the dev questions stay at or above it. Retrieval scores alone do not separate the two sets
   (paraphrases of a shop's questions and other shop questions read alike: on the sample data a
@@ -17,6 +18,8 @@ itself, as an unseen paraphrase at serving would not), and the out-of-scope ques
   and the next lower score of either set. Never above the curated threshold; 0.0 without dev
   questions. The report gives the out-of-scope share it screens out.
 
+Without dev pairs there is nothing to calibrate on: the built-in DEFAULT_THRESHOLDS stay.
+
 Small sets make coarse thresholds: with 24 dev pairs, 99% precision means no wrong top-1 at all
 above the threshold. `calibrate` returns the thresholds with the precision and shares they give,
 which the version page shows. Pure Python: no Django, no torch.
@@ -26,10 +29,13 @@ import math
 from dataclasses import dataclass, field
 
 from llm.evaluation import normalise
-from llm.grounding import Thresholds
+from llm.grounding import DEFAULT_THRESHOLDS, Thresholds
 
 CURATED_PRECISION = 0.99
 DEV_KEPT = 0.95
+# A question asked word for word scores 1.0 (to float error: 0.99999...): always curated, whatever
+# the dev set says.
+VERBATIM = 0.999
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,7 @@ def calibrate(dev, out_of_scope, *, precision=CURATED_PRECISION, dev_kept=DEV_KE
     dev = [(float(score), bool(right)) for score, right in dev]
     oos = sorted(float(score) for score in out_of_scope)
 
-    curated = 1.0
+    curated = VERBATIM
     for candidate in sorted({score for score, _ in dev}):
         above = [right for score, right in dev if score >= candidate]
         if sum(above) / len(above) >= precision:
@@ -69,7 +75,9 @@ def calibrate(dev, out_of_scope, *, precision=CURATED_PRECISION, dev_kept=DEV_KE
         fallback = 0.0
     capped = fallback > curated
     fallback = min(fallback, curated)
-    thresholds = Thresholds(curated=round(curated, 6), fallback=round(fallback, 6))
+    thresholds = Thresholds(curated=round(min(curated, VERBATIM), 6), fallback=round(fallback, 6))
+    if not dev:  # nothing to calibrate on (a knowledge base without dev pairs): keep the defaults
+        thresholds = DEFAULT_THRESHOLDS
 
     def share(items):
         return len(items) / len(dev) if dev else None

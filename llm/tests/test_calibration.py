@@ -2,9 +2,9 @@
 
 import pytest
 
-from llm.calibration import calibrate
+from llm.calibration import VERBATIM, calibrate
 from llm.evaluation import answer_as_served, evaluate_served, invented_numbers
-from llm.grounding import CURATED, FALLBACK, GROUNDED, TRAINED_FALLBACK, Thresholds
+from llm.grounding import CURATED, DEFAULT_THRESHOLDS, FALLBACK, GROUNDED, TRAINED_FALLBACK, Thresholds
 from llm.retrieval import Hit
 
 RETURNS = "您好！星河商城支持7天无理由退货，运费10元由您承担。"
@@ -22,8 +22,12 @@ def test_the_curated_threshold_is_the_lowest_score_with_no_wrong_top_pair_above_
     assert result.report["curated_precision"] == 1.0 and result.report["dev_curated_share"] == 3 / 5
 
 
-def test_with_the_best_scoring_dev_question_wrong_nothing_is_curated_by_score():
-    assert calibrate([(0.99, False), (0.9, True)], []).thresholds.curated == 1.0
+def test_with_the_best_scoring_dev_question_wrong_only_questions_asked_word_for_word_are_curated():
+    assert calibrate([(0.99, False), (0.9, True)], []).thresholds.curated == VERBATIM == 0.999
+
+
+def test_without_dev_pairs_the_defaults_stay():
+    assert calibrate([], [0.7, 0.8]).thresholds == DEFAULT_THRESHOLDS
 
 
 def test_the_fallback_threshold_keeps_ninety_five_percent_of_dev_above_it_and_screens_out_the_most_out_of_scope():
@@ -35,12 +39,11 @@ def test_the_fallback_threshold_keeps_ninety_five_percent_of_dev_above_it_and_sc
     assert result.report["dev_fallback_share"] == 1 / 21 and result.report["out_of_scope_fallback_share"] == 4 / 5
 
 
-def test_the_fallback_threshold_never_exceeds_the_curated_one_and_is_zero_without_dev_questions():
+def test_the_fallback_threshold_never_exceeds_the_curated_one():
     capped = calibrate([(0.6, False), (0.9, False)], [0.1])
-    assert capped.thresholds.curated == 1.0 and capped.thresholds.fallback == pytest.approx(0.35)
+    assert capped.thresholds.curated == VERBATIM and capped.thresholds.fallback == pytest.approx(0.35)
     over = calibrate([(0.6, True), (0.7, True)], [])
     assert over.thresholds.fallback <= over.thresholds.curated
-    assert calibrate([], [0.7]).thresholds.fallback == 0.0
 
 
 THRESHOLDS = Thresholds(curated=0.9, fallback=0.6)
