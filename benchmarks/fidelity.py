@@ -44,7 +44,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -65,26 +64,6 @@ TARGETS = {
     "dev": "facts >= 95%, invented <= 1%",
     "out-of-scope": "fallback >= 90%, invented 0",
 }
-
-
-def cpu_line():
-    """The CPU, its core count and the instructions the kernels care about (AVX-512, bf16, AMX)."""
-    name, flags = platform.processor() or "cpu", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-    return f"CPU: {name}, {os.cpu_count()} cores; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ' '.join(wanted)}"
-
-
-# ---------------------------------------------------------------------------------------------
-# the data dir: Django in this process on the same SQLite file the daphnes use
 
 
 def setup_django(data_dir, base):
@@ -375,7 +354,7 @@ def main():
         raise SystemExit("--skip-train needs the --data-dir of an earlier run")
 
     print(f"fidelity.py {' '.join(sys.argv[1:])}")
-    print(cpu_line())
+    print(common.cpu_line())
     print(f"base {args.base}; {common.load_average()}", flush=True)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="csp-fidelity-"))
     data_dir.mkdir(parents=True, exist_ok=True)
