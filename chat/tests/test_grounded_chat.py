@@ -16,7 +16,7 @@ from csplatform.asgi import application
 from knowledge.models import QAPair
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services, pytest.mark.grounded]
-ORIGIN = [(b"origin", b"http://localhost")]
+ORIGIN = [(b"origin", b"http://localhost"), (b"accept-language", b"en")]  # a page in English: replies in English
 
 
 def approve(records):

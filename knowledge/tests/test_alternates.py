@@ -66,6 +66,7 @@ def test_the_admin_form_refuses_a_bad_alternate_on_its_field(staff_client, store
             "instruction": "运费谁承担？", "alternates": "\n".join(alternates), "input": "", "output": "商家承担。",
             "status": "draft", "split": "auto",
         },
+        HTTP_ACCEPT_LANGUAGE="en",  # the messages are read in English
     )
     if case == "empty":  # a blank line in the textarea is no alternate at all
         assert response.status_code == 302 and QAPair.objects.get(instruction="运费谁承担？").alternates == ["运费谁出"]
@@ -102,7 +103,7 @@ def response_text(response):
 def test_the_api_refuses_a_bad_alternate_with_the_models_message(staff_api, stored, case):
     alternates, word = BAD[case]
     response = staff_api.post(
-        PAIRS, {"instruction": "运费谁承担？", "output": "商家承担。", "alternates": alternates}, format="json"
+        PAIRS, {"instruction": "运费谁承担？", "output": "商家承担。", "alternates": alternates}, format="json", HTTP_ACCEPT_LANGUAGE="en"
     )
     assert response.status_code == 400, response.json()
     assert list(response.json()) == ["alternates"] and word in " ".join(response.json()["alternates"])
@@ -216,7 +217,8 @@ def test_the_csv_cell_joins_alternates_with_the_documented_separator_and_guards_
 
 def test_the_api_reports_an_alternate_that_is_not_text_in_one_flat_list(staff_api):
     response = staff_api.post(
-        PAIRS, {"instruction": "运费谁承担？", "output": "商家承担。", "alternates": ["运费谁出", {"a": 1}, 3]}, format="json"
+        PAIRS, {"instruction": "运费谁承担？", "output": "商家承担。", "alternates": ["运费谁出", {"a": 1}, 3]}, format="json",
+        HTTP_ACCEPT_LANGUAGE="en",
     )
     assert response.status_code == 400
     assert response.json() == {"alternates": ["Alternate 2 must be text, not dict.", "Alternate 3 must be text, not int."]}
