@@ -9,6 +9,11 @@ same way, and only format what they get:
     async for event in session.events(): ...     # Started, Text..., then Finished or Failed
     for event in session.events_sync(): ...      # the same, for a reader without an event loop
 
+Every answer comes from the curated Q&A (chat.grounding, docs/grounding.md): `answer_start` first
+plans the message's mode from the pairs retrieved for it. A curated answer or the fallback reply
+streams through the same events without the engine; a grounded one is generated with the retrieved
+pairs and passes the fact guard, which may replace it (a `Replaced` event).
+
 `answer_start` checks that the engine has room, stores the question, queues it on the engine and
 creates the answer row, all or nothing: a refusal stores nothing. A refusal is a ChatError whose
 `code` (AnswerRefused: busy, too_long, unavailable; or not_found for a conversation that is not

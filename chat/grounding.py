@@ -301,7 +301,8 @@ class GuardedStream:
                 self._feed(event.text)
             return
         if isinstance(event, Done):
-            if self.outcome is None:
+            # An answer its reader stopped ends as it stands (cancelled): what the guard holds is dropped.
+            if self.outcome is None and not (self.request is not None and self.request.cancelled):
                 self._end()
             stats = event.stats
             if self.outcome is not None:

@@ -133,3 +133,15 @@ def test_the_socket_speaks_the_pages_language(settings):
     assert scope_language({"cookies": {}, "headers": [(b"accept-language", b"fr-FR,en-US;q=0.8,en;q=0.5")]}) == "en"
     assert scope_language({"cookies": {}, "headers": [(b"accept-language", b"zh-CN,zh;q=0.9")]}) == "zh-hans"
     assert scope_language({"cookies": {settings.LANGUAGE_COOKIE_NAME: "xx"}, "headers": []}) == settings.LANGUAGE_CODE
+
+
+def test_a_cancelled_answer_ends_as_it_stands_without_releasing_what_the_guard_holds():
+    events = []
+    guarded = grounding.GuardedStream(plan(), on_event=events.append)
+    request = Request()
+    guarded.attach(request)
+    for piece in "您好！运费30":
+        guarded(Token(piece))
+    request.cancel()
+    guarded(Done(Stats(request_id="r", adapter="v1", finish_reason="cancelled")))
+    assert guarded.text == "您好！运费" and events[-1].stats.finish_reason == "cancelled" and guarded.mode == "grounded"
