@@ -46,6 +46,26 @@ class TrainingRunStartSerializer(serializers.Serializer):
     target_modules = TextField(required=False, max_length=300)
 
 
+class FindingSerializer(serializers.Serializer):
+    code = serializers.CharField()
+    message = serializers.CharField()
+    pair_ids = serializers.ListField(child=serializers.IntegerField())
+
+
+class CheckReportSerializer(serializers.Serializer):
+    ok = serializers.BooleanField()
+    errors = FindingSerializer(many=True, help_text="Block the run.")
+    warnings = FindingSerializer(many=True)
+
+
+class TrainingRefusedSerializer(serializers.Serializer):
+    """A run refused because the approved pairs failed the data checks (training.datachecks)."""
+
+    detail = serializers.CharField()
+    code = serializers.CharField()
+    checks = CheckReportSerializer()
+
+
 class AdapterVersionSerializer(serializers.ModelSerializer):
     class Meta:
         model = AdapterVersion

@@ -8,7 +8,7 @@ from rest_framework.response import Response
 from csplatform.permissions import StaffModelPermissions
 from training import services
 from training.models import AdapterVersion, TrainingRun
-from training.serializers import AdapterVersionSerializer, TrainingRunSerializer, TrainingRunStartSerializer
+from training.serializers import AdapterVersionSerializer, TrainingRefusedSerializer, TrainingRunSerializer, TrainingRunStartSerializer
 
 REFUSAL_STATUS = {
     "busy": status.HTTP_409_CONFLICT,
@@ -40,7 +40,10 @@ class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
         request=TrainingRunStartSerializer,
         responses={
             201: TrainingRunSerializer,
-            400: OpenApiResponse(description="Invalid hyper-parameters, or the approved pairs failed the checks."),
+            400: OpenApiResponse(
+                TrainingRefusedSerializer,
+                description="The approved pairs failed the checks (`code` checks); or invalid hyper-parameters (field -> messages).",
+            ),
             409: OpenApiResponse(description="A run is already queued or running."),
             503: OpenApiResponse(description="The base model (CSP_BASE_MODEL) is not available."),
             507: OpenApiResponse(description="The snapshot of the approved pairs could not be written (disk full)."),
