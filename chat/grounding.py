@@ -30,6 +30,7 @@ from django.conf import settings
 from django.utils.translation import gettext as _
 
 from chat.models import Conversation, Message
+from chat.services import is_uuid
 from knowledge.retrieval import serving_index
 from llm import grounding
 from llm.engine import Done, Stats, Token
@@ -146,8 +147,8 @@ def overlap(text, source):
 
 def earlier_questions(*, conversation_id, session_key="", user=None):
     """The conversation's last customer messages, oldest first ([] for a new or foreign one)."""
-    if not conversation_id:
-        return []
+    if not conversation_id or not is_uuid(conversation_id):
+        return []  # answer_start refuses a malformed id with not_found
     conversation = Conversation.objects.filter(pk=conversation_id).first()
     if conversation is None or not conversation.belongs_to(session_key=session_key, user=user):
         return []  # answer_start refuses it with not_found

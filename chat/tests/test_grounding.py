@@ -145,3 +145,9 @@ def test_a_cancelled_answer_ends_as_it_stands_without_releasing_what_the_guard_h
     request.cancel()
     guarded(Done(Stats(request_id="r", adapter="v1", finish_reason="cancelled")))
     assert guarded.text == "您好！运费" and events[-1].stats.finish_reason == "cancelled" and guarded.mode == "grounded"
+
+
+@pytest.mark.django_db
+def test_a_malformed_conversation_id_gives_no_context_and_no_error():
+    assert grounding.earlier_questions(conversation_id="not-a-uuid") == []
+    assert grounding.earlier_questions(conversation_id=123) == []
