@@ -27,13 +27,13 @@ import asyncio
 import contextlib
 import json
 import time
+from types import SimpleNamespace
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import translation
 from django.utils.translation import gettext as _
-from django.utils.translation.trans_real import parse_accept_lang_header
 
 from chat import answering, grounding, handoff, services
 from chat.models import Conversation, Message
@@ -76,23 +76,13 @@ def _cool_down(scope):
 
 
 def scope_language(scope):
-    """The language the chat page was served in, as LocaleMiddleware picks it for a request: the
-    language cookie, then Accept-Language, then the default."""
-    cookie = scope.get("cookies", {}).get(settings.LANGUAGE_COOKIE_NAME)
-    if cookie:
-        try:
-            return translation.get_supported_language_variant(cookie)
-        except LookupError:
-            pass
+    """The language the chat page was served in, chosen as LocaleMiddleware chooses it for a request
+    (Django's own get_language_from_request): the language cookie, then Accept-Language, then the default."""
     headers = dict(scope.get("headers", ()))
-    for code, _quality in parse_accept_lang_header(headers.get(b"accept-language", b"").decode("latin-1")):
-        if code == "*":
-            break
-        try:
-            return translation.get_supported_language_variant(code)
-        except LookupError:
-            continue
-    return settings.LANGUAGE_CODE
+    request = SimpleNamespace(
+        COOKIES=scope.get("cookies", {}), META={"HTTP_ACCEPT_LANGUAGE": headers.get(b"accept-language", b"").decode("latin-1")}
+    )
+    return translation.get_language_from_request(request)
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
