@@ -11,6 +11,7 @@ from django.urls import reverse
 from knowledge import formats, services
 from knowledge.models import ALTERNATE_MAX_LENGTH, QAPair
 from knowledge.tests.factories import make_pair
+from knowledge.tests.test_import import assert_export_import_round_trip
 
 pytestmark = [pytest.mark.django_db, pytest.mark.services]
 
@@ -198,14 +199,7 @@ def test_alternates_round_trip_through_every_export_format(stored, file_format):
     make_pair("多行\n问题", "答案", alternates=["=SUM(1)", "'=已经引用", "-5% 还能用吗", "@客服 在吗"])
     make_pair("用户问：几天发货？", "24小时。", alternates=["多久发货", "'Tis 发货"])
     make_pair("用户问：能开发票吗？", "可以。")
-    before = [pair.as_record() for pair in QAPair.objects.order_by("id")]
-    exported = services.qa_export(pairs=QAPair.objects.all(), file_format=file_format)
-    QAPair.objects.all().delete()
-    report = services.qa_import(content=exported, filename=f"export.{file_format}")
-    assert report.committed, report.as_dict()
-    after = [pair.as_record() for pair in QAPair.objects.order_by("id")]
-    strip_ids = lambda records: [{k: v for k, v in r.items() if k != "id"} for r in records]  # noqa: E731
-    assert strip_ids(after) == strip_ids(before)
+    assert_export_import_round_trip(file_format)
 
 
 def test_the_csv_cell_joins_alternates_with_the_documented_separator_and_guards_formulas(stored):

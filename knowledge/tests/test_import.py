@@ -137,6 +137,11 @@ def test_import_is_recorded_in_the_admin_history(staff_user):
 def test_export_then_import_round_trip_is_lossless(file_format):
     services.qa_import(content=_json(GOOD), filename="faq.json", status="approved", split="dev")
     QAPair.objects.create(instruction="多行\n问题", input="订单号：1,2\"3\"", output="第一行\n- 第二行\n=SUM(1)", split="train")
+    assert_export_import_round_trip(file_format)
+
+
+def assert_export_import_round_trip(file_format):
+    """Export every pair in `file_format`, delete them, import the file: the same records come back (ids aside)."""
     before = [pair.as_record() for pair in QAPair.objects.order_by("id")]
     exported = services.qa_export(pairs=QAPair.objects.all(), file_format=file_format)
     QAPair.objects.all().delete()
