@@ -140,23 +140,30 @@ async def answer_astart(**question):
     """`answer_start` from an event loop. The model loads (first answer only, and only when the
     question needs it: curated and fallback answers don't) in a thread of its own, not in the one
     database thread that every websocket consumer of the process shares."""
+    submitted = monotonic()
     plan = await sync_to_async(plan_for)(**{k: v for k, v in question.items() if k != "channel"})
     engine = None
     if plan.needs_engine:
         try:
             engine = await sync_to_async(active_engine)()
             await engine.aload()
+            plan = await grounding.arerank(plan, engine, question)
         except REFUSED as exc:
             raise refusal(exc) from None
-    return await sync_to_async(answer_start)(engine=engine, plan=plan, **question)
+    return await sync_to_async(answer_start)(engine=engine, plan=plan, submitted=submitted, **question)
 
 
-def answer_start(*, engine=None, channel, text="", conversation_id=None, session_key="", user=None, turns=None, plan=None, **options):
+def answer_start(
+    *, engine=None, channel, text="", conversation_id=None, session_key="", user=None, turns=None, plan=None, submitted=None,
+    **options,
+):
     """Queue an answer on the (loaded) engine and store its question and answer rows: an AnswerSession.
 
     `plan` (chat.grounding.Plan, made here when not given) says how: a curated answer or the
     fallback reply needs no engine; a grounded one, or any when grounding is off, goes to `engine`
-    (the process's engine, loaded here when None).
+    (the process's engine, loaded here when None), after the version picked among the retrieved
+    pairs where it was trained to (chat.grounding.rerank: the pick may make it curated or fallback).
+    `submitted`: monotonic() when the message arrived, when that was before this call.
 
     The question is either `text`, the next message of the caller's conversation `conversation_id`
     (a new one when empty), its history read back from the database; or `turns`, the whole
@@ -168,15 +175,16 @@ def answer_start(*, engine=None, channel, text="", conversation_id=None, session
     stored and rolled back the question), and the rows are written in one transaction with the
     submit, so a client that retries after a refusal leaves no duplicate question behind.
     """
-    submitted = monotonic()
+    submitted = monotonic() if submitted is None else submitted
     session = AnswerSession()
     try:
         if plan is None:
             plan = plan_for(text=text, conversation_id=conversation_id, session_key=session_key, user=user, turns=turns, **options)
-        session.plan = plan
         if plan.needs_engine:
             engine = engine if engine is not None else ready_engine()
             engine.check_room()
+            plan = grounding.rerank(plan, engine, options)  # done already when answer_astart reranked
+        session.plan = plan
 
         def submit(history):
             if not plan.needs_engine:

@@ -18,6 +18,7 @@ of the version that would answer:
 Which pairs were retrieved (rank, score) and which the answer used are stored on the answer.
 """
 
+import asyncio
 import dataclasses
 import logging
 import re
@@ -33,7 +34,7 @@ from chat.models import Conversation, Message
 from chat.services import is_uuid
 from knowledge.retrieval import serving_index
 from llm import grounding
-from llm.engine import Done, Stats, Token
+from llm.engine import Done, EngineError, Stats, Token
 from llm.facts import FactGuard
 from llm.finetune.config import read_saved_record
 from llm.prompting import Turn
@@ -71,12 +72,22 @@ def thresholds(version):
     return grounding.Thresholds(curated=curated, fallback=min(fallback, curated))
 
 
+def _grounding_record(version):
+    try:
+        return read_saved_record(version.path) if version is not None else {}
+    except OSError:
+        return {}
+
+
 def trained_on_references(version):
     """Whether `version` was trained on grounded prompts (RAFT); older ones read bare questions."""
-    try:
-        return bool(version is not None and read_saved_record(version.path).get("grounding"))
-    except OSError:
-        return False
+    return bool(_grounding_record(version).get("grounding"))
+
+
+def trained_to_pick(version):
+    """Whether `version` was also trained to name the matching pair (llm.grounding.choose)."""
+    record = _grounding_record(version)
+    return bool(record.get("grounding") and record.get("select"))
 
 
 @dataclass
@@ -91,6 +102,7 @@ class Plan:
     # Read where the request's language is active (the decode thread has none).
     fallback_text: str = ""
     thresholds: grounding.Thresholds | None = None
+    picks: bool = False  # grounded, and the version is to be asked which pair matches first (`rerank`)
 
     @property
     def mode(self):
@@ -184,15 +196,75 @@ def plan_answer(*, text="", turns=None, conversation_id=None, session_key="", us
         logger.exception("retrieval failed; answering with the fallback reply")
         hits = ()
     decision = grounding.decide(hits, limits, can_ground=version is not None)
+    grounded = decision.mode == grounding.GROUNDED
     return Plan(
         decision=decision,
         version=version,
-        references_in_prompt=decision.mode == grounding.GROUNDED and trained_on_references(version),
+        references_in_prompt=grounded and trained_on_references(version),
         question=question,
         customer_texts=(*context, question),
         fallback_text=fallback_reply(),
         thresholds=limits,
+        picks=grounded and settings.CSP_RERANK and trained_to_pick(version),
     )
+
+
+# --- the adapter's pick among the retrieved pairs ---
+
+
+def _pick_request(plan, engine, options):
+    """(turns, submit options) of the question "which of these pairs?", or None when this plan is
+    not to be asked: not grounded, a version not trained to pick, or an engine in another process
+    (the worker and remote backends answer free text only)."""
+    if not plan.picks or not getattr(engine, "supports_choices", False):
+        return None
+    candidates = plan.decision.hits[: settings.CSP_GROUNDING_K]
+    turns = [Turn("user", grounding.selection_question(plan.question, candidates))]
+    pinned = {key: options[key] for key in ("adapter", "adapter_path", "system") if key in options}
+    return turns, {"choices": grounding.choice_labels(len(candidates)), **pinned}
+
+
+def _picked(plan, probs):
+    decision = grounding.choose(plan.decision, probs or [], min_prob=settings.CSP_RERANK_MIN_PROB)
+    logger.debug("pick among retrieved pairs: %s", decision.reason)
+    return dataclasses.replace(plan, decision=decision, picks=False, references_in_prompt=plan.references_in_prompt and decision.mode == grounding.GROUNDED)
+
+
+def rerank(plan, engine, options):
+    """The plan after the version named which retrieved pair, if any, the question is about (one
+    prefill and one token on `engine`, blocking): a sure pick answers with that pair's curated
+    text, a sure "none" with the fallback, an unsure one stays grounded. The engine's refusals
+    (EngineError: busy, closed) propagate, as the answer's own submit would raise them; any other
+    failure leaves the plan grounded and is logged."""
+    asked = _pick_request(plan, engine, options)
+    if asked is None:
+        return plan
+    try:
+        _text, stats = engine.submit(asked[0], **asked[1]).result(settings.CSP_CHAT_MAX_SECONDS)
+    except EngineError:  # busy, closed, unavailable: the answer's own submit would be refused too
+        raise
+    except Exception:
+        logger.exception("the pick among the retrieved pairs failed; the answer is generated")
+        return dataclasses.replace(plan, picks=False)
+    return _picked(plan, stats.choice_probs)
+
+
+async def arerank(plan, engine, options):
+    """`rerank` from an event loop: the pick is awaited, not waited for."""
+    asked = _pick_request(plan, engine, options)
+    if asked is None:
+        return plan
+    try:
+        request = await engine.asubmit(asked[0], **asked[1])
+        async with asyncio.timeout(settings.CSP_CHAT_MAX_SECONDS):
+            async for _event in request:
+                pass
+    except EngineError:  # busy, closed, unavailable: the answer's own submit would be refused too
+        raise
+    except Exception:
+        logger.exception("the pick among the retrieved pairs failed; the answer is generated")
+        return dataclasses.replace(plan, picks=False)
+    return _picked(plan, request.stats.choice_probs)
 
 
 def wire_sources(sources):

@@ -207,7 +207,8 @@ if CSP_EVAL_GATE not in ("warn", "strict"):
     raise ImproperlyConfigured(f"CSP_EVAL_GATE={CSP_EVAL_GATE!r} must be warn or strict.")
 # RAFT (llm.finetune.raft): train on each question with the pairs retrieved for it, so the adapter
 # answers from references; in CSP_RAFT_NO_GOLD_SHARE of the examples the right pair is left out and
-# the target is "no answer in the references". CSP_RAFT_VARIANTS paraphrase-like rewrites per pair.
+# the target is "no answer in the references". CSP_RAFT_VARIANTS more questions per pair: its
+# alternates first, then paraphrase-like rewrites.
 CSP_RAFT = envbool("CSP_RAFT", "true")
 try:
     CSP_RAFT_NO_GOLD_SHARE = float(envstr("CSP_RAFT_NO_GOLD_SHARE", "0.25"))
@@ -215,7 +216,7 @@ except ValueError:
     raise ImproperlyConfigured(f"CSP_RAFT_NO_GOLD_SHARE={os.environ['CSP_RAFT_NO_GOLD_SHARE']!r} is not a number.") from None
 if not 0.0 <= CSP_RAFT_NO_GOLD_SHARE < 1.0:
     raise ImproperlyConfigured(f"CSP_RAFT_NO_GOLD_SHARE={CSP_RAFT_NO_GOLD_SHARE} must be at least 0 and below 1.")
-CSP_RAFT_VARIANTS = envint("CSP_RAFT_VARIANTS", 2, minimum=0)
+CSP_RAFT_VARIANTS = envint("CSP_RAFT_VARIANTS", 2, minimum=0)  # questions per pair besides its own
 # Questions the sample knowledge base does not cover: each run calibrates its fallback threshold
 # on them and reports how it answers them (never trained on).
 CSP_OUT_OF_SCOPE_DATA = BASE_DIR / "data" / "out_of_scope.json"
@@ -275,9 +276,17 @@ CSP_WS_PING_TIMEOUT = envint("CSP_WS_PING_TIMEOUT", 30, minimum=1)
 CSP_GROUNDING = envbool("CSP_GROUNDING", "true")
 CSP_GROUNDING_K = envint("CSP_GROUNDING_K", 3, minimum=1)  # pairs retrieved into a grounded prompt
 
+# The adapter's rerank (llm.grounding.choose): RAFT training also teaches the adapter to name which
+# of the top CSP_GROUNDING_K pairs asks what the customer asks; serving asks a version trained so
+# before it generates, and a pick at least CSP_RERANK_MIN_PROB likely answers with that pair's
+# curated text (a sure "none": the fallback reply).
+CSP_RERANK = envbool("CSP_RERANK", "true")
+if CSP_RERANK and CSP_GROUNDING_K > 9:
+    raise ImproperlyConfigured(f"CSP_GROUNDING_K={CSP_GROUNDING_K} must be at most 9 with CSP_RERANK (one digit names a pair).")
+
 
 def envscore(name):
-    """An optional retrieval score 0..1 (empty: the active version's calibrated value)."""
+    """An optional number from 0 to 1, such as a retrieval score (empty: None, the default)."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return None
@@ -293,6 +302,9 @@ def envscore(name):
 # Override the thresholds each training run calibrates (the version page shows them): a top
 # match at or above CSP_CURATED_THRESHOLD gets its curated answer verbatim, one below
 # CSP_FALLBACK_THRESHOLD the fallback reply.
+CSP_RERANK_MIN_PROB = envscore("CSP_RERANK_MIN_PROB")
+if CSP_RERANK_MIN_PROB is None:
+    CSP_RERANK_MIN_PROB = 0.5
 CSP_CURATED_THRESHOLD = envscore("CSP_CURATED_THRESHOLD")
 CSP_FALLBACK_THRESHOLD = envscore("CSP_FALLBACK_THRESHOLD")
 if None not in (CSP_CURATED_THRESHOLD, CSP_FALLBACK_THRESHOLD) and CSP_FALLBACK_THRESHOLD > CSP_CURATED_THRESHOLD:

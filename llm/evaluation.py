@@ -28,7 +28,20 @@ import sacrebleu
 from rouge_chinese import Rouge
 
 from llm import facts
-from llm.grounding import CURATED, DEFAULT_K, FALLBACK, GROUNDED, MODES, TRAINED_FALLBACK, decide, grounded_question
+from llm.grounding import (
+    CURATED,
+    DEFAULT_CHOICE_MIN,
+    DEFAULT_K,
+    FALLBACK,
+    GROUNDED,
+    MODES,
+    TRAINED_FALLBACK,
+    choice_labels,
+    decide,
+    grounded_question,
+    selection_question,
+)
+from llm.grounding import choose as pick
 
 jieba.setLogLevel(logging.WARNING)  # it logs its dictionary loading at INFO on first use
 
@@ -164,19 +177,28 @@ class ServedAnswer:
     guarded: bool = False  # a generated answer the fact guard replaced
 
 
-def answer_as_served(question, hits, thresholds, *, can_ground, generate, k=DEFAULT_K, fallback_reply=TRAINED_FALLBACK):
+def answer_as_served(
+    question, hits, thresholds, *, can_ground, generate, k=DEFAULT_K, fallback_reply=TRAINED_FALLBACK, choose=None,
+    min_prob=DEFAULT_CHOICE_MIN,
+):
     """Answer `question` as serving does, given its retrieved `hits`.
 
     The mode comes from llm.grounding.decide; curated is the top pair's answer; grounded is
     `generate(grounded_question(question, top k))`, the adapter's greedy answer, where the trained
     "no answer" sentence is the fallback and an answer with a fact the guard finds in neither the
     references nor the question is replaced by the top curated answer when its score reaches
-    `thresholds.correction`, else by the fallback.
+    `thresholds.correction`, else by the fallback. With `choose(prompt, labels) -> probabilities`
+    (an adapter trained to pick), a grounded decision is first put to it (llm.grounding.choose)
+    over the top k, as serving does.
     """
     hits = tuple(hits)
     decision = decide(hits, thresholds, can_ground=can_ground)
+    if decision.mode == GROUNDED and choose is not None:
+        candidates = hits[:k]
+        probs = choose(selection_question(question, candidates), choice_labels(len(candidates)))
+        decision = pick(decision, probs, min_prob=min_prob)
     if decision.mode == CURATED:
-        return ServedAnswer(question, CURATED, decision.best.answer, hits)
+        return ServedAnswer(question, CURATED, decision.best.answer, decision.hits)
     if decision.mode == FALLBACK:
         return ServedAnswer(question, FALLBACK, fallback_reply, hits)
     references = hits[:k]

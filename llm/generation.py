@@ -73,3 +73,25 @@ def generate_answer(model, tokenizer, instruction, input="", *, max_new_tokens=1
     model.train(was_training)
     new_tokens = output[0, input_ids.shape[1] :]
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def choice_probabilities(model, tokenizer, instruction, choices, *, system="", prompt_format=None):
+    """The probability of each of `choices` (one token each) as the first token of the answer to
+    `instruction`, among themselves: what the engine's `choices` option reports
+    (llm.engine.local.LocalEngine.submit), for evaluation without an engine."""
+    prompt_format = prompt_format or prompt_format_for(tokenizer)
+    text = render_conversation([Turn("user", instruction)], system=system, prompt_format=prompt_format, tokenizer=tokenizer)
+    ids = []
+    for choice in choices:
+        encoded = tokenizer.encode(str(choice), add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(f"choice {choice!r} is {len(encoded)} tokens, not one")
+        ids.append(encoded[0])
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([encode_prompt(tokenizer, text, prompt_format)], device=device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits[0, -1]
+    model.train(was_training)
+    return torch.softmax(logits[ids].float(), dim=-1).tolist()

@@ -8,11 +8,21 @@ pairs for a question; `decide` turns its hits into a mode:
   from them; it was trained on the same rendering (RAFT, `llm.finetune.raft`).
 - `fallback`: nothing is close enough; the configured reply offers a person instead.
 
+Between the two thresholds a version trained to pick (`SELECT_FORMAT`) is first asked which of
+the top k pairs, if any, asks what the customer asks (`selection_question`, one token of answer:
+the pair's number or 0). `choose` turns its answer into the mode: a confident pick answers with
+that pair's curated text, a confident "none" with the fallback, an unsure one is left grounded.
+This is the rerank of the retriever's candidates by the trained adapter: e5 puts the right pair
+in the top 3 far more often than first (benchmarks/retrieval.py), and a verbatim curated answer
+carries every fact.
+
 Pure Python: no Django, no torch. The rendering here is the one place a reference block is
 written, for training and for serving alike.
 """
 
 from dataclasses import dataclass
+
+from llm.retrieval import customer_text
 
 CURATED = "curated"
 GROUNDED = "grounded"
@@ -27,6 +37,12 @@ FINISH_REASONS = (CORRECTED, FALLBACK)
 # below. An adapter without it was trained on bare questions and is served that way.
 GROUNDING_FORMAT = "references-v1"
 DEFAULT_K = 3
+# Recorded as finetune_config.json["select"] by an adapter also trained to name the matching pair
+# among the retrieved candidates (`selection_question`); answered with NONE or a number from 1.
+SELECT_FORMAT = "candidates-v1"
+NONE = "0"
+# A pick (or "none") at least this likely decides the mode; below it the answer is generated.
+DEFAULT_CHOICE_MIN = 0.5
 
 # What a RAFT-trained adapter learns to say when its references do not hold the answer. Serving
 # holds generated text back while it could still be this sentence, and when it is, answers in
@@ -105,3 +121,42 @@ def render_references(references):
 def grounded_question(question, references):
     """The user turn a grounded adapter reads: the references, then the customer's question."""
     return f"{render_references(references)}\nQuestion: {question.strip()}"
+
+
+def selection_question(question, candidates):
+    """The user turn a picking adapter reads: the candidate pairs' questions, numbered from 1, then
+    the customer's question; its answer is one token, the matching number or NONE.
+
+    candidates: objects with .question (retrieval hits), in prompt order (at most 9).
+    """
+    if len(candidates) > 9:
+        raise ValueError("at most 9 candidates: each is answered with one digit")
+    lines = [f"[{number}] {customer_text(c.question)}" for number, c in enumerate(candidates, 1)]
+    return "<candidates>\n" + "\n".join(lines) + f"\n</candidates>\nQuestion: {question.strip()}\nSame as:"
+
+
+def choice_labels(count):
+    """What a picking adapter may answer for `count` candidates: NONE, then "1".."count"."""
+    return [NONE, *(str(number) for number in range(1, count + 1))]
+
+
+def choose(decision, probs, *, min_prob=DEFAULT_CHOICE_MIN):
+    """The decision after a picking adapter answered `selection_question` over the first
+    len(probs) - 1 of `decision.hits`, with the probabilities `probs` of choice_labels.
+
+    A pick at least `min_prob` likely makes the picked pair's curated answer the answer (it moves
+    first among the hits, which keep their retrieval ranks); NONE that likely gives the fallback;
+    anything less sure leaves the decision as it was (grounded).
+    """
+    if decision.mode != GROUNDED or not probs:
+        return decision
+    best = max(range(len(probs)), key=probs.__getitem__)
+    probability = probs[best]
+    among = len(probs) - 1
+    if probability < min_prob:
+        return Decision(GROUNDED, decision.hits, f"{decision.reason}; the adapter named no pair surely ({probability:.2f})")
+    if best == 0:
+        return Decision(FALLBACK, decision.hits, f"{decision.reason}; the adapter found none of the top {among} a match ({probability:.2f})")
+    picked = decision.hits[best - 1]
+    hits = (picked, *(hit for hit in decision.hits if hit is not picked))
+    return Decision(CURATED, hits, f"{decision.reason}; the adapter picked [{best}] of the top {among} ({probability:.2f})")

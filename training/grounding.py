@@ -14,7 +14,7 @@ from django.conf import settings
 from knowledge.retrieval import DatabaseEmbeddingCache
 from llm import calibration, evaluation
 from llm.finetune import raft
-from llm.generation import generate_answer
+from llm.generation import choice_probabilities, generate_answer
 from llm.prompting import question_text
 from llm.retrieval import Entry, Index, customer_text, default_embedder
 
@@ -44,11 +44,12 @@ def fit_records(index, train_records, dev_records, config):
     if not settings.CSP_RAFT:
         return train_records, dev_records, None
     k = settings.CSP_GROUNDING_K
-    records = raft.raft_records(
-        [record_entry(r) for r in train_records], index, k=k, no_gold_share=settings.CSP_RAFT_NO_GOLD_SHARE,
-        variants=settings.CSP_RAFT_VARIANTS, seed=config.seed,
-    )
-    return records, raft.grounded_dev_records(dev_records, index, k=k), raft.grounding_record(k)
+    entries = [record_entry(r) for r in train_records]
+    share, variants = settings.CSP_RAFT_NO_GOLD_SHARE, settings.CSP_RAFT_VARIANTS
+    records = raft.raft_records(entries, index, k=k, no_gold_share=share, variants=variants, seed=config.seed)
+    if settings.CSP_RERANK:
+        records += raft.selection_records(entries, index, k=k, none_share=share, variants=variants, seed=config.seed)
+    return records, raft.grounded_dev_records(dev_records, index, k=k), raft.grounding_record(k, select=settings.CSP_RERANK)
 
 
 def out_of_scope_questions():
@@ -83,6 +84,7 @@ def evaluate_served(model, tokenizer, config, index, thresholds, dev_records, *,
         return {}
     oos = out_of_scope_questions()[:limit]
     k = grounding["k"] if isinstance(grounding, dict) else getattr(grounding, "k", settings.CSP_GROUNDING_K)
+    picks = grounding.get("select") if isinstance(grounding, dict) else getattr(grounding, "select", None)
 
     def generate(prompt):
         return generate_answer(
@@ -90,11 +92,18 @@ def evaluate_served(model, tokenizer, config, index, thresholds, dev_records, *,
             prompt_format=prompt_format,
         )
 
+    def choose(prompt, labels):
+        return choice_probabilities(model, tokenizer, prompt, labels, system=config.system_prompt, prompt_format=prompt_format)
+
+    choice = dict(choose=choose, min_prob=settings.CSP_RERANK_MIN_PROB) if picks and settings.CSP_RERANK else {}
+
     def answer(questions, label):
         answers = []
         for number, question in enumerate(questions, start=1):
             hits = index.search(question, k=k)
-            answers.append(evaluation.answer_as_served(question, hits, thresholds, can_ground=grounding is not None, generate=generate, k=k))
+            answers.append(
+                evaluation.answer_as_served(question, hits, thresholds, can_ground=grounding is not None, generate=generate, k=k, **choice)
+            )
             if log and number % 10 == 0:
                 log(f"answered {number}/{len(questions)} {label} questions as served")
         return answers

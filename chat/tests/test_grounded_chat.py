@@ -176,7 +176,7 @@ def test_the_rest_stream_says_replace_when_the_fact_guard_stops_an_answer(servin
 
 
 def _v1(customer, body):
-    key = AuthToken.objects.create(user=customer).key
+    key = AuthToken.objects.get_or_create(user=customer)[0].key
     return Client().post("/v1/chat/completions", body, content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {key}")
 
 
@@ -197,3 +197,78 @@ def test_a_v1_stream_appends_the_replacement_and_says_so(serving, faq, grounded_
     assert "48" not in content and content.endswith("\n\n" + CHANGED_REFUND)
     last = next(chunk for chunk in reversed(chunks) if chunk.get("csp"))
     assert last["csp"]["finish_reason"] == "corrected" and last["choices"][0]["finish_reason"] == "stop"
+
+
+
+# Asked between the thresholds (grounded_zone): a picking version names one of the top three.
+PICKED, UNMATCHED = "钱退回来要等几天？", "发票抬头开错了怎么办？"
+
+
+@pytest.fixture
+def picker(settings, training_env, tiny_model, adapter_cache, backend, faq, grounded_zone, tmp_path):
+    """A version trained (memorised) on two pick questions, as RAFT's selection records are: for
+    PICKED, the third of the three pairs retrieved for it; for UNMATCHED, none. Served as the
+    active version on `backend`. Returns (approved pairs, the pair PICKED is to get)."""
+    import shutil
+
+    from chat.serving import engine_config, get_engine, reset_engine
+    from chat.tests.conftest import backend_settings
+    from knowledge.retrieval import serving_index
+    from llm.finetune.config import CONFIG_FILE
+    from llm.finetune.raft import grounding_record
+    from llm.grounding import NONE, selection_question
+    from training.tests.factories import make_adapter_version, make_base_model, make_run
+
+    pairs = approve(faq)
+    index = serving_index()
+    picked = index.search(PICKED, k=3)
+    records = [
+        {"instruction": selection_question(PICKED, picked), "input": "", "output": "3"},
+        {"instruction": selection_question(UNMATCHED, index.search(UNMATCHED, k=3)), "input": "", "output": NONE},
+    ]
+    trained = adapter_cache.memorised(tiny_model, records)
+    path = tmp_path / "picker"
+    shutil.copytree(trained, path)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    (path / CONFIG_FILE).write_text(json.dumps({**config, **grounding_record(3)}))
+    for name, value in backend_settings(backend).items():
+        setattr(settings, name, int(value) if name == "CSP_CHAT_THREADS" else value)
+    engine = get_engine()
+    if engine.config != engine_config() or engine.backend != backend:
+        reset_engine()
+    run = make_run(base_model=make_base_model(path=tiny_model))
+    make_adapter_version("picker", path=path, run=run, is_active=True)
+    return pairs, next(pair for pair in pairs if pair.pk == picked[2].pair_id)
+
+
+def test_a_version_trained_to_pick_answers_with_the_curated_text_of_the_pair_it_names(picker):
+    pairs, expected = picker
+    frames = asyncio.run(_ask(PICKED))
+    done = frames[-1]
+    # Not the retriever's first pair: the third, as the version named it.
+    assert done["mode"] == "curated" and done["finish_reason"] == "stop"
+    assert shown(frames) == expected.output and done["used"] == [expected.pk]
+    assert done["sources"][0]["pair"] == expected.pk and done["sources"][0]["rank"] == 3  # kept its retrieval rank
+    assert Message.objects.get(pk=done["message"]).mode == "curated"
+
+
+def test_a_version_trained_to_pick_that_names_none_gives_the_fallback(picker):
+    frames = asyncio.run(_ask(UNMATCHED))
+    done = frames[-1]
+    assert done["mode"] == "fallback" and done["handoff_offered"] and done["used"] == []
+    assert "person" in shown(frames)
+
+
+def test_without_the_rerank_the_same_version_generates_its_answer(picker, settings):
+    settings.CSP_RERANK = False
+    done = asyncio.run(_ask(PICKED))[-1]
+    # Generated (and perhaps replaced by the fact guard), never the pick's curated answer as such.
+    assert done["mode"] == "grounded" or done["finish_reason"] in ("corrected", "fallback")
+
+
+def test_the_rest_chat_and_v1_ask_the_same_pick(picker, customer_api, customer):
+    _pairs, expected = picker
+    answer = customer_api.post("/api/v1/chat/", {"text": PICKED}, format="json").json()  # answer_start, blocking
+    assert answer["mode"] == "curated" and answer["answer"] == expected.output and answer["used"] == [expected.pk]
+    completion = _v1(customer, {"model": "default", "messages": [{"role": "user", "content": UNMATCHED}]}).json()
+    assert completion["csp"]["mode"] == "fallback" and completion["csp"]["handoff_offered"]

@@ -30,6 +30,8 @@ class Stats:
     first_token_ms: float | None = None  # submission to the first generated token
     latency_ms: float | None = None  # submission to the end
     error: str | None = None
+    # A request with `choices`: the probability of each choice (their softmax, in their order).
+    choice_probs: list | None = None
 
     def as_dict(self):
         return dataclasses.asdict(self)

@@ -407,7 +407,7 @@ class LlamaCppEngine(LocalEngine):
             if wants_logits:
                 pointer = llama_cpp.llama_get_logits_ith(context.handle, next(logits_at))
                 row = self._numpy.ctypeslib.as_array(pointer, shape=(self._n_vocab,))  # a view, valid until the next decode
-                if sequence.temperature <= 0:
+                if sequence.temperature <= 0 and not sequence.request.choice_ids:
                     # numpy's argmax is one thread: torch's would wake its OpenMP pool, whose
                     # spinning threads then compete with llama.cpp's for the same cores.
                     token = int(row.argmax())

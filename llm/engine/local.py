@@ -61,6 +61,7 @@ class LocalEngine(DerivedCalls):
     adapter_file = "adapter_config.json"  # what an adapter directory must hold for this backend
     adapter_hint = ""  # how to make that file when it is missing
     remote = False
+    supports_choices = True  # submit(..., choices=...): a one-token pick among given answers
 
     def __init__(self, config: EngineConfig, *, clock=time.monotonic):
         self.config = config
@@ -216,7 +217,7 @@ class LocalEngine(DerivedCalls):
 
     def submit(
         self, history, *, system=None, max_new_tokens=None, temperature=None, top_p=None, seed=None, on_event=None,
-        adapter=CURRENT, adapter_path=None,
+        adapter=CURRENT, adapter_path=None, choices=None,
     ):
         """Queue an answer to `history` (Turns ending with the user's message, or one string).
 
@@ -224,15 +225,20 @@ class LocalEngine(DerivedCalls):
         loaded it yet; None = the base model) instead of the current one. A pinned adapter is
         loaded for the request and unloaded after it, unless it is current by then.
 
+        `choices` (strings, one token each) makes the answer one token, the likeliest of those
+        (not sampled), and its Stats.choice_probs their probabilities: a classification, such as
+        a grounded adapter naming which retrieved pair matches (chat.grounding.rerank).
+
         Raises EngineBusy (never waits for room), InputTooLong, EngineClosed, ValueError,
         FileNotFoundError (no adapter at adapter_path). Loads the model on first use (blocking:
         async callers use `asubmit` or `stream`). Returns a Request.
         """
         limits = clamp_limits(self.config, max_new_tokens, temperature, top_p)
         self.load()
+        choice_ids = self._choice_ids(choices)
         self.check_room()
         adapter = self.adapters.bind(adapter, adapter_path)  # a reference held until the request finishes
-        return self._enqueue(history, adapter, system, limits, seed, on_event)
+        return self._enqueue(history, adapter, system, limits, seed, on_event, choice_ids)
 
     def busy_now(self):
         """EngineBusy when K run and Q wait at this moment, else None, read without waiting for a
@@ -245,10 +251,27 @@ class LocalEngine(DerivedCalls):
         submitting (storing the question) refuse first, cheaply."""
         self.scheduler.check_room()
 
-    def _enqueue(self, history, adapter, system, limits, seed, on_event):
+    def _choice_ids(self, choices):
+        """The token id of each choice; ValueError for a choice that is not exactly one token, or
+        two that are the same one. () for none."""
+        if not choices:
+            return ()
+        ids = []
+        for choice in choices:
+            encoded = self.tokenizer.encode(str(choice), add_special_tokens=False)
+            if len(encoded) != 1:
+                raise ValueError(f"choice {choice!r} is {len(encoded)} tokens, not one")
+            ids.append(encoded[0])
+        if len(set(ids)) != len(ids):
+            raise ValueError("two choices are the same token")
+        return tuple(ids)
+
+    def _enqueue(self, history, adapter, system, limits, seed, on_event, choice_ids=()):
         """Render, make the Request and its Sequence and queue it; the adapter's reference is
         released on failure."""
         max_new_tokens, temperature, top_p = limits
+        if choice_ids:
+            max_new_tokens = 1
         try:
             with self.scheduler.lock:
                 system = self._system_for(adapter, system)
@@ -256,7 +279,7 @@ class LocalEngine(DerivedCalls):
             prompt = self._render(history, system, prompt_format)
             request = Request(
                 prompt=prompt, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                seed=seed, on_event=on_event, clock=self.clock,
+                seed=seed, on_event=on_event, clock=self.clock, choice_ids=choice_ids,
             )
             protected = (system, *self.config.canaries) if self.config.guard_min_run else ()
             self.scheduler.enqueue(Sequence(request, protected, stop_ids=self._stop_ids[prompt_format]))
@@ -278,10 +301,11 @@ class LocalEngine(DerivedCalls):
         )
         self.check_room()
         system, seed, on_event = options.pop("system", None), options.pop("seed", None), options.pop("on_event", None)
+        choice_ids = self._choice_ids(options.pop("choices", None))
         if options:
             raise TypeError(f"unexpected options: {', '.join(sorted(options))}")
         adapter = await asyncio.to_thread(self.adapters.bind, adapter, path)
-        return self._enqueue(history, adapter, system, limits, seed, on_event)
+        return self._enqueue(history, adapter, system, limits, seed, on_event, choice_ids)
 
     # counters that tests and benchmarks read
     @property
@@ -377,7 +401,13 @@ class LocalEngine(DerivedCalls):
             sequence.generator = self._sampling.seeded_generator(sequence.request.seed)
 
     def _next_token(self, sequence, logits):
-        """The next id from one row of logits (a torch tensor): greedy, or sampled with the sequence's generator."""
+        """The next id from one row of logits (a torch tensor): greedy, or sampled with the sequence's
+        generator; for a request with choices, the likeliest choice (their probabilities go to its Stats)."""
+        request = sequence.request
+        if request.choice_ids:
+            probs = self._sampling.choice_probabilities(logits.view(-1), request.choice_ids)
+            request.stats.choice_probs = probs
+            return request.choice_ids[max(range(len(probs)), key=probs.__getitem__)]
         if sequence.temperature <= 0:
             return self._sampling.greedy(logits.view(1, -1))[0]
         return self._sampling.sample(logits, sequence.temperature, sequence.request.top_p, sequence.generator)

@@ -23,6 +23,7 @@ class InferenceEngine(Protocol):
     backend_reason: str  # why this backend serves (the admin shows it)
     dtype_reason: str | None
     remote: bool  # the model runs in another process
+    supports_choices: bool  # submit() takes `choices` (local engines; chat.grounding.rerank)
     current_adapter: str | None  # the version new requests answer with (None: the base model)
 
     @property

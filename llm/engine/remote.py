@@ -96,6 +96,7 @@ class RemoteEngine(DerivedCalls):
 
     backend = ""
     remote = True
+    supports_choices = False  # free text only: the pick among retrieved pairs is skipped
     follows_active = False  # True: chat.serving tells it the active version's name (set_adapter)
 
     def __init__(self, config):

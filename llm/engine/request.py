@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 class Request:
     def __init__(
-        self, *, adapter, max_new_tokens, temperature, top_p, seed, on_event, prompt=None, clock=time.monotonic
+        self, *, adapter, max_new_tokens, temperature, top_p, seed, on_event, prompt=None, clock=time.monotonic,
+        choice_ids=(),
     ):
         self.id = uuid.uuid4().hex[:12]
         self.prompt = prompt  # the rendered Prompt (None when another process renders it)
@@ -34,6 +35,9 @@ class Request:
         self.temperature = temperature
         self.top_p = top_p
         self.seed = seed
+        # Token ids the one answer token is chosen from (LocalEngine.submit's `choices`): empty
+        # for a free answer.
+        self.choice_ids = tuple(choice_ids)
         self.stats = Stats(
             request_id=self.id, adapter=adapter,
             prompt_tokens=len(prompt.ids) if prompt else 0, dropped_turns=prompt.dropped_turns if prompt else 0,

@@ -38,6 +38,11 @@ def sample(logits, temperature, top_p, generator):
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def choice_probabilities(logits, ids):
+    """The probabilities of token `ids` among themselves: the softmax of their logits (one row)."""
+    return torch.softmax(logits[list(ids)].float(), dim=-1).tolist()
+
+
 def seeded_generator(seed):
     generator = torch.Generator()
     generator.manual_seed(seed if seed is not None else torch.seed() % (2**63))

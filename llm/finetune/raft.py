@@ -25,12 +25,12 @@ import re
 from dataclasses import dataclass
 
 from llm.finetune.config import read_saved_record
-from llm.grounding import DEFAULT_K, GROUNDING_FORMAT, TRAINED_FALLBACK, grounded_question
+from llm.grounding import DEFAULT_K, GROUNDING_FORMAT, NONE, SELECT_FORMAT, TRAINED_FALLBACK, grounded_question, selection_question
 from llm.prompting import question_text
 from llm.retrieval import customer_text
 
 DEFAULT_NO_GOLD_SHARE = 0.25
-DEFAULT_VARIANTS = 2  # paraphrase-like rewrites per pair, besides its question and alternates
+DEFAULT_VARIANTS = 2  # questions per pair besides its own: its alternates first, then rewrites
 
 # Everyday rewrites of customer questions, each way round: (written, also said as).
 SYNONYMS = (
@@ -57,11 +57,13 @@ class Grounding:
 
     format: str
     k: int
+    select: str | None = None  # SELECT_FORMAT: also trained to pick the matching pair (None: not)
 
 
-def grounding_record(k=DEFAULT_K):
-    """What train() adds to the adapter's finetune_config.json for a RAFT-trained adapter."""
-    return {"grounding": GROUNDING_FORMAT, "k": k}
+def grounding_record(k=DEFAULT_K, *, select=True):
+    """What train() adds to the adapter's finetune_config.json for a RAFT-trained adapter (select:
+    also trained on `selection_records`)."""
+    return {"grounding": GROUNDING_FORMAT, "k": k, **({"select": SELECT_FORMAT} if select else {})}
 
 
 def read_grounding(adapter_dir):
@@ -70,7 +72,7 @@ def read_grounding(adapter_dir):
     record = read_saved_record(adapter_dir)
     if not record.get("grounding"):
         return None
-    return Grounding(format=record["grounding"], k=int(record.get("k") or DEFAULT_K))
+    return Grounding(format=record["grounding"], k=int(record.get("k") or DEFAULT_K), select=record.get("select") or None)
 
 
 def paraphrases(question, rng, count):
@@ -110,13 +112,15 @@ def _rewrite(text, rng):
 
 
 def training_questions(entry, rng, variants=DEFAULT_VARIANTS):
-    """The pair's question, its alternates, and `variants` paraphrase-like rewrites of them."""
-    own = [entry.question, *[a for a in entry.alternates if a and a.strip()]]
-    questions = list(dict.fromkeys(q.strip() for q in own))
-    rewrites = []
-    for index in range(variants):
-        source = questions[index % len(questions)]
-        rewrites += [p for p in paraphrases(source, rng, 1) if p not in questions and p not in rewrites]
+    """The pair's question and `variants` more: its alternates (staff wrote them: real variety)
+    first, then paraphrase-like rewrites of its question for the rest. A fixed number per pair
+    keeps a run's size, and so its time, the same whether or not the pairs have alternates."""
+    alternates = [a.strip() for a in entry.alternates if a and a.strip() and a.strip() != entry.question.strip()]
+    questions = list(dict.fromkeys([entry.question.strip(), *alternates[:variants]]))
+    rewrites, tries = [], 0
+    while len(questions) + len(rewrites) < variants + 1 and tries < 4 * (variants + 1):
+        tries += 1
+        rewrites += [p for p in paraphrases(entry.question, rng, 1) if p not in questions and p not in rewrites]
     return questions + rewrites
 
 
@@ -160,3 +164,35 @@ def grounded_dev_records(dev_records, index, *, k=DEFAULT_K):
         grounded.append({"instruction": grounded_question(question, references), "input": "", "output": record["output"]})
     return grounded
 
+
+
+def selection_records(entries, index, *, k=DEFAULT_K, none_share=DEFAULT_NO_GOLD_SHARE, variants=DEFAULT_VARIANTS, seed=42):
+    """Training records that teach the adapter to name the matching pair (llm.grounding.choose):
+    for each training question (as raft_records asks them), the questions of k retrieved pairs
+    with the gold pair's at a seeded random position and its number as the target; in
+    round(none_share * n) of them the gold pair is left out and the target is NONE.
+
+    Short (questions only, a one-token answer): about a fifth of a RAFT example's tokens.
+    """
+    if not 0.0 <= none_share <= 1.0:
+        raise ValueError(f"none_share must be between 0 and 1, not {none_share!r}")
+    if not 1 <= k <= 9:
+        raise ValueError(f"k must be from 1 to 9 (one digit answers), not {k}")
+    rng = random.Random(f"select:{seed}")
+    asked = [(entry, question) for entry in entries for question in training_questions(entry, rng, variants)]
+    none = set(rng.sample(range(len(asked)), round(none_share * len(asked))))
+    records = []
+    for number, (entry, question) in enumerate(asked):
+        hits = index.search(question, k=k + 1)
+        gold_answer = entry.answer.strip()
+        others = [Reference(h.question, h.answer) for h in hits if h.pair_id != entry.pair_id and h.answer.strip() != gold_answer]
+        if number in none:
+            candidates, output = others[:k], NONE
+        else:
+            candidates = others[: k - 1]
+            position = rng.randrange(len(candidates) + 1)
+            candidates.insert(position, Reference(entry.question, entry.answer))
+            output = str(position + 1)
+        if candidates:
+            records.append({"instruction": selection_question(customer_text(question), candidates), "input": "", "output": output})
+    return records

@@ -83,6 +83,26 @@ def test_a_generated_answer_with_an_unsupported_number_is_replaced():
     assert (corrected.mode, corrected.text, corrected.guarded) == (CURATED, RETURNS, True)
 
 
+def test_a_picking_adapter_is_asked_first_and_its_sure_pick_is_the_curated_answer():
+    hits = _hits((0.8, RETURNS), (0.78, SHIPPING))
+    asked = []
+
+    def choose(prompt, labels):
+        asked.append((prompt, labels))
+        return [0.05, 0.15, 0.8]  # [2]: the shipping pair
+
+    picked = answer_as_served("多少钱包邮", hits, THRESHOLDS, can_ground=True, generate=_never, choose=choose)
+    assert (picked.mode, picked.text, picked.hits[0].pair_id) == (CURATED, SHIPPING, 2)
+    assert asked[0][0].startswith("<candidates>\n[1] 问题1\n[2] 问题2\n") and asked[0][1] == ["0", "1", "2"]
+    # a sure "none": the fallback; unsure: the answer is generated as without a pick
+    none = answer_as_served("多少钱包邮", hits, THRESHOLDS, can_ground=True, generate=_never, choose=lambda p, l: [0.9, 0.05, 0.05])
+    assert none.mode == FALLBACK
+    unsure = answer_as_served(
+        "多少钱包邮", hits, THRESHOLDS, can_ground=True, generate=lambda p: "满99元包邮。", choose=lambda p, l: [0.4, 0.3, 0.3]
+    )
+    assert (unsure.mode, unsure.text) == (GROUNDED, "满99元包邮。")
+
+
 def test_invented_numbers_are_numbers_no_source_states_list_markers_aside():
     assert invented_numbers("满199元包邮，1. 下单", [SHIPPING]) == ["199"]
     assert invented_numbers("满99元包邮，48小时内发货", [SHIPPING]) == []

@@ -505,3 +505,34 @@ def test_the_lm_head_gets_a_fresh_contiguous_input(make_engine, records):
     finally:
         handle.remove()
     assert seen and all(contiguous and own for contiguous, own in seen)
+
+
+def test_an_answer_among_choices_is_one_token_the_likeliest_with_the_probabilities_of_all(make_engine, records, adapters, tiny_model):
+    model, tokenizer = load_adapter(tiny_model, adapters["v1"])
+    engine = make_engine()
+    engine.set_adapter("v1", adapters["v1"])
+    record = records[0]
+    first = tokenizer.decode(tokenizer(_answer(record), add_special_tokens=False)["input_ids"][:1])
+    choices = ["0", first, "1"]
+    text, stats = engine.generate([Turn("user", _question(record))], choices=choices)
+    # The memorised answer's first token wins; one token only, whatever max_new_tokens says.
+    assert text == first and stats.tokens == 1 and stats.finish_reason == "length"
+    assert len(stats.choice_probs) == 3 and abs(sum(stats.choice_probs) - 1) < 1e-5
+    assert max(stats.choice_probs) == stats.choice_probs[1] > 0.5
+    # The probabilities are the softmax of the model's own next-token logits over the choices.
+    prompt = engine.render([Turn("user", _question(record))])
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt.ids])).logits[0, -1]
+    ids = [tokenizer.encode(c, add_special_tokens=False)[0] for c in choices]
+    expected = torch.softmax(logits[ids].float(), dim=-1).tolist()
+    assert stats.choice_probs == pytest.approx(expected, abs=0.02)
+    # A free answer of the same request carries none.
+    assert engine.generate([Turn("user", _question(record))], max_new_tokens=2)[1].choice_probs is None
+
+
+def test_choices_that_are_not_one_token_each_are_refused(make_engine, records):
+    engine = make_engine()
+    with pytest.raises(ValueError, match="not one"):
+        engine.generate("你好", choices=["0", "一二三四五六七八九十"])
+    with pytest.raises(ValueError, match="same token"):
+        engine.generate("你好", choices=["1", "1"])

@@ -9,7 +9,7 @@ from django.conf import settings
 
 from llm.finetune import raft
 from llm.finetune.config import CONFIG_FILE
-from llm.grounding import DEFAULT_K, TRAINED_FALLBACK
+from llm.grounding import DEFAULT_K, NONE, TRAINED_FALLBACK
 from llm.prompting import question_text
 from llm.retrieval import Entry, Index, customer_text
 
@@ -84,18 +84,52 @@ def test_no_gold_share_zero_and_one_are_all_or_nothing(shop):
         raft.raft_records(entries, index, no_gold_share=1.5)
 
 
-def test_each_pair_is_asked_its_question_its_alternates_and_rewrites_of_them(shop, records):
+def test_each_pair_is_asked_its_question_and_as_many_more_alternates_first_then_rewrites(shop, records):
     entries, _index = shop
     asked = [r["instruction"].rsplit("\nQuestion: ", 1)[1] for r in records]
     first = entries[0]
-    assert first.question in asked and all(a in asked for a in first.alternates)
-    rewrites = [q for q in asked if q not in {e.question for e in entries} and q not in first.alternates]
-    assert len(rewrites) >= len(entries)  # paraphrase-like questions, not the curated ones alone
+    # the pair with alternates is asked its question and both of them, no rewrite
+    assert asked.count(first.question) == 1 and all(asked.count(a) == 1 for a in first.alternates)
+    rng = __import__("random").Random(3)
+    assert raft.training_questions(first, rng, variants=2) == [first.question, *first.alternates]
+    assert raft.training_questions(first, rng, variants=1) == [first.question, first.alternates[0]]
+    # the others: their question and two rewrites each, so every pair weighs the same
+    others = [q for q in asked if q != first.question and q not in first.alternates]
+    rewrites = [q for q in others if q not in {e.question for e in entries}]
+    assert len(others) == 3 * (len(entries) - 1) and len(rewrites) == 2 * (len(entries) - 1)
     assert all(not q.startswith("用户问") for q in rewrites)  # as customers type them
     # a rewrite is not the curated question, so it (nearly always: a question's last clause kept
     # alone may still be part of one) does not stand verbatim in the references
     verbatim = sum(q in r["instruction"].split("\nQuestion: ")[0] for q, r in zip(asked, records) if q in rewrites)
     assert verbatim <= len(rewrites) / 10
+
+
+CANDIDATE = re.compile(r"^\[(\d)\] (.*)$", re.M)
+
+
+def test_selection_records_name_the_gold_pair_at_varying_numbers_or_none(shop):
+    entries, index = shop
+    selection = raft.selection_records(entries, index, k=DEFAULT_K, none_share=0.25, seed=7)
+    owner = {customer_text(q): e for e in entries for q in (e.question, *e.alternates)}
+    assert len(selection) == 3 * len(entries)
+    assert sum(r["output"] == NONE for r in selection) == round(0.25 * len(selection))
+    numbers, known = [], 0
+    for record in selection:
+        body, question = record["instruction"].removesuffix("\nSame as:").rsplit("\nQuestion: ", 1)
+        candidates = dict(CANDIDATE.findall(body))
+        assert len(candidates) == DEFAULT_K and record["input"] == ""
+        pair = owner.get(question)  # None for a rewrite
+        known += pair is not None
+        if record["output"] == NONE:
+            assert pair is None or customer_text(pair.question) not in candidates.values()
+        else:
+            numbers.append(record["output"])
+            assert pair is None or candidates[record["output"]] == customer_text(pair.question)
+    assert known >= len(entries)
+    assert set(numbers) == {"1", "2", "3"} and min(numbers.count(n) for n in "123") >= len(numbers) / 6
+    assert raft.selection_records(entries, index, none_share=0.25, seed=7) == selection
+    with pytest.raises(ValueError):
+        raft.selection_records(entries, index, k=10)
 
 
 def test_no_dev_or_out_of_scope_text_reaches_the_records(records):
@@ -125,5 +159,7 @@ def test_an_adapter_records_its_grounding_and_one_trained_before_reads_none(tmp_
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"lora_r": 8, "prompt_format": "gemma"}))
     assert raft.read_grounding(tmp_path) is None
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"lora_r": 8, "prompt_format": "gemma", **raft.grounding_record(4)}))
-    assert raft.read_grounding(tmp_path) == raft.Grounding(format="references-v1", k=4)
+    assert raft.read_grounding(tmp_path) == raft.Grounding(format="references-v1", k=4, select="candidates-v1")
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"lora_r": 8, **raft.grounding_record(3, select=False)}))
+    assert raft.read_grounding(tmp_path) == raft.Grounding(format="references-v1", k=3, select=None)
     assert raft.read_grounding(tmp_path / "missing") is None

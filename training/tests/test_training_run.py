@@ -173,10 +173,12 @@ def test_a_raft_run_trains_grounded_prompts_calibrates_its_thresholds_and_report
     assert "RAFT: " in run.log and "thresholds calibrated: curated" in run.log
 
     version = AdapterVersion.objects.get()
-    # 12 pairs, each asked its question and two rewrites: 36 examples, 4 a step, 2 epochs
-    assert run.total_steps == 18
+    # 12 pairs, each asked its question and two more (rewrites: they have no alternates): 36
+    # grounded examples and 36 pick examples (CSP_RERANK), 4 a step, 2 epochs
+    assert run.total_steps == 36
     record = json.loads((Path(version.path) / "finetune_config.json").read_text())
     assert record["grounding"] == "references-v1" and record["k"] == settings.CSP_GROUNDING_K
+    assert record["select"] == "candidates-v1"
     from llm.finetune.raft import read_grounding
 
     assert read_grounding(version.path).k == settings.CSP_GROUNDING_K
