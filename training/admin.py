@@ -12,6 +12,7 @@ from knowledge.models import QAPair
 from training import lineage, services
 from training.charts import loss_chart_svg
 from llm.evaluation import INVENTED_HELP, METRIC_HELP
+from llm.finetune.raft import read_grounding
 from llm.grounding import CURATED, FALLBACK, GROUNDED
 from training.forms import TrainingRunForm
 from training.models import AdapterVersion, BaseModel, DatasetSnapshot, RetrainingPolicy, TrainingRun
@@ -53,6 +54,23 @@ def calibration_html(version):
     if version.curated_threshold is None:
         return _("Not calibrated (trained before calibration): the settings or the built-in defaults apply.")
     return render_to_string("admin/training/calibration.html", {"version": version, "report": report})
+
+
+def answering_text(version):
+    """How the version reads a question (what its adapter recorded at training)."""
+    try:
+        grounding = read_grounding(version.path)
+    except OSError:
+        grounding = None
+    if grounding is None:
+        return _("Trained on bare questions (before grounding): it answers the question alone, and the fact guard checks its answer.")
+    text = _("Answers from the top %(k)s retrieved pairs in its prompt (%(format)s).") % {"k": grounding.k, "format": grounding.format}
+    if grounding.select:
+        text += " " + _(
+            "Before answering it names which of them asks the customer's question: a sure pick is answered with that pair's "
+            "curated text, a sure \"none\" with the fallback reply (CSP_RERANK)."
+        )
+    return text
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -240,7 +258,8 @@ class AdapterVersionAdmin(ReadOnlyAdmin):
     list_filter = ("is_active", "base_model")
     list_select_related = ("base_model", "run")
     readonly_fields = (
-        "name", "is_active", "run", "base_model", "path", "size", "thresholds", "evaluation", "created_at", "activated_at",
+        "name", "is_active", "run", "base_model", "path", "size", "answering", "thresholds", "evaluation", "created_at",
+        "activated_at",
     )
     exclude = ("metrics", "curated_threshold", "fallback_threshold", "calibration")
     actions = ("activate", "rollback")
@@ -276,6 +295,10 @@ class AdapterVersionAdmin(ReadOnlyAdmin):
     @admin.display(description=_("evaluation on the dev pairs"))
     def evaluation(self, obj):
         return evaluation_html(obj.metrics.get("eval", {}))
+
+    @admin.display(description=_("how it answers"))
+    def answering(self, obj):
+        return answering_text(obj)
 
     @admin.display(description=_("calibrated thresholds"))
     def thresholds(self, obj):

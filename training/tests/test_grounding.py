@@ -13,6 +13,8 @@ from llm.calibration import calibrate
 from llm.evaluation import answer_as_served, evaluate_served
 from llm.grounding import Thresholds
 from llm.retrieval import Hit
+from llm.finetune import raft
+from llm.finetune.config import CONFIG_FILE
 from training import grounding, services
 from training.models import AdapterVersion
 from training.snapshots import read_records
@@ -85,6 +87,11 @@ def test_the_version_page_shows_the_calibrated_thresholds_with_their_precision_a
     assert "calibrated thresholds" in text.lower() and "0.920" in text and "0.815" in text
     assert "Top-1 precision 1.000 on the dev questions at or above it" in text
     assert "Out-of-scope questions below it: 0.90" in text
+    assert "Trained on bare questions (before grounding)" in text  # its folder records no grounding
+    record = _adapter_record(version)
+    record.write_text(json.dumps({**json.loads(record.read_text() or "{}"), **raft.grounding_record(3)}))
+    text = staff_client.get(reverse("admin:training_adapterversion_change", args=[version.pk]), HTTP_ACCEPT_LANGUAGE="en").content.decode()
+    assert "Answers from the top 3 retrieved pairs in its prompt (references-v1)." in text and "names which of them" in text
 
     text = staff_client.get(reverse("admin:training_trainingrun_change", args=[run.pk]), HTTP_ACCEPT_LANGUAGE="en").content.decode()
     assert "Answered as the chat would, per mode" in text and "out-of-scope questions" in text
@@ -104,3 +111,10 @@ def _adapter_folder(run):
     folder.mkdir(parents=True)
     (folder / "adapter_model.safetensors").write_bytes(b"0")
     return folder
+
+
+def _adapter_record(version):
+    path = Path(version.path) / CONFIG_FILE
+    if not path.exists():
+        path.write_text("{}")
+    return path
