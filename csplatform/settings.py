@@ -252,6 +252,11 @@ CSP_CHAT_DTYPE = envstr("CSP_CHAT_DTYPE", "auto")
 # llama.cpp compute threads; 0 = one per core. On a host shared with other busy processes fewer
 # threads decode faster (llama.cpp's threads spin while they wait for each other).
 CSP_CHAT_THREADS = envint("CSP_CHAT_THREADS", 0, minimum=0)
+# llama.cpp's extra weight buffers (AMX tiles, repacked layouts): auto = on unless the CPU advertises
+# AMX (some virtual machines fault on AMX instructions they advertise: llm.engine.config).
+CSP_LLAMA_EXTRA_BUFFERS = envstr("CSP_LLAMA_EXTRA_BUFFERS", "auto")
+if CSP_LLAMA_EXTRA_BUFFERS not in ("auto", "on", "off"):
+    raise ImproperlyConfigured(f"CSP_LLAMA_EXTRA_BUFFERS={CSP_LLAMA_EXTRA_BUFFERS!r} must be auto, on or off.")
 CSP_CHAT_MAX_ACTIVE = envint("CSP_CHAT_MAX_ACTIVE", 8, minimum=1)  # answers decoded together
 CSP_CHAT_MAX_WAITING = envint("CSP_CHAT_MAX_WAITING", 32, minimum=0)  # beyond: busy / HTTP 429
 CSP_CHAT_MAX_INPUT_TOKENS = envint("CSP_CHAT_MAX_INPUT_TOKENS", 1024, minimum=16)

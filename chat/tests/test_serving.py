@@ -57,6 +57,22 @@ def test_an_unknown_backend_setting_stops_start_up_naming_the_variable():
 @pytest.mark.parametrize(
     ("env", "message"),
     [
+        ({"CSP_LLAMA_EXTRA_BUFFERS": "amx"}, "CSP_LLAMA_EXTRA_BUFFERS='amx' must be auto, on or off"),
+        ({"CSP_RERANK_MIN_PROB": "often"}, "CSP_RERANK_MIN_PROB='often' is not a number"),
+        ({"CSP_GROUNDING_K": "12"}, "CSP_GROUNDING_K=12 must be at most 9 with CSP_RERANK"),
+    ],
+)
+def test_a_bad_serving_setting_stops_start_up_naming_the_variable(env, message):
+    result = subprocess.run(
+        [sys.executable, "-c", "import csplatform.settings"],
+        env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
         ({"CSP_INFERENCE_BACKEND": "worker"}, "CSP_INFERENCE_BACKEND=worker needs REDIS_URL"),
         ({"CSP_INFERENCE_BACKEND": "openai"}, "CSP_INFERENCE_BACKEND=openai needs CSP_OPENAI_BASE_URL"),
         ({"CSP_INFERENCE_BACKEND": "openai", "CSP_OPENAI_BASE_URL": "gpu-host:8000"}, "needs CSP_OPENAI_BASE_URL=http"),

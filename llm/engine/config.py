@@ -47,6 +47,12 @@ class EngineConfig:
     prefill_chunk: int = 256
     # llama.cpp backend: compute threads (0 = one per core, os.cpu_count()); transformers uses torch's.
     threads: int = 0
+    # llama.cpp's extra weight buffers (AMX tiles, repacked CPU layouts): "on", "off", or "auto" =
+    # on unless the CPU advertises AMX. Virtual machines may advertise AMX and grant the tile
+    # permission yet fault on the first tile instruction (measured: SIGILL, the whole process
+    # gone, on a 2-core Xeon VM); llama.cpp's own switch covers both kinds, so AMX CPUs lose the
+    # repacked layouts too unless this is "on".
+    extra_buffers: str = "auto"
     # openai backend: an OpenAI-compatible server (vLLM) that serves the base model under
     # `remote_base_model` and each adapter version under its own name ("v3").
     remote_url: str = ""  # e.g. "http://gpu-host:8000/v1"
@@ -54,6 +60,8 @@ class EngineConfig:
     remote_base_model: str = "base"
 
     def __post_init__(self):
+        if self.extra_buffers not in ("auto", "on", "off"):
+            raise ValueError(f"extra_buffers must be auto, on or off, not {self.extra_buffers!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, not {self.dtype!r}")
         for name in ("max_input_tokens", "max_new_tokens", "max_active", "prefill_chunk", "chars_per_token"):

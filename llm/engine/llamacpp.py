@@ -57,6 +57,26 @@ def base_gguf(base_dir):
     return Path(found) if found and Path(found).is_file() else None
 
 
+def cpu_flags(path="/proc/cpuinfo"):
+    """The CPU's feature flags (Linux), empty where they cannot be read."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def use_extra_buffers(setting, flags=None):
+    """Whether llama.cpp may put weights in its extra buffer types (EngineConfig.extra_buffers)."""
+    if setting != "auto":
+        return setting == "on"
+    flags = cpu_flags() if flags is None else flags
+    return not any(flag.startswith("amx") for flag in flags)
+
+
 def _log_to_python(level, text, user_data):
     # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation. Warnings such as "cannot use
     # buft 'CPU_REPACK'" on every LoRA load are harmless: only errors are worth more than debug.
@@ -144,6 +164,7 @@ class LlamaCppEngine(LocalEngine):
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0  # the CPU fast path; GPUs serve through transformers
+        params.use_extra_bufts = use_extra_buffers(self.config.extra_buffers)
         model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), params)
         if not model:
             raise EngineError(f"llama.cpp cannot load {gguf} (see the llm.engine.llama_cpp log)")

@@ -195,3 +195,18 @@ def test_without_llama_cpp_auto_falls_back_to_transformers_with_one_log_line(tin
     assert [(r.levelname, "llama-cpp-python cannot be imported" in r.getMessage()) for r in caplog.records] == [("WARNING", True)]
     with pytest.raises(BackendUnavailable, match="llama-cpp-python cannot be imported"):
         make_engine(EngineConfig(base_dir=tiny_model), "llamacpp")
+
+
+def test_extra_weight_buffers_are_off_by_default_on_cpus_that_advertise_amx(tmp_path):
+    from llm.engine.llamacpp import cpu_flags, use_extra_buffers
+
+    # Measured on a Xeon VM that advertises amx_int8 and grants the tile permission: the first
+    # AMX matmul of Gemma's Q4_K_M weights killed the process (SIGILL).
+    assert use_extra_buffers("auto", {"avx2", "avx512f", "amx_int8", "amx_tile"}) is False
+    assert use_extra_buffers("auto", {"avx2", "avx512f", "avx512_bf16"}) is True
+    assert use_extra_buffers("on", {"amx_int8"}) is True and use_extra_buffers("off", {"avx2"}) is False
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_tile\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "amx_tile"} and cpu_flags(tmp_path / "none") == set()
+    with pytest.raises(ValueError, match="extra_buffers"):
+        EngineConfig(extra_buffers="amx")
