@@ -188,6 +188,11 @@ else:
 CSP_BASE_MODEL = Path(envstr("CSP_BASE_MODEL", str(DATA_DIR / "models" / "gemma-3-270m"))).resolve()
 CSP_TRUST_REMOTE_CODE = envbool("CSP_TRUST_REMOTE_CODE", "false")  # only for models like ChatGLM3
 CSP_TRAINING_DEVICE = envstr("CSP_TRAINING_DEVICE", "auto")
+# How much nicer (0-19) a training run's threads are than the worker's: chats on the same cores
+# come first (training.priority); 0 leaves the priority alone.
+CSP_TRAINING_NICE = envint("CSP_TRAINING_NICE", 10, minimum=0)
+if CSP_TRAINING_NICE > 19:
+    raise ImproperlyConfigured(f"CSP_TRAINING_NICE={CSP_TRAINING_NICE} must be from 0 to 19.")
 CSP_TRAINING_QUANTIZATION = envstr("CSP_TRAINING_QUANTIZATION", "none")
 if CSP_TRAINING_QUANTIZATION not in ("none", "4bit"):
     raise ImproperlyConfigured(f"CSP_TRAINING_QUANTIZATION={CSP_TRAINING_QUANTIZATION!r} must be none or 4bit.")

@@ -24,6 +24,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from training import grounding, retraining, services
+from training.priority import Yielding
 from llm.finetune.loop import TrainingCancelled, TrainingInterrupted, train_model
 from llm.finetune.raft import read_grounding
 from llm.grounding import TRAINED_FALLBACK
@@ -146,7 +147,7 @@ def run_training(run_id):
     if not claimed:
         log.info("training run %s is not queued any more; not running it", run_id)
         return "skipped"
-    with Termination() as termination:
+    with Termination() as termination, Yielding(settings.CSP_TRAINING_NICE):
         return _train(run_id, termination)
 
 
