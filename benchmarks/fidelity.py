@@ -80,8 +80,9 @@ def setup_django(data_dir, base):
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
 
 
-def prepare(data_dir, max_pairs):
-    """Migrate, import the train pairs as approved, make the staff user and the customer's token."""
+def prepare(data_dir, max_pairs, *, alternates=True):
+    """Migrate, import the train pairs as approved (without their alternate questions unless
+    `alternates`), make the staff user and the customer's token."""
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
     from rest_framework.authtoken.models import Token
@@ -93,6 +94,8 @@ def prepare(data_dir, max_pairs):
     staff = users.create_superuser(username="admin", email="", password="a-long-benchmark-pass")
     customer = users.create_user(username="customer", password="a-long-benchmark-pass")
     records = common.records()[: max_pairs or None]
+    if not alternates:
+        records = [{key: value for key, value in record.items() if key != "alternates"} for record in records]
     report = services.qa_import(
         content=json.dumps(records, ensure_ascii=False).encode(), filename="train.json", status="approved", split="train", user=staff
     )
@@ -344,6 +347,8 @@ def main():
     parser.add_argument("--untrained-only", action="store_true", help="ask the \"no adapter yet\" phase only (no training)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: the admin's default)")
     parser.add_argument("--max-pairs", type=int, help="load only the first N train pairs (a quicker run; the table is then not the issue's)")
+    parser.add_argument("--without-alternates", action="store_true",
+                        help="import the train pairs without their alternate questions (相似问法): the knowledge base as curated before them")
     parser.add_argument("--questions", type=int, help="ask at most N questions per set (a check of the script)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per answer (default: %(default)s)")
     args = parser.parse_args()
@@ -370,7 +375,7 @@ def main():
         describe_version(version)
         phases["trained"] = run_phase("trained", question_sets(args.questions), args, data_dir)
     else:
-        staff, _key = prepare(data_dir, args.max_pairs)
+        staff, _key = prepare(data_dir, args.max_pairs, alternates=not args.without_alternates)
         sets = question_sets(args.questions)
         print("questions: " + ", ".join(f"{name} {len(items)}" for name, items in sets.items()), flush=True)
         phases["no adapter yet"] = run_phase("no adapter yet", sets, args, data_dir)
