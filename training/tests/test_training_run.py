@@ -174,8 +174,8 @@ def test_a_raft_run_trains_grounded_prompts_calibrates_its_thresholds_and_report
 
     version = AdapterVersion.objects.get()
     # 12 pairs, each asked its question and two more (rewrites: they have no alternates): 36
-    # grounded examples and 36 pick examples (CSP_RERANK), 4 a step, 2 epochs
-    assert run.total_steps == 36
+    # grounded examples, and 24 pick examples (CSP_RERANK: the two others only), 4 a step, 2 epochs
+    assert run.total_steps == 30
     record = json.loads((Path(version.path) / "finetune_config.json").read_text())
     assert record["grounding"] == "references-v1" and record["k"] == settings.CSP_GROUNDING_K
     assert record["select"] == "candidates-v1"
