@@ -26,13 +26,6 @@ def _approve(pair):
 
 
 @pytest.fixture
-def fresh_process(monkeypatch):
-    """This process as if just started: no serving index built yet, no vectors in memory."""
-    monkeypatch.setattr(retrieval, "_serving", None)
-    monkeypatch.setattr(retrieval, "_serving_cache", None)
-
-
-@pytest.fixture
 def shop():
     return [
         make_pair("用户问：如何退货？", "签收后7天内可无理由退货。", status=APPROVED, alternates=["东西不想要了能退吗"]),

@@ -130,7 +130,6 @@ def raft_records(entries, index, *, k=DEFAULT_K, no_gold_share=DEFAULT_NO_GOLD_S
 
     Exactly round(no_gold_share * n) of the n examples leave the gold pair out (a seeded choice)
     and answer TRAINED_FALLBACK; the others hold it at a seeded random position among the k.
-    A retrieved pair with the gold's very answer counts as the gold (it is not a distractor).
     """
     if not 0.0 <= no_gold_share <= 1.0:
         raise ValueError(f"no_gold_share must be between 0 and 1, not {no_gold_share!r}")
@@ -139,18 +138,29 @@ def raft_records(entries, index, *, k=DEFAULT_K, no_gold_share=DEFAULT_NO_GOLD_S
     no_gold = set(rng.sample(range(len(asked)), round(no_gold_share * len(asked))))
     records = []
     for number, (entry, question) in enumerate(asked):
-        hits = index.search(question, k=k + 1)
-        gold_answer = entry.answer.strip()
-        others = [Reference(h.question, h.answer) for h in hits if h.pair_id != entry.pair_id and h.answer.strip() != gold_answer]
-        if number in no_gold:
-            references, output = others[:k], TRAINED_FALLBACK
-        else:
-            references = others[: k - 1]
-            references.insert(rng.randrange(len(references) + 1), Reference(entry.question, entry.answer))
-            output = entry.answer
+        references, position = _retrieved(entry, question, index, k, rng, leave_out=number in no_gold)
         if references:
+            output = entry.answer if position else TRAINED_FALLBACK
             records.append({"instruction": grounded_question(question, references), "input": "", "output": output})
     return records
+
+
+def _retrieved(entry, question, index, k, rng, *, leave_out):
+    """The k pairs retrieved for `question` asked of `entry`, as references: without the gold
+    pair when `leave_out` (the next retrieved one takes its place), else with it at a seeded
+    random position. Returns (references, the gold's 1-based position or None).
+
+    A retrieved pair with the gold's very answer counts as the gold (it is not a distractor).
+    """
+    hits = index.search(question, k=k + 1)
+    gold_answer = entry.answer.strip()
+    others = [Reference(h.question, h.answer) for h in hits if h.pair_id != entry.pair_id and h.answer.strip() != gold_answer]
+    if leave_out:
+        return others[:k], None
+    references = others[: k - 1]
+    position = rng.randrange(len(references) + 1)
+    references.insert(position, Reference(entry.question, entry.answer))
+    return references, position + 1
 
 
 def grounded_dev_records(dev_records, index, *, k=DEFAULT_K):
@@ -163,7 +173,6 @@ def grounded_dev_records(dev_records, index, *, k=DEFAULT_K):
         references = [Reference(h.question, h.answer) for h in hits]
         grounded.append({"instruction": grounded_question(question, references), "input": "", "output": record["output"]})
     return grounded
-
 
 
 def selection_records(entries, index, *, k=DEFAULT_K, none_share=DEFAULT_NO_GOLD_SHARE, variants=DEFAULT_VARIANTS, seed=42):
@@ -190,16 +199,8 @@ def selection_records(entries, index, *, k=DEFAULT_K, none_share=DEFAULT_NO_GOLD
     none = set(rng.sample(range(len(asked)), round(none_share * len(asked))))
     records = []
     for number, (entry, question) in enumerate(asked):
-        hits = index.search(question, k=k + 1)
-        gold_answer = entry.answer.strip()
-        others = [Reference(h.question, h.answer) for h in hits if h.pair_id != entry.pair_id and h.answer.strip() != gold_answer]
-        if number in none:
-            candidates, output = others[:k], NONE
-        else:
-            candidates = others[: k - 1]
-            position = rng.randrange(len(candidates) + 1)
-            candidates.insert(position, Reference(entry.question, entry.answer))
-            output = str(position + 1)
+        candidates, position = _retrieved(entry, question, index, k, rng, leave_out=number in none)
         if candidates:
+            output = str(position) if position else NONE
             records.append({"instruction": selection_question(customer_text(question), candidates), "input": "", "output": output})
     return records
