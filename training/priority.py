@@ -8,9 +8,17 @@ an idle machine trains as fast as before (nice only matters under contention).
 
 Linux keeps a nice value per thread, and a new thread starts with its creator's: every thread of
 the worker process is reniced when the run starts (torch's compute pool, if it exists already,
-included), and the threads the run starts later inherit it. Lowering a nice value again needs
-privilege (CAP_SYS_NICE or RLIMIT_NICE): an unprivileged worker keeps the higher value after the
-run, for the rest of its life, which only ever yields more to serving.
+included), and the threads the run starts later inherit it.
+
+A thread's nice value only weighs against threads of its own *autogroup* where the kernel groups
+by session (sched_autogroup_enabled, the default of most distributions): `manage.py serve`
+starts the cluster in a session of its own, and there the CPU is shared between the sessions,
+whatever the threads' nice values. So the worker's autogroup is made as much nicer too
+(/proc/self/autogroup): the cluster's other processes, which share it, yield with the run.
+
+Lowering a nice value again needs privilege (CAP_SYS_NICE or RLIMIT_NICE): an unprivileged
+worker keeps the higher values after the run, for the rest of its life, which only ever yields
+more to serving.
 """
 
 import logging
@@ -18,6 +26,7 @@ import os
 
 logger = logging.getLogger(__name__)
 MAX_NICE = 19
+AUTOGROUP = "/proc/self/autogroup"  # "/autogroup-85 nice 0"; writing a number sets the nice value
 
 
 def _thread_ids():
@@ -30,13 +39,18 @@ def _thread_ids():
 class Yielding:
     """Context manager: this process's threads `increment` nicer while inside (0: unchanged)."""
 
-    def __init__(self, increment):
+    def __init__(self, increment, *, autogroup=AUTOGROUP):
         self.increment = int(increment)
+        self.autogroup = autogroup
         self.before = {}
+        self.group_before = None
 
     def __enter__(self):
         if self.increment <= 0 or not hasattr(os, "setpriority"):
             return self
+        group = _read_group_nice(self.autogroup)
+        if group is not None and _write_group_nice(self.autogroup, min(MAX_NICE, group + self.increment)):
+            self.group_before = group
         for thread in _thread_ids():
             try:
                 current = os.getpriority(os.PRIO_PROCESS, thread)
@@ -47,6 +61,8 @@ class Yielding:
         return self
 
     def __exit__(self, *exc_info):
+        if self.group_before is not None and not _write_group_nice(self.autogroup, self.group_before):
+            logger.debug("the worker's autogroup keeps its training nice value: lowering it needs privilege")
         for thread, value in self.before.items():
             try:
                 os.setpriority(os.PRIO_PROCESS, thread, value)
@@ -54,4 +70,22 @@ class Yielding:
                 logger.debug("thread %s keeps its training nice value: lowering it needs privilege", thread)
             except OSError:
                 continue
+        return False
+
+
+def _read_group_nice(path):
+    """The autogroup's nice value, or None where there is none (not Linux, autogroups off)."""
+    try:
+        with open(path, encoding="ascii") as group:
+            return int(group.read().split("nice")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _write_group_nice(path, value):
+    try:
+        with open(path, "w", encoding="ascii") as group:
+            group.write(str(value))
+        return True
+    except OSError:  # lowering it without privilege; autogroups turned off
         return False

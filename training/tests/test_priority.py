@@ -34,3 +34,19 @@ def test_zero_leaves_the_priority_alone():
     before = _nice()
     with Yielding(0):
         assert _nice() == before
+
+
+def test_the_autogroup_of_the_session_is_made_nicer_too(tmp_path):
+    # Where the kernel groups by session, threads' nice values only weigh within the group: the
+    # group's own value is what yields to a server in another session (a file standing in here).
+    group = tmp_path / "autogroup"
+    group.write_text("/autogroup-7 nice 2\n")
+    with Yielding(10, autogroup=group):
+        assert group.read_text() == "12"
+    assert group.read_text() == "2"
+    group.write_text("/autogroup-7 nice 15\n")
+    with Yielding(10, autogroup=group):
+        assert group.read_text() == "19"  # the most there is
+    before = _nice()
+    with Yielding(10, autogroup=tmp_path / "none"):  # autogroups off: the threads alone
+        assert _nice() == min(19, before + 10)
