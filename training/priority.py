@@ -14,7 +14,12 @@ A thread's nice value only weighs against threads of its own *autogroup* where t
 by session (sched_autogroup_enabled, the default of most distributions): `manage.py serve`
 starts the cluster in a session of its own, and there the CPU is shared between the sessions,
 whatever the threads' nice values. So the worker's autogroup is made as much nicer too
-(/proc/self/autogroup): the cluster's other processes, which share it, yield with the run.
+(/proc/self/autogroup), where the session is the cluster's own (its leader is a qcluster
+process: `serve`, a systemd unit): the cluster's other processes, which share it, yield with the
+run. A session led by anything else (a shell that also runs the web server) may hold the server,
+which must not yield: there the threads alone are reniced, which weighs against a server in the
+same session. A worker killed mid-run (SIGKILL, q2's timeout) leaves the cluster's autogroup
+nicer, which slows only the cluster.
 
 Lowering a nice value again needs privilege (CAP_SYS_NICE or RLIMIT_NICE): an unprivileged
 worker keeps the higher values after the run, for the rest of its life, which only ever yields
@@ -39,16 +44,19 @@ def _thread_ids():
 class Yielding:
     """Context manager: this process's threads `increment` nicer while inside (0: unchanged)."""
 
-    def __init__(self, increment, *, autogroup=AUTOGROUP):
+    def __init__(self, increment, *, autogroup=AUTOGROUP, own_session=None):
         self.increment = int(increment)
         self.autogroup = autogroup
+        # whether this session is the cluster's alone (None: its leader is a qcluster process)
+        self.own_session = own_session
         self.before = {}
         self.group_before = None
 
     def __enter__(self):
         if self.increment <= 0 or not hasattr(os, "setpriority"):
             return self
-        group = _read_group_nice(self.autogroup)
+        own_session = _cluster_session() if self.own_session is None else self.own_session
+        group = _read_group_nice(self.autogroup) if own_session else None
         if group is not None and _write_group_nice(self.autogroup, min(MAX_NICE, group + self.increment)):
             self.group_before = group
         for thread in _thread_ids():
@@ -88,4 +96,13 @@ def _write_group_nice(path, value):
             group.write(str(value))
         return True
     except OSError:  # lowering it without privilege; autogroups turned off
+        return False
+
+
+def _cluster_session():
+    """Whether this process's session was started for the q2 cluster (its leader runs qcluster)."""
+    try:
+        with open(f"/proc/{os.getsid(0)}/cmdline", "rb") as leader:
+            return b"qcluster" in leader.read()
+    except OSError:
         return False

@@ -41,12 +41,18 @@ def test_the_autogroup_of_the_session_is_made_nicer_too(tmp_path):
     # group's own value is what yields to a server in another session (a file standing in here).
     group = tmp_path / "autogroup"
     group.write_text("/autogroup-7 nice 2\n")
-    with Yielding(10, autogroup=group):
+    with Yielding(10, autogroup=group, own_session=True):
         assert group.read_text() == "12"
     assert group.read_text() == "2"
     group.write_text("/autogroup-7 nice 15\n")
-    with Yielding(10, autogroup=group):
+    with Yielding(10, autogroup=group, own_session=True):
         assert group.read_text() == "19"  # the most there is
+    # a session the cluster shares (a shell that may also run the web server): the threads alone
+    group.write_text("/autogroup-7 nice 0\n")
+    with Yielding(10, autogroup=group, own_session=False):
+        assert group.read_text() == "/autogroup-7 nice 0\n"
+    with Yielding(10, autogroup=group):  # this pytest's session is not a qcluster's
+        assert group.read_text() == "/autogroup-7 nice 0\n"
     before = _nice()
     with Yielding(10, autogroup=tmp_path / "none"):  # autogroups off: the threads alone
         assert _nice() == min(19, before + 10)
