@@ -95,7 +95,9 @@ def trainer_child(spec):
     records = [data[i % len(data)] for i in range(spec["steps"] * spec["batch_size"])]
     config = FinetuneConfig(epochs=1, batch_size=spec["batch_size"], seed=spec["seed"], checkpoint_every=0, device="cpu")
     emit(event="start", torch_threads=torch.get_num_threads())
-    with Yielding(spec["nice"]):
+    # A trainer in its own session stands for the cluster's (serve starts qcluster so); in this
+    # process's session it shares the server's, where Yielding leaves the autogroup alone.
+    with Yielding(spec["nice"], own_session=spec["own_session"]):
         _, _, metrics = train_model(
             config, spec["base"], records, [], spec["out"], resume=False,
             on_progress=lambda info: emit(event="step", step=info["step"], nices=thread_nices(), autogroup=autogroup()),
@@ -109,7 +111,7 @@ class Trainer:
     def __init__(self, args, *, nice, steps, own_session, work):
         self.log = Path(work) / f"trainer-nice{nice}-{time.monotonic_ns()}.log"
         spec = {"base": str(args.base), "nice": nice, "steps": steps, "batch_size": args.batch_size, "seed": args.seed,
-                "out": str(Path(work) / "run")}
+                "out": str(Path(work) / "run"), "own_session": own_session}
         self.started = time.monotonic()
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
