@@ -34,7 +34,7 @@ from chat.models import Conversation, Message
 from chat.services import is_uuid
 from knowledge.retrieval import serving_index
 from llm import grounding
-from llm.engine import Done, EngineError, Stats, Token
+from llm.engine import Done, Stats, Token
 from llm.facts import FactGuard
 from llm.finetune.config import read_saved_record
 from llm.prompting import Turn
@@ -227,25 +227,27 @@ def _pick_request(plan, engine, options):
 def _picked(plan, probs):
     decision = grounding.choose(plan.decision, probs or [], min_prob=settings.CSP_RERANK_MIN_PROB)
     logger.debug("pick among retrieved pairs: %s", decision.reason)
-    return dataclasses.replace(plan, decision=decision, picks=False, references_in_prompt=plan.references_in_prompt and decision.mode == grounding.GROUNDED)
+    still_grounded = decision.mode == grounding.GROUNDED
+    return dataclasses.replace(plan, decision=decision, picks=False, references_in_prompt=plan.references_in_prompt and still_grounded)
 
 
 def rerank(plan, engine, options):
     """The plan after the version named which retrieved pair, if any, the question is about (one
     prefill and one token on `engine`, blocking): a sure pick answers with that pair's curated
     text, a sure "none" with the fallback, an unsure one stays grounded. The engine's refusals
-    (EngineError: busy, closed) propagate, as the answer's own submit would raise them; any other
-    failure leaves the plan grounded and is logged."""
+    at submit (EngineError: busy, closed) propagate, as the answer's own submit would raise them;
+    a failure or a timeout after it leaves the plan grounded and is logged."""
     asked = _pick_request(plan, engine, options)
     if asked is None:
         return plan
+    request = engine.submit(asked[0], **asked[1])  # EngineError (busy, closed): the answer's own submit would raise it too
     try:
-        _text, stats = engine.submit(asked[0], **asked[1]).result(settings.CSP_CHAT_MAX_SECONDS)
-    except EngineError:  # busy, closed, unavailable: the answer's own submit would be refused too
-        raise
+        _text, stats = request.result(settings.CSP_CHAT_MAX_SECONDS)
     except Exception:
         logger.exception("the pick among the retrieved pairs failed; the answer is generated")
         return dataclasses.replace(plan, picks=False)
+    finally:
+        request.cancel()  # a no-op once it is done; else it stops taking the engine's time
     return _picked(plan, stats.choice_probs)
 
 
@@ -254,16 +256,16 @@ async def arerank(plan, engine, options):
     asked = _pick_request(plan, engine, options)
     if asked is None:
         return plan
+    request = await engine.asubmit(asked[0], **asked[1])
     try:
-        request = await engine.asubmit(asked[0], **asked[1])
         async with asyncio.timeout(settings.CSP_CHAT_MAX_SECONDS):
             async for _event in request:
                 pass
-    except EngineError:  # busy, closed, unavailable: the answer's own submit would be refused too
-        raise
     except Exception:
         logger.exception("the pick among the retrieved pairs failed; the answer is generated")
         return dataclasses.replace(plan, picks=False)
+    finally:
+        request.cancel()
     return _picked(plan, request.stats.choice_probs)
 
 
