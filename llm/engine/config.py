@@ -45,6 +45,11 @@ class EngineConfig:
     # Prompt tokens processed per loop iteration: a long prompt is prefilled in chunks between decode
     # steps, so it stalls the streams already running by one chunk's time, not the whole prompt's.
     prefill_chunk: int = 256
+    # Prompt-lookup drafting (llm.engine.drafting): a greedy answer's next tokens are guessed from
+    # its prompt (the retrieved curated answers, the conversation) and up to this many are
+    # verified in the same forward as its next token; 0 turns drafting off. Sampled answers and
+    # picks always decode one token per step. The answer is the same either way.
+    draft_tokens: int = 8
     # llama.cpp backend: compute threads (0 = one per core, os.cpu_count()); transformers uses torch's.
     threads: int = 0
     # llama.cpp's extra weight buffers (AMX tiles, repacked CPU layouts): "on", "off", or "auto" =
@@ -75,6 +80,8 @@ class EngineConfig:
             )
         if self.guard_min_run < 0:
             raise ValueError(f"guard_min_run must be 0 (off) or more, not {self.guard_min_run!r}")
+        if self.draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be 0 (off) or more, not {self.draft_tokens!r}")
         if self.threads < 0:
             raise ValueError(f"threads must be 0 (every core) or more, not {self.threads!r}")
         if self.max_waiting < 0:

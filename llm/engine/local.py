@@ -42,6 +42,7 @@ import time
 
 from llm.engine.adapters import CURRENT, AdapterTable
 from llm.engine.config import EngineConfig, clamp_limits
+from llm.engine.drafting import PromptLookup
 from llm.engine.events import CANCELLED, ERROR, FILTERED, LENGTH, STOP, EngineClosed
 from llm.engine.guard import LeakGuard
 from llm.engine.metrics import EngineMetrics
@@ -399,6 +400,38 @@ class LocalEngine(DerivedCalls):
         sequence.output = AnswerText(self.tokenizer, guard)
         if sequence.temperature > 0:
             sequence.generator = self._sampling.seeded_generator(sequence.request.seed)
+        elif self.config.draft_tokens and not sequence.request.choice_ids:
+            sequence.drafter = PromptLookup(sequence.prompt_ids, max_draft=self.config.draft_tokens)
+
+    def _draft(self, sequence):
+        """The draft tokens to verify with a decoding sequence's next step ([] for none): never
+        more than the answer may still take after its next token."""
+        if sequence.drafter is None:
+            return []
+        return sequence.drafter.propose(room=sequence.request.max_new_tokens - sequence.generated - 1)
+
+    def _accept_verified(self, sequence, predicted, draft):
+        """Take the result of a step that fed a sequence its last token followed by `draft`:
+        `predicted[i]` is the model's next token after the i-th of those inputs (so len(draft) + 1
+        of them). predicted[0] is the next token; each later one counts only while the draft
+        before it matched what the model predicted. Returns (inputs kept, alive): the first
+        `inputs kept` fed tokens stay in the KV cache (the rest must be removed), and whether the
+        sequence goes on. Greedy decoding without a draft would have produced the same tokens."""
+        kept = 0
+        alive = True
+        for index, token in enumerate(predicted):
+            kept += 1
+            if not self._accept(sequence, token):
+                alive = False
+                break
+            if index == len(draft) or token != draft[index]:
+                break
+        if draft:
+            taken = kept - 1
+            if sequence.drafter is not None:
+                sequence.drafter.feedback(len(draft), taken)
+            self.counters.verified(len(draft), taken)
+        return kept, alive
 
     def _next_token(self, sequence, logits):
         """The next id from one row of logits (a torch tensor): greedy, or sampled with the sequence's
@@ -431,6 +464,8 @@ class LocalEngine(DerivedCalls):
             self._finish(sequence, FILTERED)
             return False
         request.emit(piece)
+        if sequence.drafter is not None:
+            sequence.drafter.extend(token)
         if sequence.generated >= request.max_new_tokens:
             self._finish(sequence, LENGTH)
             return False

@@ -9,11 +9,18 @@ class EngineMetrics:
         self.max_batch_seen = 0  # most sequences advanced by one forward (one batch)
         self.requests_finished = 0
         self.latency_ema = None  # seconds, over answers that ended normally (stop, length)
+        self.drafted = 0  # draft tokens verified (llm.engine.drafting)
+        self.draft_accepted = 0  # of them, the ones the model agreed with
 
     def step(self, batch_size):
         """One decode forward of `batch_size` sequences."""
         self.decode_steps += 1
         self.max_batch_seen = max(self.max_batch_seen, batch_size)
+
+    def verified(self, proposed, taken):
+        """A draft of `proposed` tokens was verified and `taken` of them kept."""
+        self.drafted += proposed
+        self.draft_accepted += taken
 
     def finished(self, reason, latency):
         self.requests_finished += 1
@@ -26,4 +33,6 @@ class EngineMetrics:
             "max_batch_seen": self.max_batch_seen,
             "requests_finished": self.requests_finished,
             "latency_ema_s": self.latency_ema,
+            "drafted_tokens": self.drafted,
+            "draft_accepted_tokens": self.draft_accepted,
         }

@@ -22,6 +22,7 @@ class Sequence:
     last: int | None = None  # last generated token: the next step's input
     generated: int = 0
     generator: object = None  # the seeded sampling generator, when sampling
+    drafter: object = None  # llm.engine.drafting.PromptLookup of a greedy answer, when drafting is on
 
     @property
     def prompt_ids(self):
