@@ -39,6 +39,7 @@ def engine_config():
         max_active=settings.CSP_CHAT_MAX_ACTIVE,
         max_waiting=settings.CSP_CHAT_MAX_WAITING,
         threads=settings.CSP_CHAT_THREADS,
+        draft_tokens=settings.CSP_DRAFT_TOKENS,
         extra_buffers=settings.CSP_LLAMA_EXTRA_BUFFERS,
         remote_url=settings.CSP_OPENAI_BASE_URL,
         remote_api_key=settings.CSP_OPENAI_API_KEY,

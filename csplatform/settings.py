@@ -9,6 +9,7 @@ ImproperlyConfigured naming the variable.
 """
 
 import os
+import re
 import secrets
 from pathlib import Path
 from urllib.parse import urlparse
@@ -46,6 +47,24 @@ def envint(name, default, *, minimum=None):
 
 def envlist(name, default):
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+# An origin as a browser sends it: scheme, host, optional port, nothing else (no path, no "/").
+ORIGIN_PATTERN = re.compile(r"https?://(?:[a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{1,5}))?")
+
+
+def envorigins(name, default):
+    """A comma-separated list of web origins (https://shop.example.com, http://127.0.0.1:8080),
+    lower-cased. Checked strictly because they are written into a Content-Security-Policy header:
+    a path, a wildcard or a stray quote would widen or break it."""
+    origins = [origin.lower() for origin in envlist(name, default)]
+    for origin in origins:
+        match = ORIGIN_PATTERN.fullmatch(origin)
+        if match is None or int(match["port"] or 0) > 65535:
+            raise ImproperlyConfigured(
+                f"{name} entry {origin!r} is not an origin like https://shop.example.com or http://host:8080 (scheme, host, port; no path)."
+            )
+    return origins
 
 
 def envrate(name, default):
@@ -257,6 +276,10 @@ CSP_CHAT_DTYPE = envstr("CSP_CHAT_DTYPE", "auto")
 # llama.cpp compute threads; 0 = one per core. On a host shared with other busy processes fewer
 # threads decode faster (llama.cpp's threads spin while they wait for each other).
 CSP_CHAT_THREADS = envint("CSP_CHAT_THREADS", 0, minimum=0)
+# Prompt-lookup drafting (llm.engine.drafting): a greedy answer's next tokens are guessed from the
+# retrieved answers and the conversation in its prompt, and up to this many are checked in the same
+# forward as its next token (the answer is the same; copying ones come faster). 0 turns it off.
+CSP_DRAFT_TOKENS = envint("CSP_DRAFT_TOKENS", 8, minimum=0)
 # llama.cpp's extra weight buffers (AMX tiles, repacked layouts): auto = on unless the CPU advertises
 # AMX (some virtual machines fault on AMX instructions they advertise: llm.engine.config).
 CSP_LLAMA_EXTRA_BUFFERS = envstr("CSP_LLAMA_EXTRA_BUFFERS", "auto")
@@ -416,6 +439,9 @@ CSP_LOGIN_MAX_FAILURES_PER_USERNAME = envint(
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
+# Sites that may show the chat widget (/widget/, docs/widget.md) in a frame, besides the platform
+# itself; every other page keeps X_FRAME_OPTIONS.
+CSP_WIDGET_ORIGINS = envorigins("CSP_WIDGET_ORIGINS", "")
 SESSION_COOKIE_HTTPONLY = True
 
 # --- REST API ---
