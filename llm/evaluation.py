@@ -85,18 +85,23 @@ def normalise(text):
     return unicodedata.normalize("NFKC", text or "").strip()
 
 
-def key_facts(text):
-    """The numeric facts in a text, in order, without repeats: ["7天", "99元", "1-3", ...]."""
+def fact_spans(text):
+    """Where the numeric facts stand in `normalise(text)`: [(start, end, fact)], in order, repeats
+    included; `fact` is written as key_facts gives it (no spaces, "-" for any dash). For showing
+    an answer with its facts marked."""
     text = normalise(text)
-    facts = []
+    spans = []
     for match in KEY_FACT.finditer(text):
         fact = re.sub(r"\s+", "", match.group())
         if fact.isdigit() and LIST_MARKER.match(text, match.end()):
             continue
-        fact = re.sub(r"[~～—–]", "-", fact)
-        if fact not in facts:
-            facts.append(fact)
-    return facts
+        spans.append((match.start(), match.end(), re.sub(r"[~～—–]", "-", fact)))
+    return spans
+
+
+def key_facts(text):
+    """The numeric facts in a text, in order, without repeats: ["7天", "99元", "1-3", ...]."""
+    return list(dict.fromkeys(fact for _start, _end, fact in fact_spans(text)))
 
 
 def _rouge_l(prediction_tokens, reference_tokens):

@@ -9,7 +9,7 @@ from django.utils.translation import gettext_lazy as _
 
 from knowledge.admin import QAPairAdmin
 from knowledge.models import QAPair
-from training import lineage, services
+from training import compare_views, lineage, services
 from training.charts import loss_chart_svg
 from llm.evaluation import INVENTED_HELP, METRIC_HELP
 from llm.finetune.raft import read_grounding
@@ -262,7 +262,7 @@ class AdapterVersionAdmin(ReadOnlyAdmin):
         "activated_at",
     )
     exclude = ("metrics", "curated_threshold", "fallback_threshold", "calibration")
-    actions = ("activate", "rollback")
+    actions = ("activate", "rollback", "compare")
 
     # What serves the versions (the engine, the inference workers) is chat's, above training:
     # chat.admin adds a function (request) -> context for this page with add_changelist_context().
@@ -321,6 +321,22 @@ class AdapterVersionAdmin(ReadOnlyAdmin):
             )
         else:
             self.message_user(request, _("%(v)s is now active.") % {"v": version.name}, messages.SUCCESS)
+
+    @admin.action(description=_("Compare the two selected versions"))
+    def compare(self, request, queryset):
+        if queryset.count() != 2:
+            self.message_user(request, _("Select exactly two versions to compare."), messages.ERROR)
+            return None
+        a, b = queryset.order_by("created_at")
+        return HttpResponseRedirect(compare_views.compare_url(a, b))
+
+    def get_urls(self):
+        return [
+            path("compare/", self.admin_site.admin_view(self.compare_view), name="training_adapterversion_compare"),
+        ] + super().get_urls()
+
+    def compare_view(self, request):
+        return compare_views.compare_page(self, request)
 
     @admin.action(description=_("Roll back to the previously active version"), permissions=["activate"])
     def rollback(self, request, queryset):

@@ -110,8 +110,9 @@ def evaluate_served(model, tokenizer, config, index, thresholds, dev_records, *,
 
     dev_answers = answer([q for q, _ in dev], "dev")
     results = evaluation.evaluate_served(dev_answers, [a for _, a in dev])
+    # Every dev answer (at most CSP_EVAL_MAX_PAIRS): the compare page (training.compare) shows two versions' side by side.
     results["samples"] = [
-        {"question": a.question, "reference": ref, "prediction": a.text, "mode": a.mode} for a, (_, ref) in list(zip(dev_answers, dev))[:5]
+        {"question": a.question, "reference": ref, "prediction": a.text, "mode": a.mode} for a, (_, ref) in zip(dev_answers, dev)
     ]
     if oos:
         oos_answers = answer(oos, "out-of-scope")
