@@ -28,6 +28,7 @@ import contextlib
 import json
 import time
 from types import SimpleNamespace
+from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -77,7 +78,12 @@ def _cool_down(scope):
 
 def scope_language(scope):
     """The language the chat page was served in, chosen as LocaleMiddleware chooses it for a request
-    (Django's own get_language_from_request): the language cookie, then Accept-Language, then the default."""
+    (Django's own get_language_from_request): the language cookie, then Accept-Language, then the default.
+    The widget's page (chat/widget.py) is served in the language its site chose and names it in
+    the socket's query string (?lang=en), which comes first."""
+    asked = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("lang", [""])[0]
+    if asked in dict(settings.LANGUAGES):
+        return asked
     headers = dict(scope.get("headers", ()))
     request = SimpleNamespace(
         COOKIES=scope.get("cookies", {}), META={"HTTP_ACCEPT_LANGUAGE": headers.get(b"accept-language", b"").decode("latin-1")}

@@ -15,20 +15,25 @@ HISTORY_SHOWN = 100
 
 @require_safe
 def chat_page(request):
+    return render(request, "chat.html", {"chat_config": chat_config(request), "max_chars": settings.CSP_CHAT_MAX_MESSAGE_CHARS})
+
+
+def chat_config(request):
+    """What static/js/chat.js starts from (the #chat-config script): the socket's path and the
+    requested conversation's history if it is the caller's. Used by the chat page and the widget."""
     # The websocket handshake cannot set a cookie: without a session made here, every
     # (re)connection would get a fresh one and lose the right to continue its conversation.
     if not request.session.session_key:
         request.session.save()
         request.session.modified = True
     conversation_id, history, state = _own_history(request, request.GET.get("conversation", ""))
-    config = {
+    return {
         "wsPath": "/ws/chat/",
         "conversation": conversation_id,
         "history": history,
         "state": state,
         "maxChars": settings.CSP_CHAT_MAX_MESSAGE_CHARS,
     }
-    return render(request, "chat.html", {"chat_config": config, "max_chars": settings.CSP_CHAT_MAX_MESSAGE_CHARS})
 
 
 def _own_history(request, conversation_id):
