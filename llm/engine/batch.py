@@ -16,6 +16,31 @@ wider width and concatenated on the batch axis. A finished row is dropped with a
 and padding columns that no row needs any more are trimmed from the left. The cache is a plain
 (non-sliding) DynamicCache: sliding-window models (Gemma 3) apply their window through the
 attention mask, so the splice never has to reason about windows.
+
+Drafts (llm.engine.drafting). A step where some rows verify a draft feeds every row the same
+number of columns, 1 + the longest draft; a row with a shorter draft, or none, fills its extra
+columns with padding (masked out). Afterwards row i keeps its first kept[i] inputs: the columns
+no row keeps are cropped from the end, and the others a row does not keep are masked out, which
+leaves holes inside that row (h):
+
+    column:     0   1   2   3   4   5   6   7
+    row 0:      .   .   p   p   g   g   g   g      (kept all 3 of its inputs)
+    row 1:      p   p   p   p   g   g   h   h      (kept 1: its last token, draft rejected)
+
+Full attention layers do not mind holes: a hole is masked, and positions are given per row.
+Sliding-window layers do. transformers draws the window over column indices (a key is seen when
+its column > the query's column - window), which counts a row's real tokens correctly only while
+they are contiguous: left padding is harmless (it lies before the row's first token), but each
+hole inside the window would push one real token out of it, and an answer crossing the window
+would differ from decoding without drafts. So on a model with sliding layers, once the batch has
+holes (and in every step that feeds several columns) the engine passes its own masks, one per
+layer type, computed from the rows' real positions (`position_masks`: a row's real tokens are
+positions 0, 1, 2, ... in column order, so the mask's cumulative sum gives them): the window is
+the same as a lone sequence's, holes or not, and no column is ever moved. (The other choices were
+compacting each row's holes away, which copies the row's whole cache per step, or not drafting
+near the window, which still breaks once holes made earlier fall inside it.) A step with no
+draft and no holes is today's one-column step with a 2D mask. A batch of one row never has holes:
+whatever it does not keep is at the end and is cropped.
 """
 
 import torch
@@ -68,6 +93,7 @@ class Batch:
         self.rows = []
         self.cache = None
         self.mask = None  # [rows, width] long: 1 where the column holds one of the row's tokens
+        self.holes = False  # whether a row has masked columns among its tokens (see the module docstring)
 
     def __len__(self):
         return len(self.rows)
@@ -99,6 +125,7 @@ class Batch:
         self.rows = [self.rows[i] for i in keep]
         if not keep:
             self.cache = self.mask = None
+            self.holes = False
             return
         index = torch.tensor(keep, device=self.device)
         self.mask = self.mask.index_select(0, index)
@@ -107,20 +134,69 @@ class Batch:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, first:]
             layer.values = layer.values.index_select(0, index)[:, :, first:]
+        if self.holes:
+            self.holes = self._find_holes()
 
-    def step_inputs(self, last_tokens, positions):
-        """Inputs of one decode step: each row's last token at its own position."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+    def step_inputs(self, fed, positions):
+        """Inputs of one decode step: row i feeds the ids `fed[i]` (its last token, then its draft
+        if any) from position `positions[i]` on. Every row gets as many columns as the longest
+        one; a shorter row's extra columns repeat its last input at its last position, masked out."""
+        columns = max(len(ids) for ids in fed)
+        ids = [row + row[-1:] * (columns - len(row)) for row in fed]
+        at = [[start + min(j, len(row) - 1) for j in range(columns)] for row, start in zip(fed, positions)]
+        if columns == 1:
+            new = self.mask.new_ones((len(self.rows), 1))
+        else:
+            lengths = torch.tensor([len(row) for row in fed], device=self.device)
+            new = (torch.arange(columns, device=self.device) < lengths[:, None]).long()
+        self.mask = torch.cat([self.mask, new], dim=1)
         return {
-            "input_ids": torch.tensor(last_tokens, device=self.device).view(-1, 1),
-            "position_ids": torch.tensor(positions, device=self.device).view(-1, 1),
+            "input_ids": torch.tensor(ids, device=self.device),
+            "position_ids": torch.tensor(at, device=self.device),
             "attention_mask": self.mask,
             "use_cache": True,
         }
 
-    def undo_step(self):
-        """Forget the column a failed step added to the mask."""
-        self.mask = self.mask[:, :-1]
+    def position_masks(self, windows, columns):
+        """Boolean 4D masks [rows, 1, columns, width] for a step's last `columns` columns, built
+        from each row's real positions rather than from column indices: {layer type: mask} for
+        `windows` ({layer type: its sliding window, or None}). A query sees its row's real tokens
+        at its position or before, and on a sliding layer only those after its position minus
+        the window: what a lone sequence sees, holes or not. A padding query column stands at
+        its row's last real input, so it always sees something (a fully masked row could be NaN)."""
+        valid = self.mask.bool()
+        positions = self.mask.cumsum(dim=1) - 1  # a row's real tokens are positions 0, 1, 2, ... in column order
+        keys = positions[:, None, :]
+        queries = positions[:, -columns:, None]
+        seen = valid[:, None, :] & (keys <= queries)
+        return {
+            name: (seen if window is None else seen & (keys > queries - window)).unsqueeze(1)
+            for name, window in windows.items()
+        }
+
+    def keep(self, kept, columns):
+        """After a step that fed `columns` columns: row i keeps its first `kept[i]` inputs (0 for a
+        row that ended in the step). Its other columns become holes, masked out; the trailing
+        columns that no row keeps are cropped from the mask and from every layer's keys and values."""
+        if all(k == columns for k in kept):
+            return
+        crop = columns - max(kept)
+        start = self.width - columns
+        if crop:
+            self.mask = self.mask[:, :-crop]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, :-crop]
+                layer.values = layer.values[:, :, :-crop]
+        block = torch.arange(columns - crop, device=self.device)
+        taken = block < torch.tensor(kept, device=self.device)[:, None]
+        self.mask[:, start:] = self.mask[:, start:] * taken
+        self.holes = self.holes or min(kept) < columns - crop
+
+    def _find_holes(self):
+        """Whether some row has a masked column between its first real one and the end."""
+        count = self.mask.sum(dim=1)
+        first = self.mask.argmax(dim=1)  # the first 1 of each row
+        return bool((count != self.width - first).any())
 
 
 def prefill_inputs(ids, start, device):

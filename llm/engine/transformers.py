@@ -11,6 +11,12 @@ the torch side of each loop iteration:
      a newcomer whose prompt is complete samples its first token and is spliced into the batch;
   2. run ONE forward for every running sequence (continuous batching: the batch changes at step
      boundaries), sample a token per row, stream the text, and drop the rows that finished.
+     A greedy row with a prompt-lookup draft (llm.engine.drafting) feeds its last token and the
+     draft in that same forward, and takes every token the model confirms plus the model's own
+     next one: the rows feed as many columns as the longest draft (the others padded, masked
+     out), the logits of all of them come back, and the columns of rejected drafts are masked
+     out of the cache or cropped (llm.engine.batch). Sampled rows take one token, as before;
+     a step without drafts is a one-column step.
 
 Rows may use different adapters: a batch on one adapter runs the plain PEFT forward; a mixed batch
 passes PEFT's per-row `adapter_names` (the base model is "__base__"). An adapter that is no longer
@@ -42,6 +48,20 @@ def _fresh_input(module, args):
     return (args[0].contiguous().clone(), *args[1:])
 
 
+def _attention_windows(config):
+    """({layer type: its sliding window or None} when some layers slide, else None; whether a
+    drafted step is exact on this model). Sliding layers need the masks from real positions
+    (llm.engine.batch), which the model takes as a dict per layer type, in sdpa's or eager's form."""
+    window = getattr(config.get_text_config(), "sliding_window", None)
+    types = getattr(config.get_text_config(), "layer_types", None)
+    if not types:
+        return None, not window  # a window on every layer without layer types (Mistral): no dict of masks
+    if "sliding_attention" not in types:
+        return None, True
+    exact = set(types) <= {"full_attention", "sliding_attention"} and config._attn_implementation in ("sdpa", "eager")
+    return {name: window if name == "sliding_attention" else None for name in set(types)}, exact
+
+
 class TransformersEngine(LocalEngine):
     backend = "transformers"
 
@@ -54,6 +74,8 @@ class TransformersEngine(LocalEngine):
         self._cache_kwarg = "past_key_values"
         self._torch = self._batching = None
         self._batch = None
+        self._windows = None  # {layer type: sliding window or None} when some layers slide, else None
+        self._exact_drafts = True  # whether this model's drafted steps give exactly the undrafted answer
 
     @property
     def model(self):
@@ -85,6 +107,9 @@ class TransformersEngine(LocalEngine):
         self._keep_logits = "logits_to_keep" in parameters
         # transformers 5.24 renamed past_key_values to cache (the old name warns, then goes in 5.40)
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        self._windows, self._exact_drafts = _attention_windows(model.config)
+        if self.config.draft_tokens and not self._exact_drafts:
+            logger.info("no drafts on %s: its attention windows are not handled here", self.config.base_dir)
         self._batch = batching.Batch(device)
         self._model = model
 
@@ -129,10 +154,11 @@ class TransformersEngine(LocalEngine):
         self._prefill()
         self._decode_step()
 
-    def _forward(self, adapters, inputs):
-        """One forward under the model lock; returns the last position's logits, [rows, vocab]."""
+    def _forward(self, adapters, inputs, columns=1):
+        """One forward under the model lock; returns the logits of the last `columns` positions,
+        [rows, columns, vocab]."""
         if self._keep_logits:
-            inputs["logits_to_keep"] = 1
+            inputs["logits_to_keep"] = columns
         with self._model_lock:
             if self._peft is None or not self._peft.peft_config:
                 output = self._model(**inputs)
@@ -145,7 +171,7 @@ class TransformersEngine(LocalEngine):
                 output = self._peft(**inputs)
             else:
                 output = self._peft(**inputs, adapter_names=[a if a is not None else BASE for a in adapters])
-        return output.logits[:, -1, :]
+        return output.logits[:, -columns:, :]
 
     def _prefill(self):
         """Prefill waiting prompts, `prefill_chunk` tokens in all; complete ones join the batch."""
@@ -161,7 +187,7 @@ class TransformersEngine(LocalEngine):
             inputs = self._batching.prefill_inputs(chunk, sequence.prefilled, self.device)
             inputs[self._cache_kwarg] = sequence.slot
             try:
-                logits = self._forward([sequence.adapter], inputs)
+                logits = self._forward([sequence.adapter], inputs)[:, -1]
             except Exception as error:
                 logger.exception("prefill of request %s failed", sequence.id)
                 self._end_prefill(sequence, ERROR, error=f"{type(error).__name__}: {error}")
@@ -177,6 +203,8 @@ class TransformersEngine(LocalEngine):
                 self._batch.add(sequence, cache, len(ids))
 
     def _decode_step(self):
+        """Decode every running row: one token each, or for a row with a draft its last token and
+        the draft in the same forward, keeping what the model confirms (module docstring)."""
         batch = self._batch
         ended = [(s, reason) for s in batch.rows if (reason := self._reason_to_end(s))]
         if ended:
@@ -186,12 +214,16 @@ class TransformersEngine(LocalEngine):
         rows = list(batch.rows)
         if not rows:
             return
-        inputs = batch.step_inputs([s.last for s in rows], [s.position for s in rows])
+        drafts = [self._draft(s) for s in rows]
+        columns = 1 + max(len(draft) for draft in drafts)
+        inputs = batch.step_inputs([[s.last, *draft] for s, draft in zip(rows, drafts)], [s.position for s in rows])
+        if self._windows is not None and (columns > 1 or batch.holes):
+            inputs["attention_mask"] = self._position_masks(columns)
         inputs[self._cache_kwarg] = batch.cache
         try:
-            logits = self._forward([s.adapter for s in rows], inputs)
+            logits = self._forward([s.adapter for s in rows], inputs, columns)
         except Exception as error:
-            # Some layers may hold the new column and some not: the shared cache is lost.
+            # Some layers may hold the new columns and some not: the shared cache is lost.
             logger.exception("decode step failed for %d requests", len(rows))
             self._batch = self._batching.Batch(self.device)
             for sequence in rows:
@@ -199,15 +231,34 @@ class TransformersEngine(LocalEngine):
             return
         self.counters.step(len(rows))
         greedy = self._sampling.greedy(logits) if any(s.temperature <= 0 for s in rows) else None
-        finished = []
-        for index, sequence in enumerate(rows):
-            sequence.position += 1
+        finished, kept = [], []
+        for index, (sequence, draft) in enumerate(zip(rows, drafts)):
             reason = self._reason_to_end(sequence)
-            if reason:  # cancelled (or out of time) during this step: its token is not sent
+            if reason:  # cancelled (or out of time) during this step: its tokens are not sent
                 finished.append(sequence)
+                kept.append(0)
                 self._finish(sequence, reason)
                 continue
-            token = greedy[index] if sequence.temperature <= 0 else self._next_token(sequence, logits[index])
-            if not self._accept(sequence, token):
+            if sequence.temperature <= 0:
+                taken, alive = self._accept_verified(sequence, greedy[index][: len(draft) + 1], draft)
+            else:
+                taken, alive = 1, self._accept(sequence, self._next_token(sequence, logits[index, 0]))
+            sequence.position += taken
+            kept.append(taken if alive else 0)
+            if not alive:
                 finished.append(sequence)
+        batch.keep(kept, columns)
         batch.remove(finished)
+
+    def _draft(self, sequence):
+        return super()._draft(sequence) if self._exact_drafts else []
+
+    def _position_masks(self, columns):
+        """The batch's masks from real positions, per layer type, in the form the attention
+        implementation takes: boolean for sdpa, additive (0 / the dtype's minimum) for eager."""
+        masks = self._batch.position_masks(self._windows, columns)
+        if self._model.config._attn_implementation == "eager":
+            lowest = self._torch.finfo(self.dtype).min
+            zero = self._torch.zeros((), dtype=self.dtype, device=self.device)
+            masks = {name: self._torch.where(mask, zero, lowest) for name, mask in masks.items()}
+        return masks
