@@ -6,7 +6,8 @@
 
 Training runs write the file themselves; this is for versions trained before that, or whose
 export failed (the run's log says why). One line per version; running it twice changes nothing.
-Exits non-zero when a version could not be exported.
+On a terminal a bar counts the versions done (`-v 0` hides it). Exits non-zero when a version
+could not be exported.
 """
 
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 from django.utils.translation import gettext as _
 
+from csplatform.progress import Progress
 from llm import gguf as gguf_export
 from training.models import AdapterVersion
 
@@ -33,22 +35,30 @@ class Command(BaseCommand):
             if unknown:
                 raise CommandError(_("No adapter version named %(names)s.") % {"names": ", ".join(unknown)})
         failed = 0
-        for version in versions:
+        # Drawn after every version (mininterval 0): each takes seconds, and there are few.
+        bar = Progress(
+            self.stdout, options["verbosity"], versions, total=len(versions), desc=_("Adapters"), unit=_("adapter"), mininterval=0
+        )
+        for version in bar:
+            bar.set_postfix_str(version.name)
             target = Path(version.path) / gguf_export.LORA_FILENAME
             if target.is_file() and not force:
-                self.stdout.write(_("%(name)s: %(path)s exists, skipped") % {"name": version.name, "path": target})
+                with bar.above():
+                    self.stdout.write(_("%(name)s: %(path)s exists, skipped") % {"name": version.name, "path": target})
                 continue
             try:
                 path = gguf_export.write_lora_gguf(version.path, base_dir=version.base_model.path)
             except (OSError, ValueError) as exc:
                 failed += 1
-                self.stderr.write(_("%(name)s: failed: %(error)s") % {"name": version.name, "error": exc})
+                with bar.above():
+                    self.stderr.write(_("%(name)s: failed: %(error)s") % {"name": version.name, "error": exc})
                 continue
-            self.stdout.write(
-                self.style.SUCCESS(
-                    _("%(name)s: wrote %(path)s (%(size).1f MB)")
-                    % {"name": version.name, "path": path, "size": path.stat().st_size / 1e6}
+            with bar.above():
+                self.stdout.write(
+                    self.style.SUCCESS(
+                        _("%(name)s: wrote %(path)s (%(size).1f MB)")
+                        % {"name": version.name, "path": path, "size": path.stat().st_size / 1e6}
+                    )
                 )
-            )
         if failed:
             raise CommandError(_("%(count)d adapter version(s) could not be exported.") % {"count": failed})

