@@ -288,10 +288,11 @@ def _changes(pair, values, category_names):
     return changed
 
 
-def qa_import(*, content, filename, file_format=None, status=None, split=None, user=None, dry_run=False):
+def qa_import(*, content, filename, file_format=None, status=None, split=None, user=None, dry_run=False, track=None):
     """Import a JSON / JSONL / CSV file of Q&A pairs, all or nothing.
 
     status / split, when given, apply to every row (they override the file's own columns).
+    track, when given, wraps the rows as they are saved, the slow part (import_qa's progress bar).
     Returns an ImportReport; nothing is written unless every row is acceptable.
     """
     report = ImportReport(filename=filename, dry_run=dry_run)
@@ -322,7 +323,7 @@ def qa_import(*, content, filename, file_format=None, status=None, split=None, u
         report.rows = [item.result for item in planned]
         if not report.ok or dry_run:
             return report
-        _apply(planned, user=user, filename=filename)
+        _apply(track(planned) if track else planned, user=user, filename=filename)
         report.committed = True
     return report
 

@@ -3,14 +3,18 @@
     python manage.py import_qa data/train.json --status approved --split train
     python manage.py import_qa faq.csv --dry-run
 
-Same code as the admin's import page; prints the per-row report. Exits non-zero when the
-file or any row is rejected (and then saves nothing).
+Same code as the admin's import page; prints the per-row report. On a terminal a bar counts the
+rows as they are saved, whatever the file's size, and is gone when they are (`-v 0` hides it).
+Exits non-zero when the file or any row is rejected (and then saves nothing).
 """
 
 from pathlib import Path
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
+from django.utils.translation import gettext as _
+
+from csplatform.progress import Progress
 
 from knowledge import services
 from knowledge.formats import FORMATS
@@ -42,6 +46,7 @@ class Command(BaseCommand):
             split=options["split"],
             user=self._user(options["user"]),
             dry_run=options["dry_run"],
+            track=lambda rows: Progress(self.stdout, options["verbosity"], rows, desc=_("Saving"), unit=_("row"), leave=False),
         )
         for row in report.rows:
             if row.action == services.RowAction.REJECTED or options["verbosity"] > 1:
