@@ -6,6 +6,7 @@ from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.template.response import TemplateResponse
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import permissions, serializers
 from rest_framework.exceptions import ValidationError
@@ -53,19 +54,23 @@ def _charts(data):
     ]
 
 
+# Lazy: the labels are read in each request's language, not once in the server's at import.
 METRICS = [
-    ("conversations", _("conversations")),
-    ("answers", _("answers")),
+    ("conversations", gettext_lazy("conversations")),
+    ("answers", gettext_lazy("answers")),
     ("thumbs_up", "👍"),
     ("thumbs_down", "👎"),
-    ("thumbs_up_rate", _("👍 rate")),
-    ("handoff_rate", _("handoff rate")),
-    ("latency_ms_median", _("median response time (ms)")),
-    ("latency_ms_p95", _("p95 response time (ms)")),
-    ("first_token_ms_median", _("median first token (ms)")),
-    ("first_token_ms_p95", _("p95 first token (ms)")),
-    ("tokens_per_second", _("tokens/s")),
+    ("thumbs_up_rate", gettext_lazy("👍 rate")),
+    ("handoff_rate", gettext_lazy("handoff rate")),
+    ("latency_ms_median", gettext_lazy("median response time (ms)")),
+    ("latency_ms_p95", gettext_lazy("p95 response time (ms)")),
+    ("first_token_ms_median", gettext_lazy("median first token (ms)")),
+    ("first_token_ms_p95", gettext_lazy("p95 first token (ms)")),
+    ("tokens_per_second", gettext_lazy("tokens/s")),
 ]
+# The page's words for analytics.top_questions' reasons and for the period's fields (the JSON keeps the keys).
+REASONS = {"disliked": gettext_lazy("rated 👎"), "cut_short": gettext_lazy("cut short"), "handoff": gettext_lazy("asked for a person")}
+FIELDS = {"since": gettext_lazy("From"), "until": gettext_lazy("to")}
 
 
 def analytics_page(request):
@@ -83,11 +88,13 @@ def analytics_page(request):
                     value = f"{value:.1%}"
                 cells.append("—" if value is None else value)
             table.append((label, cells))
+        for group in data["top_questions"]:
+            group["reasons"] = {REASONS.get(reason, reason): count for reason, count in group["reasons"].items()}
     context = {
         **admin.site.each_context(request),
         "title": _("Analytics by adapter version"),
         "data": data,
-        "errors": errors,
+        "errors": {FIELDS[field]: messages for field, messages in errors.items()},
         "since": request.GET.get("since", since.isoformat() if since else ""),
         "until": request.GET.get("until", until.isoformat() if until else ""),
         "table": table,

@@ -11,7 +11,7 @@ from knowledge.admin import QAPairAdmin
 from knowledge.models import QAPair
 from training import compare_views, lineage, services
 from training.charts import loss_chart_svg
-from llm.evaluation import INVENTED_HELP, METRIC_HELP
+from training.evaluation_help import METRIC_HELP
 from llm.finetune.raft import read_grounding
 from llm.grounding import CURATED, FALLBACK, GROUNDED
 from training.forms import TrainingRunForm
@@ -41,9 +41,11 @@ def mode_rows(results):
 
 
 def evaluation_html(results):
-    helps = {**METRIC_HELP, "invented_number_share": INVENTED_HELP}
-    rows = [(name, results[name], text) for name, text in helps.items() if results.get(name) is not None]
-    context = {"results": results, "rows": rows, "modes": mode_rows(results), "oos": results.get("out_of_scope") or {}}
+    rows = [(name, results[name], text) for name, text in METRIC_HELP.items() if results.get(name) is not None]
+    samples = [{**sample, "mode": MODE_LABELS.get(sample.get("mode"), sample.get("mode"))} for sample in results.get("samples", [])]
+    context = {
+        "results": results, "rows": rows, "modes": mode_rows(results), "oos": results.get("out_of_scope") or {}, "samples": samples,
+    }
     return render_to_string("admin/training/evaluation.html", context)
 
 
@@ -209,7 +211,7 @@ class TrainingRunAdmin(ReadOnlyAdmin):
     def progress_view(self, request, pk):
         run = get_object_or_404(TrainingRun, pk=pk)
         if not self.has_view_permission(request, run):
-            return JsonResponse({"detail": "forbidden"}, status=403)
+            return JsonResponse({"detail": str(_("You may not view this run."))}, status=403)
         html = render_to_string("admin/training/trainingrun/progress.html", self.progress_context(run))
         return JsonResponse({"status": run.status, "active": run.is_active, "html": html})
 

@@ -3,6 +3,17 @@ from django.utils.translation import gettext_lazy as _
 
 from training.services import HYPERPARAMETER_BOUNDS, default_hyperparameters
 
+LABELS = {
+    "lora_r": _("LoRA rank (r)"),
+    "lora_alpha": _("LoRA alpha"),
+    "lora_dropout": _("LoRA dropout"),
+    "learning_rate": _("learning rate"),
+    "batch_size": _("batch size"),
+    "grad_accum": _("gradient accumulation steps"),
+    "epochs": _("epochs"),
+    "max_length": _("max length (tokens)"),
+    "target_modules": _("target modules"),
+}
 HELP = {
     "lora_r": _("Rank of the LoRA matrices. 8 is the seed's default; 16–32 learn more facts, slower."),
     "lora_alpha": _("LoRA scaling; alpha / r multiplies the update. Seed default 32."),
@@ -25,8 +36,8 @@ class TrainingRunForm(forms.Form):
         for name, (low, high) in HYPERPARAMETER_BOUNDS.items():
             field_class = forms.FloatField if isinstance(low, float) else forms.IntegerField
             self.fields[name] = field_class(
-                label=name.replace("_", " "), min_value=low, max_value=high, initial=defaults[name], help_text=HELP[name]
+                label=LABELS[name], min_value=low, max_value=high, initial=defaults[name], help_text=HELP[name]
             )
         self.fields["target_modules"] = forms.CharField(
-            label="target modules", initial=defaults["target_modules"], max_length=300, help_text=HELP["target_modules"]
+            label=LABELS["target_modules"], initial=defaults["target_modules"], max_length=300, help_text=HELP["target_modules"]
         )

@@ -1,5 +1,6 @@
 """REST API of the training pipeline: runs (start, cancel) and adapter versions (activate, roll back)."""
 
+from django.utils.translation import gettext as _
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -66,7 +67,7 @@ class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
     def cancel(self, request, pk=None):
         run = self.get_object()
         if not services.training_run_cancel(run=run):
-            return Response({"detail": "The run has already ended."}, status=status.HTTP_409_CONFLICT)
+            return Response({"detail": _("The run has already ended.")}, status=status.HTTP_409_CONFLICT)
         return Response(TrainingRunSerializer(run).data)
 
     @extend_schema(
@@ -81,7 +82,7 @@ class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
         except services.TrainingRefused as exc:
             return Response({"detail": str(exc), "code": exc.code}, status=status.HTTP_409_CONFLICT)
         if not resumed:
-            return Response({"detail": "Only a failed or interrupted run with a checkpoint can be resumed."}, status=status.HTTP_409_CONFLICT)
+            return Response({"detail": _("Only a failed or interrupted run with a checkpoint can be resumed.")}, status=status.HTTP_409_CONFLICT)
         return Response(TrainingRunSerializer(run).data)
 
 
@@ -114,5 +115,5 @@ class AdapterVersionViewSet(viewsets.ReadOnlyModelViewSet):
     def rollback(self, request):
         previous = services.adapter_version_rollback()
         if previous is None:
-            return Response({"detail": "There is no previously active version."}, status=status.HTTP_409_CONFLICT)
+            return Response({"detail": _("There is no previously active version.")}, status=status.HTTP_409_CONFLICT)
         return Response(AdapterVersionSerializer(previous).data)
