@@ -20,6 +20,11 @@ The contract (submit/stream/generate, admission, limits, cancellation, adapters)
   per context, and takes the next token of each sequence that asked for logits (greedy or
   sampled, as in the transformers engine). A long prompt is prefilled over several iterations
   while the running streams keep decoding. A finished sequence's KV cells are removed at once.
+- Prompt-lookup drafts (`EngineConfig.draft_tokens`, llm.engine.drafting): a greedy sequence
+  with a draft feeds its last token and the draft in the same batch, each with its logits; the
+  greedy token after each is read, the agreeing prefix (and the model's own next token) is
+  kept, and the KV cells of the rejected draft tokens are removed. Sequences with and without
+  drafts share the batch.
 - Hot swap: a version gets its context when it is set (or pinned); when it is neither current nor
   used any more its context and LoRA are freed. Chats in flight finish in the old context.
 
@@ -222,9 +227,15 @@ class LlamaCppEngine(LocalEngine):
         # Each sequence's cells (llama.cpp pads a context to 256 cells; a per-sequence multiple of
         # 256 keeps n_ctx divisible by n_seq_max).
         params.n_ctx = config.max_active * math.ceil((self._prompt_budget + config.max_new_tokens) / 256) * 256
-        params.n_batch = params.n_ubatch = config.prefill_chunk + config.max_active
+        # One ubatch per step: every sequence's last token and full draft, plus a prefill chunk.
+        params.n_batch = params.n_ubatch = config.prefill_chunk + config.max_active * (1 + config.draft_tokens)
         params.n_threads = params.n_threads_batch = self._threads
-        # Sliding-window layers keep only their window: whole sequences are removed, never rewound.
+        # Sliding-window layers keep only their window (Gemma 3: 512 positions). Rewinding a
+        # rejected draft is safe with it: this llama.cpp has no pruning after a batch; a cell
+        # outside the window is only overwritten when `find_slot` places a later ubatch, and
+        # only if it is masked for the sequence's next position (llama_kv_cache::find_slot:
+        # `is_masked_swa(pos_cell, seq_pos_max + 1)`). A draft fed at p..p+d thus overwrites
+        # no cell that position p, the earliest one verification can rewind to, still sees.
         params.swa_full = False
         params.no_perf = True
         handle = llama_cpp.llama_init_from_model(self._model, params)
@@ -336,12 +347,12 @@ class LlamaCppEngine(LocalEngine):
         plans = self._plan()
         if not plans:
             return
-        results = []  # (sequence, chunk, token or None, error)
+        results = []  # (sequence, fed tokens, greedy or sampled tokens after them, error)
         with self._model_lock:
             for context, entries in plans.items():
                 results += self._decode(context, entries)
         decoded = {}
-        for sequence, chunk, token, error in results:
+        for sequence, fed, predicted, error in results:
             if error:
                 if sequence in self.scheduler.prefilling:
                     self._end_prefill(sequence, ERROR, error=error)
@@ -350,27 +361,33 @@ class LlamaCppEngine(LocalEngine):
             elif sequence.phase != RUNNING:  # finished while the step ran
                 continue
             elif sequence.prefilled < len(sequence.prompt_ids):  # a prompt chunk
-                sequence.prefilled += len(chunk)
+                sequence.prefilled += len(fed)
                 sequence.position = sequence.prefilled
-                if token is not None:  # the prompt is complete: its first token
+                if predicted:  # the prompt is complete: its first token
                     self._end_prefill(sequence, None)
                     context = sequence.slot[0]
-                    if self._accept(sequence, token):
+                    if self._accept(sequence, predicted[0]):
                         context.rows.append(sequence)
-            else:  # a decode row
-                decoded[id(sequence.slot[0])] = decoded.get(id(sequence.slot[0]), 0) + 1
-                sequence.position += 1
-                self._accept(sequence, token)  # finishing frees the slot and leaves the rows
+            else:  # a decode row: the last token, then its draft
+                context, seq_id = sequence.slot
+                decoded[id(context)] = decoded.get(id(context), 0) + 1
+                kept, alive = self._accept_verified(sequence, predicted, fed[1:])  # finishing frees the slot
+                sequence.position += kept
+                if alive and kept < len(fed):  # the rejected draft tokens leave the cache
+                    with self._model_lock:
+                        self._llama.llama_memory_seq_rm(context.memory, seq_id, sequence.position, -1)
         if decoded:
             self.counters.step(max(decoded.values()))
 
     def _plan(self):
-        """{context: [(sequence, token ids, first position, wants logits)]}: every decoding sequence's
-        last token, then prompt chunks of newcomers, `prefill_chunk` tokens in all."""
+        """{context: [(sequence, token ids, first position, outputs)]}: every decoding sequence's
+        last token and its draft (logits for each), then prompt chunks of newcomers,
+        `prefill_chunk` tokens in all (logits for the last token of a complete prompt)."""
         plans = {}
         for context in list(self._contexts.values()):
             for sequence in context.rows:
-                plans.setdefault(context, []).append((sequence, [sequence.last], sequence.position, True))
+                fed = [sequence.last, *self._draft(sequence)]
+                plans.setdefault(context, []).append((sequence, fed, sequence.position, len(fed)))
         budget = self.config.prefill_chunk
         for sequence in self._prefill_queue():
             if budget <= 0:
@@ -386,7 +403,7 @@ class LlamaCppEngine(LocalEngine):
             chunk = ids[sequence.prefilled : sequence.prefilled + budget]
             budget -= len(chunk)
             complete = sequence.prefilled + len(chunk) == len(ids)
-            plans.setdefault(sequence.slot[0], []).append((sequence, chunk, sequence.prefilled, complete))
+            plans.setdefault(sequence.slot[0], []).append((sequence, chunk, sequence.prefilled, int(complete)))
         return plans
 
     def _take_sequence(self, adapter):
@@ -400,39 +417,38 @@ class LlamaCppEngine(LocalEngine):
         return context, context.free.pop()
 
     def _decode(self, context, entries):
-        """Under the model lock: one llama_decode of `entries` in `context`; [(sequence, chunk, token, error)]."""
+        """Under the model lock: one llama_decode of `entries` in `context`; [(sequence, tokens,
+        the next token after each of the last `outputs` of them, error)]."""
         llama_cpp, batch = self._llama, context.batch
         count = 0
-        outputs = []
-        for sequence, tokens, start, wants_logits in entries:
+        for sequence, tokens, start, outputs in entries:
             seq_id = sequence.slot[1]
+            first_output = len(tokens) - outputs
             for offset, token in enumerate(tokens):
                 batch.token[count] = token
                 batch.pos[count] = start + offset
                 batch.n_seq_id[count] = 1
                 batch.seq_id[count][0] = seq_id
-                batch.logits[count] = 0
+                batch.logits[count] = offset >= first_output
                 count += 1
-            if wants_logits:
-                batch.logits[count - 1] = 1
-                outputs.append(count - 1)
         batch.n_tokens = count
         status = llama_cpp.llama_decode(context.handle, batch)
         if status != 0:
             logger.error("llama_decode returned %d for %d sequences", status, len(entries))
-            return [(sequence, tokens, None, f"llama_decode returned {status}") for sequence, tokens, _, _ in entries]
+            return [(sequence, tokens, [], f"llama_decode returned {status}") for sequence, tokens, _, _ in entries]
         results = []
-        logits_at = iter(outputs)
-        for sequence, tokens, _, wants_logits in entries:
-            token = None
-            if wants_logits:
-                pointer = llama_cpp.llama_get_logits_ith(context.handle, next(logits_at))
+        end = 0  # batch index after the entry's last token
+        for sequence, tokens, _, outputs in entries:
+            end += len(tokens)
+            predicted = []
+            for index in range(end - outputs, end):
+                pointer = llama_cpp.llama_get_logits_ith(context.handle, index)
                 row = self._numpy.ctypeslib.as_array(pointer, shape=(self._n_vocab,))  # a view, valid until the next decode
                 if sequence.temperature <= 0 and not sequence.request.choice_ids:
                     # numpy's argmax is one thread: torch's would wake its OpenMP pool, whose
                     # spinning threads then compete with llama.cpp's for the same cores.
-                    token = int(row.argmax())
+                    predicted.append(int(row.argmax()))
                 else:
-                    token = self._next_token(sequence, self._torch.from_numpy(row))
-            results.append((sequence, tokens, token, None))
+                    predicted.append(self._next_token(sequence, self._torch.from_numpy(row)))
+            results.append((sequence, tokens, predicted, None))
         return results
