@@ -28,7 +28,6 @@ import json
 import logging
 import re
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 from django.conf import settings
@@ -39,7 +38,8 @@ from chat.tests.conftest import backend_settings
 from knowledge import services as knowledge_services
 from llm import evaluation
 from tests.support.livetest import live_daphne
-from training.models import DatasetSnapshot, RetrainingPolicy
+from training.compare_views import compare_url
+from training.models import AdapterVersion, DatasetSnapshot, RetrainingPolicy
 from training.tests.factories import make_adapter_version, make_base_model, make_run
 
 CHROMIUM = "/usr/bin/chromium"
@@ -205,7 +205,8 @@ def sample_records():
 @pytest.fixture
 def platform(training_env, tiny_model, trained_adapter, faq, superuser):
     """The sample Q&A imported, the trained adapter active as v1 with a run evaluated as training
-    evaluates (per mode, with sample answers), and the retraining policy: a row for every model."""
+    evaluates (per mode, with sample answers), a second version v2, and the retraining policy: a
+    row for every model."""
     train = settings.CSP_SAMPLE_DATA[0]
     report = knowledge_services.qa_import(content=train.read_bytes(), filename=train.name, status="approved", user=superuser)
     assert report.ok, report.as_dict()
@@ -217,7 +218,9 @@ def platform(training_env, tiny_model, trained_adapter, faq, superuser):
         base_model=make_base_model(path=tiny_model), snapshot=snapshot, eval_results=results, total_steps=20, step=20,
         loss_history=[[step, 3.0 / step] for step in range(1, 21)], dev_loss_history=[[10, 0.5], [20, 0.2]],
     )
-    make_adapter_version("v1", path=trained_adapter, run=run, is_active=True)
+    active = make_adapter_version("v1", path=trained_adapter, run=run, is_active=True)
+    second_run = make_run(base_model=run.base_model, snapshot=snapshot, eval_results=results)
+    make_adapter_version("v2", path=trained_adapter, run=second_run)  # for the comparison page
     RetrainingPolicy.load()
     return training_env
 
@@ -232,8 +235,10 @@ def server(platform, tiny_model):
 def admin_pages(superuser):
     """Every admin page of the project's apps that a GET shows as HTML to a superuser: the index,
     each app's index, and each model admin's URLs (changelist, add and change forms, history, the
-    custom views) with the model's first row where the URL takes one; the analytics page."""
-    paths = ["/admin/", "/admin/analytics/", *(f"/admin/{app}/" for app in APPS)]
+    custom views) with the model's first row where the URL takes one; the analytics page and the
+    comparison of the first two versions."""
+    first_two = AdapterVersion.objects.order_by("pk")[:2]
+    paths = ["/admin/", "/admin/analytics/", *(f"/admin/{app}/" for app in APPS), compare_url(*first_two)]
     for model, model_admin in admin.site._registry.items():
         if model._meta.app_label not in APPS:
             continue
@@ -265,6 +270,7 @@ def admin_pages(superuser):
 def test_every_page_speaks_one_language(server, browser, superuser, faq):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
 
     from django.contrib.admin.models import LogEntry
 
@@ -300,24 +306,36 @@ def test_every_page_speaks_one_language(server, browser, superuser, faq):
         _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chat-log .msg-bot[data-state=done]"), "no answer")
         answer = browser.find_element(By.CSS_SELECTOR, "#chat-log .msg-bot")
         assert answer.find_element(By.CSS_SELECTOR, ".msg-text").text == faq[0]["output"]  # the data the page shows
-        answer.find_element(By.CSS_SELECTOR, 'button.rate[data-rating="1"]').click()
+        # 👍 in English, 👎 in Chinese: the review queue gets an answer to show.
+        answer.find_element(By.CSS_SELECTOR, f'button.rate[data-rating="{1 if language == "en" else -1}"]').click()
         browser.execute_script("window.sockets[window.sockets.length - 1].send(JSON.stringify({type: 'shout'}))")
         _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chat-log .msg-note-error"), "no error note")
         check(language, "/chat/ (answered, refused frame)")
         browser.find_element(By.ID, "chat-person").click()
         _wait(browser, lambda d: d.find_element(By.ID, "chat-handoff").get_attribute("data-state") == "waiting", "not waiting")
         check(language, "/chat/ (waiting for a person)")
+        browser.get(server + "/widget/")
+        _wait(browser, lambda d: d.find_element(By.ID, "chat-status").get_attribute("data-state") == "online", "widget not connected")
+        check(language, "/widget/")
 
     # The admin, once the chats above have made conversations, answers and a handoff to show.
     pages = admin_pages(superuser)
     assert {"/admin/analytics/", "/admin/training/trainingrun/start/", "/admin/knowledge/qapair/import/"} <= set(pages)
-    assert any(page.endswith("/handoff/") for page in pages) and any(page.startswith("/admin/chat/message/") for page in pages)
+    for needed in ("/handoff/", "/admin/chat/message/", "/admin/chat/reviewitem/", "/admin/training/adapterversion/compare/"):
+        assert any(needed in page for page in pages), needed
     for language in LANGUAGES:
         browser.add_cookie({"name": settings.LANGUAGE_COOKIE_NAME, "value": language, "path": "/"})
         for page in pages:
             browser.get(server + page)
-            assert urlsplit(browser.current_url).path == page, f"{page} went to {browser.current_url}"
+            assert browser.current_url == server + page, f"{page} went to {browser.current_url}"
             assert browser.find_element(By.TAG_NAME, "html").get_attribute("lang") == language
             check(language, page)
+        # The admin action that asks on a page of its own before doing anything (a POST: not in `pages`).
+        browser.get(server + "/admin/knowledge/qapair/")
+        browser.find_element(By.CSS_SELECTOR, "input.action-select").click()
+        Select(browser.find_element(By.CSS_SELECTOR, "select[name=action]")).select_by_value("move_to_category")
+        browser.find_element(By.CSS_SELECTOR, "button[name=index]").click()
+        _wait(browser, lambda d: d.find_elements(By.NAME, "apply"), "no move-to-category form")
+        check(language, "/admin/knowledge/qapair/ (action: move to a category)")
 
     assert not problems, f"{len(problems)} strings of the other language:\n" + "\n".join(problems)
