@@ -7,6 +7,7 @@ captured output) the bars are tqdm's disabled ones, which print nothing, so the 
 there is what it was without them.
 """
 
+import os
 import threading
 from contextlib import contextmanager
 
@@ -14,6 +15,7 @@ from django.db import connections
 from tqdm import tqdm
 
 POLL_SECONDS = 0.5
+FALLBACK_WIDTH = 80
 
 
 def shows_progress(stdout, verbosity):
@@ -30,8 +32,10 @@ class Progress(tqdm):
     """
 
     def __init__(self, stdout, verbosity, iterable=None, **kwargs):
-        kwargs.setdefault("dynamic_ncols", True)
-        super().__init__(iterable, file=_Unterminated(stdout), disable=not shows_progress(stdout, verbosity), **kwargs)
+        shown = shows_progress(stdout, verbosity)
+        if shown:
+            kwargs.setdefault("ncols", terminal_width(stdout))
+        super().__init__(iterable, file=_Unterminated(stdout), disable=not shown, **kwargs)
 
     def show(self, n, total=None, **postfix):
         """Move the bar to n of total (None: keep the total), with postfix as key=value after it."""
@@ -51,6 +55,18 @@ class Progress(tqdm):
             self.refresh(nolock=True)
 
 
+def terminal_width(stdout):
+    """The width of the terminal stdout writes to, measured when a bar starts; 80 where it has none.
+
+    A pseudo-terminal that was never given a size (`script`, some `docker exec -t`) says 0
+    columns; tqdm's own measure (dynamic_ncols) then draws every bar as an empty line.
+    """
+    try:
+        return os.get_terminal_size(stdout.fileno()).columns or FALLBACK_WIDTH
+    except (OSError, ValueError):  # not a real terminal's file descriptor (a test's stand-in)
+        return FALLBACK_WIDTH
+
+
 class _Unterminated:
     """A command's stdout (an OutputWrapper) for tqdm: it writes carriage returns and unfinished
     lines, which OutputWrapper.write would end with a newline each."""
@@ -62,7 +78,7 @@ class _Unterminated:
         self.stdout.write(text, ending="")
 
     def __getattr__(self, name):
-        # flush, and what tqdm asks of a terminal: fileno (its width), encoding (block characters)
+        # flush, and encoding: tqdm draws block characters where it is UTF-8
         return getattr(self.stdout, name)
 
 

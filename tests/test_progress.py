@@ -1,12 +1,17 @@
 """csplatform.progress: bars on a command's stdout only where someone watches it."""
 
+import fcntl
 import io
+import os
+import select
+import struct
+import termios
 import threading
 
 import pytest
 from django.core.management.base import OutputWrapper
 
-from csplatform.progress import Progress, polling, shows_progress
+from csplatform.progress import FALLBACK_WIDTH, Progress, polling, shows_progress, terminal_width
 from tests.support.terminal import Terminal, looks_like_a_bar
 
 
@@ -52,6 +57,26 @@ def test_a_line_written_above_a_bar_stands_alone_and_the_bar_is_drawn_again_belo
     before = terminal.getvalue().split("v1: wrote adapter.gguf")[0]
     assert before.endswith("\r")  # the bar's line was blanked out, then the cursor went back
     assert "1/4" in drawn_again
+
+
+def test_a_terminal_that_was_never_given_a_size_still_gets_a_bar_as_wide_as_the_fallback():
+    main, side = os.openpty()  # a new pseudo-terminal says 0 columns, as under `script`
+    with os.fdopen(side, "w", encoding="utf-8") as tty:
+        stdout = OutputWrapper(tty)
+        assert terminal_width(stdout) == FALLBACK_WIDTH
+        bar = Progress(stdout, 1, total=12, desc="Training")
+        bar.show(3)
+        tty.flush()
+        drawn = b""
+        while b"3/12" not in drawn and select.select([main], [], [], 10)[0]:
+            drawn += os.read(main, 4096)
+
+        fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 50, 0, 0))  # rows, columns
+        assert terminal_width(stdout) == 50
+        bar.close()
+    os.close(main)
+
+    assert b"Training:  25%|" in drawn and b"3/12" in drawn
 
 
 def test_polling_calls_the_function_while_the_block_runs_and_once_after_it():

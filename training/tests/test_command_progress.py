@@ -1,6 +1,7 @@
 """Progress bars of `train --wait`, `prepare_base_model` and `export_gguf_adapters` on a terminal,
 and the same commands' output unchanged elsewhere (captured, piped) or with `-v 0`."""
 
+import io
 import json
 import shutil
 
@@ -59,7 +60,8 @@ def _approved_pairs(train, dev):
     records = json.loads(settings.CSP_SAMPLE_DATA[0].read_text(encoding="utf-8"))[: train + dev]
     for index, record in enumerate(records):
         QAPair.objects.create(
-            instruction=record["instruction"], output=record["output"], status="approved", split="train" if index < train else "dev"
+            instruction=record["instruction"], output=record["output"], status="approved",
+            split="train" if index < train else "dev",
         )
 
 
@@ -91,7 +93,7 @@ def test_train_wait_on_a_terminal_shows_the_steps_and_the_answers_of_each_questi
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize(("stream", "verbosity"), [(__import__("io").StringIO, 1), (Terminal, 0)])
+@pytest.mark.parametrize(("stream", "verbosity"), [(io.StringIO, 1), (Terminal, 0)])
 def test_train_wait_without_a_terminal_or_with_v0_prints_its_two_lines_only(quick_run, stream, verbosity):
     out = stream()
 
@@ -105,26 +107,23 @@ def test_train_wait_without_a_terminal_or_with_v0_prints_its_two_lines_only(quic
     )
 
 
-def _fake_prepare(tiny_model, screens):
-    """prepare_gemma as far as the command sees it: its steps reported in order, then the checkpoint."""
+def _fake_prepare(checkpoint, out, screens):
+    """prepare_gemma as the command sees it: its steps reported in order (what out shows after
+    each one is kept in screens), then the checkpoint."""
 
     def prepare(target, *, progress, install):
         for step in ("check", "install", "assemble", "load", "save"):
             progress(step, f"{step} message")
-            screens.append(screens_source[0].getvalue())
+            screens.append(out.getvalue())
         progress("done", "prepared")
-        return tiny_model
+        return checkpoint
 
-    screens_source = []
-    return prepare, screens_source
+    return prepare
 
 
 def test_prepare_base_model_on_a_terminal_shows_the_step_it_is_at_below_the_step_lines(tiny_model, tmp_path, monkeypatch):
-    screens = []
-    prepare, source = _fake_prepare(tiny_model, screens)
-    monkeypatch.setattr(prepare_base_model, "prepare_gemma", prepare)
-    terminal = Terminal()
-    source.append(terminal)
+    terminal, screens = Terminal(), []
+    monkeypatch.setattr(prepare_base_model, "prepare_gemma", _fake_prepare(tiny_model, terminal, screens))
 
     call_command("prepare_base_model", "--target", str(tmp_path / "gemma"), stdout=terminal)
 
@@ -133,22 +132,20 @@ def test_prepare_base_model_on_a_terminal_shows_the_step_it_is_at_below_the_step
     text = terminal.getvalue()
     for step in ("check", "install", "assemble", "load", "save", "done"):
         assert f"] {step}: " in text
-    assert text.split("\n")[-1] == ""  # the bar is gone (leave=False) and the summary ends the output
-    assert f"Prepared: {tiny_model} (" in text and "Qwen2ForCausalLM" in text
+    assert f"\rPrepared: {tiny_model} (" in text  # the bar's line blanked out, the summary in its place
+    assert "Qwen2ForCausalLM" in text.rsplit("\r", 1)[1]
 
 
-@pytest.mark.parametrize(("stream", "verbosity"), [(__import__("io").StringIO, 1), (Terminal, 0)])
+@pytest.mark.parametrize(("stream", "verbosity"), [(io.StringIO, 1), (Terminal, 0)])
 def test_prepare_base_model_without_a_terminal_or_with_v0_draws_no_bar(tiny_model, tmp_path, monkeypatch, stream, verbosity):
     out = stream()
-    prepare, source = _fake_prepare(tiny_model, [])
-    source.append(out)
-    monkeypatch.setattr(prepare_base_model, "prepare_gemma", prepare)
+    monkeypatch.setattr(prepare_base_model, "prepare_gemma", _fake_prepare(tiny_model, out, []))
 
     call_command("prepare_base_model", "--target", str(tmp_path / "gemma"), verbosity=verbosity, stdout=out)
 
     text = out.getvalue()
     assert not looks_like_a_bar(text)
-    assert (text.count("message\n") == 5) is (verbosity == 1)
+    assert text.count("message\n") == (5 if verbosity else 0)
     assert f"Prepared: {tiny_model} (" in text
 
 
@@ -175,12 +172,13 @@ def test_export_gguf_adapters_on_a_terminal_counts_the_versions_below_their_line
     assert text.endswith("\n") and "3/3" in text.rsplit("\n", 2)[-2]
 
 
-@pytest.mark.parametrize(("stream", "verbosity"), [(__import__("io").StringIO, 1), (Terminal, 0)])
+@pytest.mark.parametrize(("stream", "verbosity"), [(io.StringIO, 1), (Terminal, 0)])
 def test_export_gguf_adapters_without_a_terminal_or_with_v0_prints_one_line_per_version(versions, tmp_path, stream, verbosity):
     out = stream()
 
     call_command("export_gguf_adapters", verbosity=verbosity, stdout=out)
 
     lines = out.getvalue().split("\n")
-    assert [line.split(" (")[0] for line in lines[:-1]] == [f"{name}: wrote {tmp_path / name / 'adapter.gguf'}" for name in ("v1", "v2", "v3")]
+    wrote = [f"{name}: wrote {tmp_path / name / 'adapter.gguf'}" for name in ("v1", "v2", "v3")]
+    assert [line.split(" (")[0] for line in lines[:-1]] == wrote
     assert lines[-1] == ""
