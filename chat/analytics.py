@@ -26,6 +26,7 @@ from django.utils import timezone
 from chat.handoff import asks_for_a_person
 from chat.models import Conversation, Message
 from knowledge.models import normalise_question
+from training.models import AdapterVersion
 
 DEFAULT_DAYS = 30
 SIMILAR = 0.5
@@ -162,3 +163,57 @@ def top_questions(since, until, version=None, *, limit=TOP_GROUPS):
         {"question": g["question"], "count": g["count"], "reasons": dict(g["reasons"]), "examples": g["examples"]}
         for g in groups[:limit]
     ]
+
+
+# Finish reasons of answers generated and then replaced: by the curated answer when the fact guard
+# found a number the retrieved pairs do not state (corrected), or by the fallback reply (the guard
+# with no curated answer close enough, or the adapter's trained no-answer sentence: stored alike).
+REPLACED = (Message.FinishReason.CORRECTED, Message.FinishReason.FALLBACK)
+
+
+def rollout_report():
+    """The latest canary rollout (training.canary), its two sides side by side, or None when there
+    never was one: {"canary": name, "running", "percent", "since", "sides": [row...]}.
+
+    A side counts the conversations started on it since the canary started (chat.canary records
+    each one's side) and their answers: the figures of a version row, plus the fallback share
+    (answers given the fallback reply) and the guard share (answers generated and then replaced,
+    REPLACED). Each side lists the versions that answered it (the active side's conversations keep
+    the version that was active when they started, after a promote too).
+    """
+    canary = AdapterVersion.objects.filter(canary_started_at__isnull=False).order_by("-canary_started_at").first()
+    if canary is None:
+        return None
+    rows = (
+        Message.objects.filter(
+            role=Message.Role.ASSISTANT, conversation__created_at__gte=canary.canary_started_at,
+            conversation__rollout__in=(Conversation.Rollout.ACTIVE, Conversation.Rollout.CANARY),
+        )
+        .exclude(finish_reason="")
+        .annotate(handoff_at=F("conversation__handoff_requested_at"), side=F("conversation__rollout"))
+        .values(
+            "id", "conversation_id", "adapter_name", "latency_ms", "first_token_ms", "tokens", "rating", "finish_reason", "mode",
+            "handoff_at", "side",
+        )
+    )
+    by_side = defaultdict(list)
+    for row in rows:
+        by_side[row["side"]].append({**row, "handoff": row["handoff_at"] is not None})
+    sides = []
+    for side in (Conversation.Rollout.ACTIVE, Conversation.Rollout.CANARY):
+        answers = by_side[side]
+        count = len(answers)
+        sides.append({
+            "side": side,
+            "versions": sorted({a["adapter_name"] for a in answers}),
+            **_summary(answers),
+            "fallback_share": round(sum(a["mode"] == Message.Mode.FALLBACK for a in answers) / count, 4) if count else None,
+            "guard_share": round(sum(a["finish_reason"] in REPLACED for a in answers) / count, 4) if count else None,
+        })
+    return {
+        "canary": canary.name,
+        "running": canary.is_canary,
+        "percent": canary.canary_percent,
+        "since": canary.canary_started_at.isoformat(),
+        "sides": sides,
+    }

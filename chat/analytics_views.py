@@ -73,6 +73,28 @@ REASONS = {"disliked": gettext_lazy("rated 👎"), "cut_short": gettext_lazy("cu
 FIELDS = {"since": gettext_lazy("From"), "until": gettext_lazy("to")}
 
 
+def rollout_rows(rollout):
+    """(label, active side's cell, canary side's cell) rows of chat.analytics.rollout_report."""
+    metrics = [
+        ("conversations", _("conversations")),
+        ("answers", _("answers")),
+        ("thumbs_up_rate", _("👍 rate")),
+        ("handoff_rate", _("handoff rate")),
+        ("fallback_share", _("fallback replies")),
+        ("guard_share", _("generated answers replaced (fact guard or no-answer sentence)")),
+        ("latency_ms_median", _("median response time (ms)")),
+        ("latency_ms_p95", _("p95 response time (ms)")),
+        ("first_token_ms_median", _("median first token (ms)")),
+    ]
+    rows = []
+    for key, label in metrics:
+        cells = [side[key] for side in rollout["sides"]]
+        if key.endswith(("_rate", "_share")):
+            cells = [None if value is None else f"{value:.1%}" for value in cells]
+        rows.append((label, *("—" if value is None else value for value in cells)))
+    return rows
+
+
 def analytics_page(request):
     if not request.user.has_perm(PERMISSION):
         raise PermissionDenied
@@ -90,9 +112,13 @@ def analytics_page(request):
             table.append((label, cells))
         for group in data["top_questions"]:
             group["reasons"] = {REASONS.get(reason, reason): count for reason, count in group["reasons"].items()}
+    rollout = analytics.rollout_report()
     context = {
         **admin.site.each_context(request),
         "title": _("Analytics by adapter version"),
+        "rollout": rollout,
+        "rollout_rows": rollout_rows(rollout) if rollout else [],
+        "may_change_canary": request.user.has_perm("training.change_adapterversion"),
         "data": data,
         "errors": {FIELDS[field]: messages for field, messages in errors.items()},
         "since": request.GET.get("since", since.isoformat() if since else ""),

@@ -49,7 +49,7 @@ from django.http import StreamingHttpResponse
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from chat import grounding, services
+from chat import canary, grounding, services
 from chat.models import Conversation, Message
 from chat.serving import active_engine
 from llm.engine import Done, EngineBusy, EngineError, InputTooLong, Stats, Token
@@ -141,6 +141,8 @@ async def answer_astart(**question):
     question needs it: curated and fallback answers don't) in a thread of its own, not in the one
     database thread that every websocket consumer of the process shares."""
     submitted = monotonic()
+    routed = await sync_to_async(route_for)(**question)
+    question = {**question, **routed.pin}
     plan = await sync_to_async(plan_for)(**{k: v for k, v in question.items() if k != "channel"})
     engine = None
     if plan.needs_engine:
@@ -150,12 +152,18 @@ async def answer_astart(**question):
             plan = await grounding.arerank(plan, engine, question)
         except REFUSED as exc:
             raise refusal(exc) from None
-    return await sync_to_async(answer_start)(engine=engine, plan=plan, submitted=submitted, **question)
+    return await sync_to_async(answer_start)(engine=engine, plan=plan, routed=routed, submitted=submitted, **question)
+
+
+def route_for(*, conversation_id=None, session_key="", user=None, turns=None, channel=None, text="", **options):
+    """The message's chat.canary.Route: the version its conversation is on, and a new one's id and side."""
+    conversation_id = None if turns is not None else conversation_id  # a stateless client's turns start a new one
+    return canary.route(conversation_id=conversation_id, session_key=session_key, user=user, options=options)
 
 
 def answer_start(
-    *, engine=None, channel, text="", conversation_id=None, session_key="", user=None, turns=None, plan=None, submitted=None,
-    **options,
+    *, engine=None, channel, text="", conversation_id=None, session_key="", user=None, turns=None, plan=None, routed=None,
+    submitted=None, **options,
 ):
     """Queue an answer on the (loaded) engine and store its question and answer rows: an AnswerSession.
 
@@ -164,6 +172,8 @@ def answer_start(
     (the process's engine, loaded here when None), after the version picked among the retrieved
     pairs where it was trained to (chat.grounding.rerank: the pick may make it curated or fallback).
     `submitted`: monotonic() when the message arrived, when that was before this call.
+    `routed` (chat.canary.Route, made here when not given; `plan` was made with its pin) keeps the
+    conversation on the version it started with while a canary runs, and gives a new one its id.
 
     The question is either `text`, the next message of the caller's conversation `conversation_id`
     (a new one when empty), its history read back from the database; or `turns`, the whole
@@ -178,6 +188,9 @@ def answer_start(
     submitted = monotonic() if submitted is None else submitted
     session = AnswerSession()
     try:
+        if routed is None:
+            routed = route_for(conversation_id=conversation_id, session_key=session_key, user=user, turns=turns, **options)
+            options = {**options, **routed.pin}
         if plan is None:
             plan = plan_for(text=text, conversation_id=conversation_id, session_key=session_key, user=user, turns=turns, **options)
         if plan.needs_engine:
@@ -200,7 +213,8 @@ def answer_start(
         with transaction.atomic():
             if turns is None:
                 conversation = services.conversation_for(
-                    conversation_id=conversation_id, session_key=session_key, user=user, channel=channel
+                    conversation_id=conversation_id, session_key=session_key, user=user, channel=channel,
+                    new_id=routed.new_id, rollout=routed.rollout,
                 )
                 history, _question = services.message_add_question(conversation=conversation, text=text)
                 session.request = submit(history)
@@ -208,11 +222,15 @@ def answer_start(
                 # Submitted before the first write: a pinned version that is not loaded yet loads
                 # without holding the database's write lock (SQLite takes it at the first write).
                 session.request = submit(turns)
-                conversation = services.conversation_record(turns=turns, user=user, channel=channel)
+                conversation = services.conversation_record(
+                    turns=turns, user=user, channel=channel, new_id=routed.new_id, rollout=routed.rollout
+                )
             session.conversation = conversation
             session.answer = services.message_start_answer(
                 conversation=conversation, adapter_name=session.request.adapter, mode=plan.mode, sources=plan.sources
             )
+            if routed.new_id is not None:
+                services.conversation_started_on(conversation=conversation, version=session.answer.adapter_version)
         if isinstance(session.request, grounding.CannedRequest):
             session.request.start()
     except BaseException as exc:

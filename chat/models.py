@@ -19,6 +19,14 @@ class Conversation(models.Model):
         API = "api", _("REST API")
         OPENAI = "openai", _("OpenAI-compatible API")
 
+    class Rollout(models.TextChoices):
+        """Which side of a canary rollout (training.canary) the conversation started on. One started
+        during a canary stays on its version (chat.canary); one started without follows the active one."""
+
+        NONE = "", _("No canary: follows the active version")
+        ACTIVE = "active", _("Canary running: stays on the active version it started with")
+        CANARY = "canary", _("Canary: stays on the canary version")
+
     # A UUID, not a counter: a client names its conversation, and must not guess another's.
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     channel = models.CharField(_("channel"), max_length=10, choices=Channel.choices, default=Channel.WEB)
@@ -35,6 +43,11 @@ class Conversation(models.Model):
     )
     handoff_requested_at = models.DateTimeField(_("person asked for at"), null=True, blank=True)
     closed_at = models.DateTimeField(_("closed at"), null=True, blank=True)
+    adapter_version = models.ForeignKey(
+        "training.AdapterVersion", verbose_name=_("started on version"), null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="+", help_text=_("The adapter version that answered its first message; empty: the base model."),
+    )
+    rollout = models.CharField(_("canary rollout"), max_length=10, choices=Rollout.choices, default=Rollout.NONE, blank=True)
     csat = models.PositiveSmallIntegerField(
         _("satisfaction (1-5)"), null=True, blank=True, help_text=_("The customer's rating of the conversation after it closed.")
     )

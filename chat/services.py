@@ -23,11 +23,16 @@ class ChatError(Exception):
         self.detail = detail
 
 
-def conversation_for(*, conversation_id=None, session_key="", user=None, channel=Conversation.Channel.WEB):
-    """The caller's conversation by id, or a new one when the id is empty."""
+def conversation_for(
+    *, conversation_id=None, session_key="", user=None, channel=Conversation.Channel.WEB, new_id=None,
+    rollout=Conversation.Rollout.NONE,
+):
+    """The caller's conversation by id, or a new one when the id is empty (with `new_id` as its id
+    and `rollout` as its canary side when given: chat.canary chose them)."""
     if not conversation_id:
         return Conversation.objects.create(
-            channel=channel, session_key=session_key, user=user if user is not None and user.is_authenticated else None
+            **({"id": new_id} if new_id else {}), rollout=rollout,
+            channel=channel, session_key=session_key, user=user if user is not None and user.is_authenticated else None,
         )
     conversation = Conversation.objects.filter(pk=conversation_id).first() if is_uuid(conversation_id) else None
     if conversation is None or not conversation.belongs_to(session_key=session_key, user=user):
@@ -72,10 +77,12 @@ def message_add_question(*, conversation, text):
     return history, question
 
 
-def conversation_record(*, turns, user, channel):
+def conversation_record(*, turns, user, channel, new_id=None, rollout=Conversation.Rollout.NONE):
     """A stateless client's whole conversation (the OpenAI API sends it with every request), stored
     as a new conversation of its own: its turns, titled by the last question."""
-    conversation = Conversation.objects.create(channel=channel, user=user, title=turns[-1].text.strip()[:200])
+    conversation = Conversation.objects.create(
+        **({"id": new_id} if new_id else {}), rollout=rollout, channel=channel, user=user, title=turns[-1].text.strip()[:200]
+    )
     Message.objects.bulk_create(Message(conversation=conversation, role=turn.role, text=turn.text.strip()) for turn in turns)
     return conversation
 
@@ -97,6 +104,12 @@ def message_start_answer(*, conversation, adapter_name, mode="", sources=()):
             for s in sources
         )
     return answer
+
+
+def conversation_started_on(*, conversation, version):
+    """Record the version a new conversation started on: its first answer's (None: the base model)."""
+    conversation.adapter_version = version
+    conversation.save(update_fields=["adapter_version"])
 
 
 def message_finish_answer(*, answer, text, stats, mode=None, sources=None, used=None):

@@ -9,7 +9,7 @@ from django.utils.translation import gettext_lazy as _
 
 from knowledge.admin import QAPairAdmin
 from knowledge.models import QAPair
-from training import compare_views, lineage, services
+from training import canary_views, compare_views, lineage, services
 from training.charts import loss_chart_svg
 from training.evaluation_help import METRIC_HELP
 from llm.finetune.raft import read_grounding
@@ -256,15 +256,15 @@ def start_training(model_admin, request, *, from_action=False):
 
 @admin.register(AdapterVersion)
 class AdapterVersionAdmin(ReadOnlyAdmin):
-    list_display = ("name", "is_active", "key_metrics", "base_model", "run", "size", "created_at", "activated_at")
-    list_filter = ("is_active", "base_model")
+    list_display = ("name", "is_active", "canary_share", "key_metrics", "base_model", "run", "size", "created_at", "activated_at")
+    list_filter = ("is_active", "is_canary", "base_model")
     list_select_related = ("base_model", "run")
     readonly_fields = (
         "name", "is_active", "run", "base_model", "path", "size", "answering", "thresholds", "evaluation", "created_at",
         "activated_at",
     )
     exclude = ("metrics", "curated_threshold", "fallback_threshold", "calibration")
-    actions = ("activate", "rollback", "compare")
+    actions = ("activate", "rollback", "compare", "canary")
 
     # What serves the versions (the engine, the inference workers) is chat's, above training:
     # chat.admin adds a function (request) -> context for this page with add_changelist_context().
@@ -335,10 +335,26 @@ class AdapterVersionAdmin(ReadOnlyAdmin):
     def get_urls(self):
         return [
             path("compare/", self.admin_site.admin_view(self.compare_view), name="training_adapterversion_compare"),
+            path("canary/promote/", self.admin_site.admin_view(self.canary_promote_view), name="training_adapterversion_canary_promote"),
+            path("canary/stop/", self.admin_site.admin_view(self.canary_stop_view), name="training_adapterversion_canary_stop"),
         ] + super().get_urls()
 
     def compare_view(self, request):
         return compare_views.compare_page(self, request)
+
+    @admin.display(description=_("canary"), ordering="is_canary")
+    def canary_share(self, obj):
+        return f"{obj.canary_percent}%" if obj.is_canary else "—"
+
+    @admin.action(description=_("Try the selected version on a share of new conversations (canary)"), permissions=["activate"])
+    def canary(self, request, queryset):
+        return canary_views.start(self, request, queryset)
+
+    def canary_promote_view(self, request):
+        return canary_views.promote(self, request)
+
+    def canary_stop_view(self, request):
+        return canary_views.stop(self, request)
 
     @admin.action(description=_("Roll back to the previously active version"), permissions=["activate"])
     def rollback(self, request, queryset):
@@ -397,3 +413,4 @@ def trained_into(pair):
 
 
 QAPairAdmin.add_lineage(trained_into)
+AdapterVersionAdmin.add_changelist_context(canary_views.changelist_context)

@@ -1,4 +1,5 @@
 from django.conf import settings
+from django.core.validators import MaxValueValidator
 from django.db import models
 from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
@@ -140,6 +141,17 @@ class AdapterVersion(models.Model):
     calibration = models.JSONField(_("calibration"), default=dict, blank=True)
     is_active = models.BooleanField(_("active"), default=False)
     activated_at = models.DateTimeField(_("activated at"), null=True, blank=True)
+    # The canary rollout (training.canary): beside the active version, this one answers
+    # canary_percent of the new conversations. Kept here, like is_active, so that every process
+    # (web, inference worker) reads the same rollout from the database.
+    is_canary = models.BooleanField(
+        _("canary"), default=False, help_text=_("Answers a share of the new conversations beside the active version."),
+    )
+    canary_percent = models.PositiveSmallIntegerField(
+        _("canary share (%)"), default=0, validators=[MaxValueValidator(100)],
+        help_text=_("The share of new conversations the canary answers."),
+    )
+    canary_started_at = models.DateTimeField(_("canary since"), null=True, blank=True)
     created_at = models.DateTimeField(_("created at"), auto_now_add=True)
 
     class Meta:
@@ -147,7 +159,9 @@ class AdapterVersion(models.Model):
         verbose_name = _("adapter version")
         verbose_name_plural = _("adapter versions")
         constraints = [
-            models.UniqueConstraint(fields=["is_active"], condition=Q(is_active=True), name="one_active_adapter")
+            models.UniqueConstraint(fields=["is_active"], condition=Q(is_active=True), name="one_active_adapter"),
+            models.UniqueConstraint(fields=["is_canary"], condition=Q(is_canary=True), name="one_canary_adapter"),
+            models.CheckConstraint(condition=~Q(is_canary=True, is_active=True), name="canary_is_not_the_active_adapter"),
         ]
 
     def __str__(self):

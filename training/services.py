@@ -334,10 +334,13 @@ def adapter_version_activate(*, version, force=False):
 
 
 def _make_active(version):
+    # Any activation ends the canary (training.canary): promoted, rolled back past, or overtaken.
+    AdapterVersion.objects.filter(is_canary=True).update(is_canary=False)
+    version.is_canary = False
     AdapterVersion.objects.filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
     version.is_active = True
     version.activated_at = timezone.now()
-    version.save(update_fields=["is_active", "activated_at"])
+    version.save(update_fields=["is_active", "activated_at", "is_canary"])
 
 
 def adapter_version_rollback():
