@@ -161,12 +161,41 @@ class QuestionGroupSerializer(serializers.Serializer):
     examples = serializers.ListField(child=serializers.CharField())
 
 
+class RolloutSideSerializer(VersionStatsSerializer):
+    """One side of a canary rollout: the conversations started on it, with a version row's figures."""
+
+    version = None
+    side = serializers.ChoiceField(choices=["active", "canary"])
+    versions = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="The versions that answered the side's conversations: on the active side, each kept the version active "
+        "when it started.",
+    )
+    fallback_share = serializers.FloatField(allow_null=True, help_text="Answers given the fallback reply / answers.")
+    guard_share = serializers.FloatField(
+        allow_null=True,
+        help_text="Generated answers replaced by the curated answer (fact guard) or the fallback reply / answers.",
+    )
+
+
+class RolloutSerializer(serializers.Serializer):
+    canary = serializers.CharField(help_text="The canary version's name.")
+    running = serializers.BooleanField(help_text="False once it was promoted or stopped: the split stays readable.")
+    percent = serializers.IntegerField(help_text="Its share of the new conversations, per cent.")
+    since = serializers.DateTimeField(help_text="When it started: the conversations started since count.")
+    sides = RolloutSideSerializer(many=True, help_text="The active side, then the canary side.")
+
+
 class AnalyticsSerializer(serializers.Serializer):
     since = serializers.DateField()
     until = serializers.DateField()
     versions = VersionStatsSerializer(many=True)
     days = DayStatsSerializer(many=True)
     top_questions = QuestionGroupSerializer(many=True)
+    rollout = RolloutSerializer(
+        allow_null=True,
+        help_text="The latest canary rollout's two sides since it started, whatever the period; null when there never was one.",
+    )
 
 
 class AnalyticsView(APIView):
@@ -176,7 +205,8 @@ class AnalyticsView(APIView):
         tags=["analytics"],
         summary="Per-version chat analytics",
         description="The numbers of the admin's analytics page: per adapter version, per day and in total, "
-        "and the questions answered worst. The period defaults to the last 30 days.",
+        "and the questions answered worst. The period defaults to the last 30 days. `rollout` is the latest canary's "
+        "split (the conversations started on each side since it started), as the page shows it.",
         parameters=[
             OpenApiParameter("since", datetime.date, description="First day (YYYY-MM-DD)."),
             OpenApiParameter("until", datetime.date, description="Last day (YYYY-MM-DD), default today."),
@@ -190,4 +220,5 @@ class AnalyticsView(APIView):
         since, until, errors = _dates(request.query_params)
         if errors:
             raise ValidationError(errors)
-        return Response(AnalyticsSerializer(analytics.report(since=since, until=until)).data)
+        report = {**analytics.report(since=since, until=until), "rollout": analytics.rollout_report()}
+        return Response(AnalyticsSerializer(report).data)

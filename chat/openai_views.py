@@ -25,10 +25,16 @@ serves, and nothing else: the aliases, or the active version by its name ("base"
 is active); any other version and "base" are "model_not_found" to it, as OpenAI answers a model
 the key may not use, and its system messages are dropped (see `scoped_system`).
 
-The response's `model` names the version that answered ("base" for the base model). GET /v1/models
-lists what the caller may name: for staff the active version first ("base" when none is), then
-every other version, newest first, then "base"; for a customer the active version alone ("base"
-when none is).
+While a canary rollout runs (training.canary), a request for the active version is a new
+conversation as the chat's are, and chat.canary sends the canary's share of them to the canary
+version: every customer request, and a staff request for "default" or "csplatform". A staff
+request naming a version (the canary's too) gets that version, outside the split. A customer
+cannot name the canary: it is tried on a random share, not on request.
+
+The response's `model` names the version that answered ("base" for the base model; the canary's
+name for a request the canary answered). GET /v1/models lists what the caller may name: for staff
+the active version first ("base" when none is), then every other version, newest first, then
+"base"; for a customer the active version alone ("base" when none is).
 
 The answer is chat.answering's, as for the websocket and the REST chat: these views format its
 events and map a refusal's code to OpenAI's errors. They are async views, so neither waiting nor
@@ -296,15 +302,18 @@ class UnknownModel(Exception):
 
 def full_access(user):
     """Whether `user` may pick any version, "base" and the system prompt (staff trying versions
-    out), or only what the customers' chat serves. A canary version, once there is one, is to join
-    the customers' choice here and in `model_list`."""
+    out), or only what the customers' chat serves. The canary version is not a customer's pick: a
+    canary is measured on the share of new conversations chat.canary sends it, and a customer who
+    could ask for it would bend that split."""
     return user.is_staff
 
 
 def pinned_adapter(model, *, everything):
-    """The engine's pin for `model`: {} (the current adapter), {"adapter": None} (the base model) or
-    {"adapter": name, "adapter_path": path}; raises UnknownModel, also for a model that exists
-    but is not the active one when not `everything` (a customer). Sync: reads the database."""
+    """The engine's pin for `model`: {} (the current adapter, or the canary's side of it: chat.canary
+    routes an unpinned request), {"adapter": None} (the base model) or {"adapter": name,
+    "adapter_path": path}; raises UnknownModel, also for a model that exists but is not the active
+    one when not `everything` (a customer). A customer naming the active version while a canary runs
+    gets {}: its request is routed as the aliases' are. Sync: reads the database."""
     if model in ACTIVE_ALIASES:
         return {}
     if model == BASE_MODEL_ID:
@@ -317,6 +326,8 @@ def pinned_adapter(model, *, everything):
     version = versions.values_list("name", "path").first()
     if version is None:
         raise UnknownModel(model)
+    if not everything and AdapterVersion.objects.filter(is_canary=True).exists():
+        return {}  # what the customers' chat serves: chat.canary sends the request to either side, pinned by name
     # Pinned by name even when it is the active one: an activation while this request is
     # queued must not change who answers a client that asked for this version.
     return {"adapter": version[0], "adapter_path": version[1]}

@@ -11,14 +11,10 @@ from knowledge.admin import QAPairAdmin
 from knowledge.models import QAPair
 from training import canary_views, compare_views, lineage, services
 from training.charts import loss_chart_svg
-from training.evaluation_help import METRIC_HELP
+from training.evaluation_help import METRIC_HELP, MODE_LABELS
 from llm.finetune.raft import read_grounding
-from llm.grounding import CURATED, FALLBACK, GROUNDED
 from training.forms import TrainingRunForm
 from training.models import AdapterVersion, BaseModel, DatasetSnapshot, RetrainingPolicy, TrainingRun
-
-
-MODE_LABELS = {CURATED: _("curated (verbatim)"), GROUNDED: _("grounded (generated)"), FALLBACK: _("fallback")}
 
 
 def _figure(value, digits=3):

@@ -82,9 +82,16 @@ def promote(model_admin, request):
         return _back(request)
     if promoted is None:
         model_admin.message_user(request, _("No canary is running."), messages.WARNING)
+        return _back(request)
+    version, worse = promoted
+    if worse:  # as the activate action warns
+        model_admin.message_user(
+            request, _("%(v)s is active, but it is worse than the previous version on: %(m)s.") % {"v": version.name, "m": ", ".join(worse)},
+            messages.WARNING,
+        )
     else:
         model_admin.message_user(
-            request, _("%(v)s is now active for every new conversation; the canary has ended.") % {"v": promoted[0].name}, messages.SUCCESS
+            request, _("%(v)s is now active for every new conversation; the canary has ended.") % {"v": version.name}, messages.SUCCESS
         )
     return _back(request)
 

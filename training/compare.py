@@ -11,9 +11,13 @@ A question row pairs the two answers to one dev question (matched by its text: v
 on different snapshots may have been asked different questions, and a side is None where its
 version was not asked it) and marks in each answer the reference's key facts it states, the ones
 it misses, and the numbers it states that the reference does not.
+
+Rows keep the metrics' and modes' codes ("name", "mode") and carry their names in the request's
+language ("label", "mode_label": training.evaluation_help), as the page shows them.
 """
 
 from llm.evaluation import MODES, fact_spans, key_facts, normalise
+from training.evaluation_help import METRIC_HELP, METRIC_LABELS, MODE_LABELS
 from training.services import LOWER_IS_BETTER
 
 # In the order the admin's version list and the activation check read them.
@@ -46,13 +50,16 @@ def better_of(name, a, b):
 
 
 def metric_rows(a_eval, b_eval):
-    """One row per metric either version measured: {"name", "a", "b", "better"}."""
+    """One row per metric either version measured: {"name", "label", "help", "a", "b", "better"}."""
     rows = []
     for name in METRICS:
         a, b = a_eval.get(name), b_eval.get(name)
         if a is None and b is None:
             continue
-        rows.append({"name": name, "a": a, "b": b, "better": better_of(name, a, b)})
+        rows.append({
+            "name": name, "label": str(METRIC_LABELS[name]), "help": str(METRIC_HELP.get(name, "")),
+            "a": a, "b": b, "better": better_of(name, a, b),
+        })
     return rows
 
 
@@ -70,6 +77,7 @@ def mode_rows(a_eval, b_eval):
             rows.append({
                 "set": set_name,
                 "mode": mode,
+                "label": str(MODE_LABELS[mode]),
                 **{side: {f: modes.get(mode, {}).get(f) for f in MODE_FIGURES} for side, modes in (("a", a_modes), ("b", b_modes))},
             })
     return rows
@@ -97,6 +105,13 @@ def marked_answer(answer, wanted):
     }
 
 
+def mode_of(sample):
+    """How the chat would have answered a stored dev answer: its mode's code and name ("" for an
+    evaluation made before modes were recorded)."""
+    mode = sample.get("mode", "")
+    return {"mode": mode, "mode_label": str(MODE_LABELS.get(mode, mode))}
+
+
 def question_rows(a_samples, b_samples):
     """The dev questions either version answered, in the order asked (a's first), each with both answers."""
     answers = {"a": {s["question"]: s for s in a_samples}, "b": {s["question"]: s for s in b_samples}}
@@ -108,7 +123,7 @@ def question_rows(a_samples, b_samples):
         row = {"question": question, "reference": sample["reference"], "key_facts": wanted}
         for side in ("a", "b"):
             asked = answers[side].get(question)
-            row[side] = {**marked_answer(asked["prediction"], wanted), "mode": asked.get("mode", "")} if asked else None
+            row[side] = {**marked_answer(asked["prediction"], wanted), **mode_of(asked)} if asked else None
         rows.append(row)
     return rows
 

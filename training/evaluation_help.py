@@ -1,4 +1,5 @@
-"""What each evaluation metric means, as the admin shows it: in the request's language.
+"""What each evaluation metric and answer mode is called and means, as the admin shows it: in the
+request's language (the stored evaluations and the JSON keep the codes).
 
 llm.evaluation.METRIC_HELP and INVENTED_HELP say the same in English for llm's own users; llm
 does not import Django, so the translatable texts live here (training/tests/test_evaluation_help.py
@@ -6,6 +7,21 @@ keeps the English of both the same).
 """
 
 from django.utils.translation import gettext_lazy as _
+
+from llm.grounding import CURATED, FALLBACK, GROUNDED
+
+MODE_LABELS = {CURATED: _("curated (verbatim)"), GROUNDED: _("grounded (generated)"), FALLBACK: _("fallback")}
+
+# Short names, where a table names the metric and METRIC_HELP explains it.
+METRIC_LABELS = {
+    "key_fact_recall": _("key-fact recall"),
+    "rouge_l_char": _("ROUGE-L on characters"),
+    "rouge_l_word": _("ROUGE-L on words"),
+    "exact_match": _("exact match"),
+    "bleu4": "BLEU-4",
+    "invented_number_share": _("answers with an invented number"),
+    "dev_loss": _("dev loss"),
+}
 
 METRIC_HELP = {
     "exact_match": _(
