@@ -16,7 +16,9 @@ the torch side of each loop iteration:
      next one: the rows feed as many columns as the longest draft (the others padded, masked
      out), the logits of all of them come back, and the columns of rejected drafts are masked
      out of the cache or cropped (llm.engine.batch). Sampled rows take one token, as before;
-     a step without drafts is a one-column step.
+     a step without drafts is a one-column step. In float32 the greedy answer is token for token
+     the undrafted one; in bfloat16 a near-tie (two logits a bf16 step apart) can go either way
+     once the forward's shape changes, with drafts as when two chats are batched without them.
 
 Rows may use different adapters: a batch on one adapter runs the plain PEFT forward; a mixed batch
 passes PEFT's per-row `adapter_names` (the base model is "__base__"). An adapter that is no longer
@@ -43,7 +45,7 @@ def _fresh_input(module, args):
     With LoRA layers injected, the last hidden state reaching the head is a view into a larger
     buffer, and the bf16 GEMV on it took 0.8-3 s on the first token of a prompt (measured: 3.2 s
     with the hook off against 0.22 s with it on, Gemma-3-270M, one CPU). The copy is one row per
-    sequence: microseconds.
+    sequence and fed column: microseconds.
     """
     return (args[0].contiguous().clone(), *args[1:])
 
@@ -52,8 +54,8 @@ def _attention_windows(config):
     """({layer type: its sliding window or None} when some layers slide, else None; whether a
     drafted step is exact on this model). Sliding layers need the masks from real positions
     (llm.engine.batch), which the model takes as a dict per layer type, in sdpa's or eager's form."""
-    window = getattr(config.get_text_config(), "sliding_window", None)
-    types = getattr(config.get_text_config(), "layer_types", None)
+    text = config.get_text_config()
+    window, types = getattr(text, "sliding_window", None), getattr(text, "layer_types", None)
     if not types:
         return None, not window  # a window on every layer without layer types (Mistral): no dict of masks
     if "sliding_attention" not in types:

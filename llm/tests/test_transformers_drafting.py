@@ -176,9 +176,13 @@ def test_cancel_in_the_middle_of_a_drafted_answer_stops_it_and_the_engine_goes_o
     assert _ids(engine, history) == full
 
 
-def test_answers_across_a_sliding_window_are_the_same_with_drafts(make_engine, records, sliding_model):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # the masks' two forms: boolean, additive
+def test_answers_across_a_sliding_window_are_the_same_with_drafts(make_engine, records, sliding_model, attention):
     plain = make_engine(base_dir=sliding_model, draft_tokens=0)
     engine = make_engine(base_dir=sliding_model, draft_tokens=8, max_active=4)
+    for each in (plain, engine):
+        each.load()
+        each.model.set_attn_implementation(attention)
     histories = [_grounded(plain, r) for r in (records[0], records[5])] + [_question(records[6]), _grounded(plain, records[7])]
     expected = [_ids(plain, history) for history in histories]
     # The window is in force (the answers are not the full-attention model's) and every prompt is
