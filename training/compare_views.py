@@ -31,11 +31,12 @@ def chosen_versions(params):
     ids = {side: (params.get(side) or "").strip() for side in ("a", "b")}
     if not all(value.isdigit() for value in ids.values()):
         raise NoSuchVersions(_("Name two adapter versions by id: ?a=<id>&b=<id>."), code="invalid")
-    found = AdapterVersion.objects.select_related("run__snapshot").in_bulk([int(value) for value in ids.values()])
-    try:
-        return found[int(ids["a"])], found[int(ids["b"])]
-    except KeyError:
-        raise NoSuchVersions(_("No such adapter version."), code="absent") from None
+    # One exact lookup each: an id past the database's integer range finds nothing (an IN lookup fails on it).
+    versions = AdapterVersion.objects.select_related("run__snapshot")
+    found = [versions.filter(pk=int(ids[side])).first() for side in ("a", "b")]
+    if None in found:
+        raise NoSuchVersions(_("No such adapter version."), code="absent")
+    return tuple(found)
 
 
 def compare_url(a, b):
@@ -81,7 +82,8 @@ class VersionComparisonView(APIView):
         summary="Compare two adapter versions",
         description="Both versions' evaluations side by side: each metric (and which version did better), each mode's "
         "figures, and per dev question the two answers with the reference's key facts each stated, missed, and the "
-        "numbers it stated beyond them.",
+        "numbers it stated beyond them. Metrics and modes keep their codes (`name`, `mode`) and carry their names in "
+        "the request's language (`label`, `mode_label`; Accept-Language) and each metric's explanation (`help`).",
         parameters=[
             OpenApiParameter("a", int, required=True, description="The first version's id."),
             OpenApiParameter("b", int, required=True, description="The second version's id."),

@@ -1,5 +1,6 @@
 """The compare page names metrics and answer modes as the evaluation page does, in the request's
-language (training.evaluation_help); its JSON keeps the codes and adds the names."""
+language (training.evaluation_help); its JSON keeps the codes and adds the names. (And an id no
+row can have, past the database's integer range, is a 404, not a server error.)"""
 
 import pytest
 from django.urls import reverse
@@ -66,3 +67,9 @@ def test_the_page_shows_the_names_and_not_the_codes(versions, staff_client, lang
         assert '<span class="help">curated (verbatim)</span>' in html  # the answer's mode
     else:
         assert "<td>关键事实召回率<br>" in html and "<td>含编造的数字的回答<br>" in html
+
+
+def test_an_id_past_the_databases_integer_range_is_no_such_version(versions, staff_api):
+    v1, _v2 = versions
+    response = staff_api.get(f"/api/v1/adapter-versions/compare/?a={v1.pk}&b={2**65}")
+    assert response.status_code == 404
