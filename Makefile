@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP := $(VENV)/.test-installed
 
-.PHONY: run test test-fast test-scaleout test-slow stress setup messages clean-venv
+.PHONY: run test test-fast test-scaleout test-slow stress screenshots setup messages clean-venv
 
 $(RUNTIME_STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ test-slow: $(TEST_STAMP)
 # The issue #6 load and abuse scenarios full size against a live daphne (minutes; a Markdown table).
 stress: $(TEST_STAMP)
 	$(PY) benchmarks/stress.py
+
+# Remake the README's pictures (docs/img/*.png): headless Chromium on a throwaway platform with the
+# sample data and a tiny model's training run (docs/screenshots.py; about a minute).
+screenshots: $(TEST_STAMP)
+	$(PY) docs/screenshots.py
 
 # Regenerate the translation catalogue after changing translatable strings (needs gettext).
 messages:
