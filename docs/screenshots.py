@@ -101,7 +101,8 @@ def prerequisites_missing():
 def take_screenshots(tmp, out):
     # The sample questions as a customer types them, without the records' `用户问：` ("the customer
     # asks:"), which retrieval folds away anyway.
-    questions = [record["instruction"].removeprefix("用户问：") for record in json.loads((ROOT / "data" / "train.json").read_text(encoding="utf-8"))]
+    records = json.loads((ROOT / "data" / "train.json").read_text(encoding="utf-8"))
+    questions = [record["instruction"].removeprefix("用户问：") for record in records]
     password = secrets.token_urlsafe(16)
     with shop_server(tmp / "shop") as (shop_origin, write_shop_page):
         progress("building the tiny model")
@@ -134,7 +135,8 @@ def platform_env(tmp, shop_origin, password):
         for record in json.loads((ROOT / "data" / name).read_text(encoding="utf-8")):
             texts += [record["instruction"], record["output"]]
     model = build_tiny_model(texts, tmp / "tiny-model")
-    env = {name: value for name, value in os.environ.items() if not name.startswith("CSP_") and name not in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY")}
+    callers = ("DATABASE_URL", "REDIS_URL", "SECRET_KEY")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("CSP_") and name not in callers}
     data = tmp / "var"
     data.mkdir()
     return {
@@ -283,7 +285,8 @@ def chromium():
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     try:
         # The page's own size, whatever the window's frame takes: every picture is WIDTH x HEIGHT.
-        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False})
+        metrics = {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False}
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
         yield driver
     finally:
         driver.quit()
@@ -305,7 +308,8 @@ WIDGET = "document.getElementById('csplatform-widget')"
 
 
 def in_english(driver, platform):
-    """The platform's pages in English for this browser (the language switcher's cookie)."""
+    """The platform's pages in English for this browser (the language switcher's cookie, which the
+    browser takes only on a page of the platform: a small one)."""
     driver.get(platform + "/static/csp/widget.css")
     driver.add_cookie({"name": "django_language", "value": "en", "path": "/"})
 
