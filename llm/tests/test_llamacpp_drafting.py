@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from llm.engine import EngineConfig, LlamaCppEngine, Token
-from llm.tests.test_engine import _answer, _question, _wait_for
+from llm.tests.test_engine import _answer, _question
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +88,13 @@ def test_drafted_and_sampled_answers_share_the_batch_and_each_is_its_own(llama, 
     sampled_alone = [_answers(alone, [h], seed=i, **sampled)[0] for i, h in enumerate(histories)]
 
     engine = llama(draft_tokens=8)
-    gate = threading.Event()
+    queued = threading.Event()
+    hold = _held_until(queued)  # the first token waits for all eight: they decode together
     requests = []
-    for i, history in enumerate(histories):  # held on their first token until all eight run
-        hold = _held_until(gate)
+    for i, history in enumerate(histories):
         requests.append(engine.submit(history, on_event=hold))
         requests.append(engine.submit(history, seed=i, on_event=hold, **sampled))
-    assert _wait_for(lambda: engine.metrics()["running"] == len(requests), timeout=30)
-    gate.set()
+    queued.set()
     results = [(r.result(60)[0], r.token_ids, r.result(60)[1].finish_reason) for r in requests]
     assert results[0::2] == greedy_alone
     assert results[1::2] == sampled_alone
@@ -113,7 +112,7 @@ def _held_until(gate):
     return on_event
 
 
-def test_max_new_tokens_ends_an_answer_inside_an_accepted_draft(llama, grounded):
+def test_max_new_tokens_caps_the_draft_and_the_answer_ends_exactly_there(llama, grounded):
     history = _question(grounded[0])
     full = _answers(llama(draft_tokens=0), [history])[0][1]
     engine = llama(draft_tokens=8)
