@@ -227,8 +227,10 @@ class LlamaCppEngine(LocalEngine):
         # Each sequence's cells (llama.cpp pads a context to 256 cells; a per-sequence multiple of
         # 256 keeps n_ctx divisible by n_seq_max).
         params.n_ctx = config.max_active * math.ceil((self._prompt_budget + config.max_new_tokens) / 256) * 256
-        # One ubatch per step: every sequence's last token and full draft, plus a prefill chunk.
-        params.n_batch = params.n_ubatch = config.prefill_chunk + config.max_active * (1 + config.draft_tokens)
+        # One ubatch per step: every sequence's last token plus a prefill chunk. Drafts take their
+        # room from the prefill chunk (_plan), not from a larger ubatch: the ubatch size changes
+        # llama.cpp's kernels and so the logits (a memorised pick flipped on the tiny model).
+        params.n_batch = params.n_ubatch = config.prefill_chunk + config.max_active
         params.n_threads = params.n_threads_batch = self._threads
         # Sliding-window layers keep only their window (Gemma 3: 512 positions). Rewinding a
         # rejected draft is safe with it: this llama.cpp prunes nothing after a batch; a cell
@@ -383,14 +385,20 @@ class LlamaCppEngine(LocalEngine):
 
     def _plan(self):
         """{context: [(sequence, token ids, first position, outputs)]}: every decoding sequence's
-        last token and its draft (logits for each), then prompt chunks of newcomers,
-        `prefill_chunk` tokens in all (logits for the last token of a complete prompt)."""
+        last token and its draft (logits for each), then prompt chunks of newcomers: drafts and
+        chunks `prefill_chunk` tokens in all (logits for the last token of a complete prompt)."""
+        # The batch holds prefill_chunk + max_active tokens: each decoding sequence's last token,
+        # then drafts, which take at most half of the prefill chunk's room (newcomers keep
+        # prefilling while drafts are verified), then the prompt chunks.
         plans = {}
+        drafts_room = self.config.prefill_chunk // 2
         for context in list(self._contexts.values()):
             for sequence in context.rows:
-                fed = [sequence.last, *self._draft(sequence)]
+                draft = self._draft(sequence)[:drafts_room]
+                drafts_room -= len(draft)
+                fed = [sequence.last, *draft]
                 plans.setdefault(context, []).append((sequence, fed, sequence.position, len(fed)))
-        budget = self.config.prefill_chunk
+        budget = self.config.prefill_chunk // 2 + drafts_room + self.config.prefill_chunk % 2
         for sequence in self._prefill_queue():
             if budget <= 0:
                 break
