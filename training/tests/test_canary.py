@@ -1,6 +1,7 @@
 """The canary rollout's state (training.canary): one version tried beside the active one on a share
 of the new conversations, promoted or stopped with one click, ended by any activation; and its
-admin (the version list's action, the promote and stop buttons)."""
+admin (the version list's action, the promote and stop buttons). Marked `services`: the state lives in
+the database, so the PostgreSQL pass checks its constraints where several processes share it."""
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -12,7 +13,7 @@ from training import canary, services
 from training.models import AdapterVersion
 from training.tests.factories import make_adapter_version
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.services]
 
 
 @pytest.fixture
