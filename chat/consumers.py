@@ -17,6 +17,9 @@ open; a client that floods is closed.
 Each socket follows one conversation's channel-layer group (chat.handoff.group_name), which is
 how staff replies and state changes reach it from any process.
 
+The conversations a socket may open are its session's, or with `?token=` (the widget's frame,
+chat/widget.py) that widget identity's; a token that does not verify is refused at connect.
+
 The consumer stays small: it parses, checks limits, calls chat.services, and owns the one
 generation task of its connection (cancelled on `cancel` and on disconnect). The answer itself is
 chat.answering's, as for the REST chat and the OpenAI-compatible API: the task only turns its
@@ -39,6 +42,7 @@ from django.utils.translation import gettext as _
 from chat import answering, grounding, handoff, services
 from chat.models import Conversation, Message
 from chat.serving import busy_now
+from chat.widget import widget_key
 from csplatform.login_throttle import trusted_client
 from csplatform.parsers import JSONNestingError, loads_json
 
@@ -99,8 +103,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.following = None  # the conversation whose group this socket is in
         self.following_state = None  # its handoff state as last heard (bot, waiting, agent, closed)
         self.language = scope_language(self.scope)
+        token = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
+        # The widget's frame names its identity (chat/widget.py): it owns the socket's conversations
+        # in place of the session, which a frame on another site has none of.
+        self.widget_key = widget_key(token) if token else None
         if _cooling_down.get(_client_address(self.scope), 0) > time.monotonic():
             await self.close()  # refused before accepting (HTTP 403), and before any database work
+            return
+        if token and self.widget_key is None:
+            await self.close()  # a token this platform did not sign (or not a widget's): refused
             return
         await self.accept()
 
@@ -114,11 +125,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
         the session only ever serves this socket.
         """
         session = self.scope.get("session")
-        if session is not None and not session.session_key:
+        if self.widget_key is None and session is not None and not session.session_key:
             session.save()
 
     @property
     def session_key(self):
+        """Who owns the socket's conversations: the widget's key, or else the browser session's."""
+        if self.widget_key is not None:
+            return self.widget_key
         session = self.scope.get("session")
         return session.session_key if session is not None else ""
 

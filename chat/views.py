@@ -18,15 +18,18 @@ def chat_page(request):
     return render(request, "chat.html", {"chat_config": chat_config(request), "max_chars": settings.CSP_CHAT_MAX_MESSAGE_CHARS})
 
 
-def chat_config(request):
+def chat_config(request, owner_key=None):
     """What static/js/chat.js starts from (the #chat-config script): the socket's path and the
-    requested conversation's history if it is the caller's. Used by the chat page and the widget."""
+    requested conversation's history if it is the caller's: the session's, or the widget key's
+    when the widget gives one (chat/widget.py). Used by the chat page and the widget."""
     # The websocket handshake cannot set a cookie: without a session made here, every
     # (re)connection would get a fresh one and lose the right to continue its conversation.
     if not request.session.session_key:
         request.session.save()
         request.session.modified = True
-    conversation_id, history, state = _own_history(request, request.GET.get("conversation", ""))
+    conversation_id, history, state = _own_history(
+        request, request.GET.get("conversation", ""), owner_key or request.session.session_key
+    )
     return {
         "wsPath": "/ws/chat/",
         "conversation": conversation_id,
@@ -36,14 +39,14 @@ def chat_config(request):
     }
 
 
-def _own_history(request, conversation_id):
+def _own_history(request, conversation_id, owner_key):
     """(id, messages, handoff state) of the caller's conversation, or (None, [], "bot") for anyone
     else's or none."""
     if not conversation_id:
         return None, [], "bot"
     try:
         conversation = services.conversation_for(
-            conversation_id=conversation_id, session_key=request.session.session_key, user=request.user
+            conversation_id=conversation_id, session_key=owner_key, user=request.user
         )
     except services.ChatError:
         return None, [], "bot"

@@ -9,11 +9,21 @@ strict Origin check and its session cookie and storage are the platform's.
 widget.js passes the embedding page's options in the query string: `origin` (the page's origin,
 the only one the frame posts messages to, and only if it may frame the page), `title`, `greeting`,
 `color` and `lang`.
+
+Embedded on another site, the frame gets no session cookie (it is SameSite=Lax), so the widget has
+an identity of its own: a random widget key, which owns the conversations the frame starts, given
+to the frame signed (the widget token, config.widgetToken). The frame keeps the token in the
+platform's localStorage (partitioned by the embedding site) and presents it: in its socket's query
+string (`token`, read by chat.consumers) and in the frame's address (`?token=`) when it reloads to
+show a conversation's history. Only this page and the chat socket read it; the chat page at `/`
+and the admin keep to the session.
 """
 
 import re
+import secrets
 
 from django.conf import settings
+from django.core import signing
 from django.shortcuts import render
 from django.utils import translation
 from django.views.decorators.clickjacking import xframe_options_exempt
@@ -25,6 +35,24 @@ COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}){1,2}")
 # Longer options are cut: they are shown in a small panel, not stored.
 TITLE_MAX_CHARS = 80
 GREETING_MAX_CHARS = 500
+# The widget keys' salt (tokens signed for anything else never verify here) and prefix: a widget
+# key is stored as its conversations' session_key, where it can never equal a Django session key.
+TOKEN_SALT = "chat.widget.token"
+KEY_PREFIX = "widget-"
+
+
+def new_widget_token():
+    """A token standing for a new widget identity: a random key, signed."""
+    return signing.dumps(KEY_PREFIX + secrets.token_hex(16), salt=TOKEN_SALT)
+
+
+def widget_key(token):
+    """The widget key a token stands for, or None for a token that is not one this platform signed."""
+    try:
+        key = signing.loads(token, salt=TOKEN_SALT) if token else None
+    except signing.BadSignature:
+        return None
+    return key if isinstance(key, str) and key.startswith(KEY_PREFIX) else None
 
 
 def frame_ancestors():
@@ -47,7 +75,12 @@ def widget_page(request):
     if language in dict(settings.LANGUAGES):
         translation.activate(language)  # LocaleMiddleware sends Content-Language from this
         request.LANGUAGE_CODE = language
-    config = chat_config(request)
+    token = request.GET.get("token", "")
+    key = widget_key(token)
+    # With a valid token the history shown is its widget's; without one, the session's (the
+    # platform's own pages, or a widget on the same site before it had a token).
+    config = chat_config(request, owner_key=key)
+    config["widgetToken"] = token if key else new_widget_token()
     config["parentOrigin"] = parent_origin(request)
     config["wsPath"] += f"?lang={translation.get_language()}"  # server-made texts in the page's language
     color = request.GET.get("color", "")

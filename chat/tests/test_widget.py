@@ -2,6 +2,7 @@
 options, and static/csp/widget.js on a page of another origin in headless Chromium against a real
 daphne (the Chromium tests need chromium and chromium-driver; skipped without them)."""
 
+import asyncio
 import contextlib
 import functools
 import http.server
@@ -11,10 +12,14 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from urllib.parse import quote
 
 import pytest
+from django.core import signing
 from django.core.exceptions import ImproperlyConfigured
+from django.test import Client
 
+from chat import widget
 from chat.consumers import scope_language
 from chat.models import Conversation, Message
 from chat.tests.test_browser import WATCH_ANSWERS, _script, _wait, browser  # noqa: F401 (browser: a fixture)
@@ -168,6 +173,106 @@ def test_the_widget_shows_the_history_of_the_sessions_own_conversation_only(clie
     assert _config(client.get("/widget/", {"conversation": stranger.pk}))["history"] == []
 
 
+# --- the widget token: the frame's identity when no session cookie reaches it ---
+
+
+def _widget_key(client, **params):
+    """A fresh widget identity, as the frame gets it: (its token, its key)."""
+    token = _config(client.get("/widget/", params))["widgetToken"]
+    return token, widget.widget_key(token)
+
+
+@pytest.mark.django_db
+def test_a_widget_token_shows_its_own_conversations_history_only(client):
+    token, key = _widget_key(client)
+    other_token, other_key = _widget_key(client)
+    assert key.startswith("widget-") and other_key.startswith("widget-") and key != other_key
+    mine = Conversation.objects.create(session_key=key)
+    Message.objects.create(conversation=mine, role="user", text="如何退货？")
+    theirs = Conversation.objects.create(session_key=other_key)
+    Message.objects.create(conversation=theirs, role="user", text="我的订单")
+
+    stranger = Client()  # another browser: no cookie of the one that made the token, as a frame on another site
+    config = _config(stranger.get("/widget/", {"token": token, "conversation": mine.pk}))
+    assert config["conversation"] == str(mine.pk) and config["history"][0]["text"] == "如何退货？"
+    assert config["widgetToken"] == token  # the frame keeps presenting the same identity
+    assert _config(stranger.get("/widget/", {"token": token, "conversation": theirs.pk}))["history"] == []
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "forge",
+    [
+        lambda token, key: token[:-2] + ("AA" if not token.endswith("AA") else "BB"),  # the signature altered
+        lambda token, key: signing.dumps(key, salt="another.salt"),  # signed for something else
+        lambda token, key: signing.dumps(key, salt=widget.TOKEN_SALT, key="not-the-secret-key"),
+        lambda token, key: signing.dumps("a-session-key-12345", salt=widget.TOKEN_SALT),  # not a widget key
+        lambda token, key: key,  # the key itself, unsigned
+    ],
+)
+def test_a_forged_widget_token_is_refused_and_a_new_identity_given(client, forge):
+    token, key = _widget_key(client)
+    mine = Conversation.objects.create(session_key=key)
+    Message.objects.create(conversation=mine, role="user", text="如何退货？")
+    forged = forge(token, key)
+
+    config = _config(Client().get("/widget/", {"token": forged, "conversation": mine.pk}))
+    assert config["history"] == [] and config["conversation"] is None
+    assert config["widgetToken"] not in (forged, token) and widget.widget_key(config["widgetToken"]) != key
+    assert widget.widget_key(forged) is None
+
+
+@pytest.mark.django_db
+def test_the_chat_page_keeps_to_the_session_and_ignores_a_widget_token(client):
+    token, key = _widget_key(client)
+    widgets = Conversation.objects.create(session_key=key)
+    Message.objects.create(conversation=widgets, role="user", text="widget's")
+    client.get("/")
+    sessions = Conversation.objects.create(session_key=client.session.session_key)
+    Message.objects.create(conversation=sessions, role="user", text="session's")
+
+    for path in ("/", "/chat/"):
+        assert _config(Client().get(path, {"token": token, "conversation": widgets.pk}))["history"] == [], path
+        config = _config(client.get(path, {"token": token, "conversation": sessions.pk}))
+        assert config["history"][0]["text"] == "session's" and "widgetToken" not in config, path
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_socket_takes_a_widget_token_for_its_own_conversations_and_refuses_a_forged_one(client):
+    from channels.testing import WebsocketCommunicator
+
+    from csplatform.asgi import application
+
+    token, key = _widget_key(client)
+    _other_token, other_key = _widget_key(client)
+    mine = Conversation.objects.create(session_key=key)
+    theirs = Conversation.objects.create(session_key=other_key)
+    origin = [(b"origin", b"http://localhost")]
+
+    async def scenario():
+        replies = []
+        communicator = WebsocketCommunicator(application, "/ws/chat/?lang=en&token=" + quote(token), headers=origin)
+        assert (await communicator.connect())[0]
+        for conversation in (mine, theirs):
+            await communicator.send_json_to({"type": "join", "conversation": str(conversation.pk)})
+            replies.append(await communicator.receive_json_from(timeout=10))
+        await communicator.send_json_to({"type": "handoff"})  # starts a conversation: the widget's
+        replies.append(await communicator.receive_json_from(timeout=10))
+        await communicator.disconnect()
+
+        for forged in (token[:-2] + ("AA" if not token.endswith("AA") else "BB"), key, signing.dumps(key, salt="another.salt")):
+            refused = WebsocketCommunicator(application, "/ws/chat/?token=" + quote(forged), headers=origin)
+            connected, _ = await refused.connect()
+            replies.append(connected)
+        return replies
+
+    joined, refused, started, *forged = asyncio.run(scenario())
+    assert joined == {"type": "handoff", "state": "bot", "conversation": str(mine.pk)}
+    assert refused["type"] == "error" and refused["code"] == "not_found"
+    assert Conversation.objects.get(pk=started["conversation"]).session_key == key
+    assert forged == [False, False, False]
+
+
 # --- in Chromium: a shop's page on another origin ---
 
 
@@ -177,13 +282,14 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def shop_page(tmp_path, name, body):
+def shop_page(tmp_path, name, body, host="127.0.0.1"):
     """A page of another origin: python's http.server on a free port serving index.html = body
-    (a callable of the server's own origin)."""
+    (a callable of the server's own origin), addressed as http://<host>:<port> (listening on
+    127.0.0.1: "localhost" names it as another site than the platform's 127.0.0.1)."""
     folder = tmp_path / name
     folder.mkdir()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
-    origin = f"http://127.0.0.1:{server.server_address[1]}"
+    origin = f"http://{host}:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -353,3 +459,47 @@ def test_a_page_of_an_origin_not_listed_gets_a_refused_frame_and_no_button(platf
     browser.switch_to.default_content()
     assert browser.execute_script(f"return {WIDGET}.dataset.ready") is None
     assert browser.execute_script(f"return getComputedStyle({WIDGET}).display") == "none"
+
+
+@pytest.fixture
+def other_site_shop(tmp_path, training_env, tiny_model, faq):
+    """A shop's page on http://localhost:<port>, another site than the platform's 127.0.0.1 (sites
+    are registrable domains, ports aside): the browser sends no SameSite=Lax cookie to its frame.
+    Yields (the shop's origin, the platform's url)."""
+    from knowledge.models import QAPair
+
+    for record in faq:
+        QAPair.objects.create(instruction=record["instruction"], output=record["output"], status=QAPair.Status.APPROVED)
+    with shop_page(tmp_path, "other-site", _snippet, host="localhost") as (shop, write):
+        env = {"CSP_DATA_DIR": str(training_env), "CSP_BASE_MODEL": str(tiny_model), "CSP_GROUNDING": "true", "CSP_WIDGET_ORIGINS": shop}
+        with live_daphne(env=env, log=training_env / "daphne.log") as url:
+            write(url)
+            yield shop, url
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.live
+@pytest.mark.browser
+@pytest.mark.grounded
+def test_a_shop_on_another_site_keeps_the_conversation_across_reloads(other_site_shop, browser, faq):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    shop, platform = other_site_shop
+    assert shop.startswith("http://localhost:") and platform.startswith("http://127.0.0.1:")
+    browser.get(shop + "/")
+    _widget_ready(browser)
+    field = _open(browser)
+    field.send_keys(faq[3]["instruction"], Keys.ENTER)
+    _wait(browser, _script("return document.querySelectorAll('#chat-log .msg-bot[data-state=done]').length === 1"), message="no answer")
+    conversation = Conversation.objects.get()
+
+    browser.refresh()
+    _widget_ready(browser)
+    field = _open(browser)
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chat-log .msg-user")) == 1, message="no history after the reload")
+    assert browser.find_element(By.CSS_SELECTOR, "#chat-log .msg-user .msg-bubble").text == faq[3]["instruction"]
+    assert browser.find_element(By.CSS_SELECTOR, "#chat-log .msg-bot .msg-text").text == faq[3]["output"]
+    field.send_keys(faq[4]["instruction"], Keys.ENTER)
+    _wait(browser, _script("return document.querySelectorAll('#chat-log .msg-bot[data-state=done]').length === 2"), message="no second answer")
+    assert Conversation.objects.get().pk == conversation.pk and conversation.messages.count() == 4

@@ -9,6 +9,7 @@
   "use strict";
 
   var STORAGE_KEY = "csplatform.chat.conversation";
+  var TOKEN_KEY = "csplatform.widget.token"; // the widget's identity (config.widgetToken, chat/widget.py)
   var RECONNECT_MAX_MS = 30000;
 
   var config = JSON.parse(document.getElementById("chat-config").textContent);
@@ -71,6 +72,30 @@
     } catch (e) {
       return null;
     }
+  }
+
+  /* The widget's frame: the token the page was served with, or the one this browser keeps for the
+   * embedding site (localStorage, which browsers partition by the top-level site). Returns the
+   * address to load instead when the kept one was not the one presented, else null. */
+  function widgetReload() {
+    var kept = null;
+    try {
+      kept = localStorage.getItem(TOKEN_KEY);
+    } catch (e) {
+      return null; // storage disabled: this page's token lasts until a reload
+    }
+    var url = new URL(location.href);
+    if (kept && kept !== config.widgetToken && !url.searchParams.has("token")) {
+      url.searchParams.set("token", kept);
+      if (!url.searchParams.get("conversation") && storedConversation()) url.searchParams.set("conversation", storedConversation());
+      return url.toString();
+    }
+    try {
+      localStorage.setItem(TOKEN_KEY, config.widgetToken); // the kept token, or a new one if the server refused it
+    } catch (e) {
+      // as above
+    }
+    return null;
   }
 
   // --- rendering (textContent only) ---
@@ -474,7 +499,9 @@
   // --- the socket, reconnected with backoff ---
 
   function socketUrl() {
-    return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + config.wsPath;
+    var path = config.wsPath;
+    if (config.widgetToken) path += (path.indexOf("?") < 0 ? "?" : "&") + "token=" + encodeURIComponent(config.widgetToken);
+    return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + path;
   }
 
   function connect() {
@@ -571,6 +598,11 @@
   ui.status.addEventListener("click", reconnectNow);
   window.addEventListener("online", reconnectNow);
 
+  var reload = config.widgetToken ? widgetReload() : null;
+  if (reload) {
+    location.replace(reload); // once: the address now names a token
+    return;
+  }
   var asked = new URL(location.href).searchParams.get("conversation");
   if (config.conversation) {
     rememberConversation(config.conversation);
