@@ -35,7 +35,6 @@ above raw llama-cpp-python's plain decode; report the concurrency levels with an
 
 import argparse
 import asyncio
-import contextlib
 import random
 import sys
 import time
@@ -85,38 +84,16 @@ async def answer(engine, question, new_tokens):
     return timed, request.token_ids
 
 
-@contextlib.contextmanager
-def served_extra_buffers():
-    """llama_cpp.Llama has no switch for llama.cpp's extra weight buffers; its model params come
-    from llama_model_default_params(), set here as the engine sets them (EngineConfig's
-    extra_buffers "auto": off on CPUs that advertise AMX, where a VM may fault on it)."""
-    import llama_cpp
-
-    from llm.engine.llamacpp import use_extra_buffers
-
-    bindings = llama_cpp.llama_cpp
-    default = bindings.llama_model_default_params
-
-    def params():
-        made = default()
-        made.use_extra_bufts = use_extra_buffers("auto")
-        return made
-
-    bindings.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        bindings.llama_model_default_params = default
-
-
 def raw_llama(engine, adapter, threads):
     """(llama_cpp.Llama on the engine's GGUF with the adapter's GGUF LoRA, what it applies)."""
     import llama_cpp
 
+    from llm.engine.llamacpp import raw_llama_as_served
+
     options = dict(
         model_path=str(engine.gguf_path), n_ctx=4096, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False,
     )
-    with served_extra_buffers():
+    with raw_llama_as_served():
         try:
             return llama_cpp.Llama(lora_path=str(adapter / "adapter.gguf"), **options), "with the adapter's GGUF LoRA"
         except (ValueError, RuntimeError) as error:

@@ -31,6 +31,7 @@ The contract (submit/stream/generate, admission, limits, cancellation, adapters)
 Nothing here imports Django; llama_cpp, torch and transformers are imported by `load()`.
 """
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -80,6 +81,28 @@ def use_extra_buffers(setting, flags=None):
         return setting == "on"
     flags = cpu_flags() if flags is None else flags
     return not any(flag.startswith("amx") for flag in flags)
+
+
+@contextlib.contextmanager
+def raw_llama_as_served():
+    """While it lasts, `llama_cpp.Llama` (llama-cpp-python's own high-level class, which tests and
+    benchmarks compare the engine with) loads models with the engine's extra-buffer rule: it has
+    no switch of its own and takes its model params from llama_model_default_params()."""
+    import llama_cpp  # noqa: PLC0415  (only whoever compares with raw llama-cpp-python pays for it)
+
+    bindings = llama_cpp.llama_cpp
+    default = bindings.llama_model_default_params
+
+    def params():
+        made = default()
+        made.use_extra_bufts = use_extra_buffers("auto")
+        return made
+
+    bindings.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = default
 
 
 def _log_to_python(level, text, user_data):

@@ -1,6 +1,5 @@
 """GGUF export: the tiny model and its LoRA adapters run in llama.cpp as they do in transformers."""
 
-import contextlib
 import json
 import shutil
 from io import StringIO
@@ -17,7 +16,7 @@ from training import services
 from llm.finetune.config import FinetuneConfig
 from llm.finetune.loop import train
 from llm.modeling import load_adapter, load_base
-from llm.engine.llamacpp import use_extra_buffers
+from llm.engine.llamacpp import raw_llama_as_served
 from llm import gguf as gguf_export
 from llm.gguf import write_lora_gguf, write_model_gguf
 from training.models import AdapterVersion, BaseModel, DatasetSnapshot, TrainingRun
@@ -47,28 +46,8 @@ def tokenizer(tiny_model):
 
 
 def _llama(model_path, lora_path=None, *, f32_cache=False):
-    with _extra_buffers_as_served():
+    with raw_llama_as_served():
         return _plain_llama(model_path, lora_path, f32_cache=f32_cache)
-
-
-@contextlib.contextmanager
-def _extra_buffers_as_served():
-    """llama_cpp.Llama has no switch for llama.cpp's extra weight buffers; it takes its model
-    params from llama_model_default_params(), set here as the engine sets them (EngineConfig's
-    extra_buffers "auto": off on CPUs that advertise AMX, where a VM may fault on it: SIGILL)."""
-    bindings = llama_cpp.llama_cpp
-    default = bindings.llama_model_default_params
-
-    def params():
-        made = default()
-        made.use_extra_bufts = use_extra_buffers("auto")
-        return made
-
-    bindings.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        bindings.llama_model_default_params = default
 
 
 def _plain_llama(model_path, lora_path=None, *, f32_cache=False):
