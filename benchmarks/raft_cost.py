@@ -64,7 +64,7 @@ def record_entry(number, record):
 
 def raft_training_records(pairs, seed):
     """What training/grounding.py fit_records gives train_model with CSP_RAFT and the defaults, and
-    how many of them each function made."""
+    how many of them raft_records made (the selection records follow)."""
     entries = [record_entry(number, r) for number, r in enumerate(pairs)]
     index = Index(entries, embedder=default_embedder(), cache=MemoryCache(), stamp="bench:train")
     grounded = raft.raft_records(entries, index, k=GROUNDING_K, no_gold_share=RAFT_NO_GOLD_SHARE, variants=RAFT_VARIANTS, seed=seed)
