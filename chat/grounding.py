@@ -221,6 +221,11 @@ def _pick_request(plan, engine, options):
     candidates = plan.decision.hits[: settings.CSP_GROUNDING_K]
     turns = [Turn("user", grounding.selection_question(plan.question, candidates))]
     pinned = {key: options[key] for key in ("adapter", "adapter_path", "system") if key in options}
+    if "adapter" not in pinned:
+        # The version whose training says it picks, by name: the process's engine switches to a
+        # newly activated version up to ACTIVE_CHECK_SECONDS later, and the version before it may
+        # never have learnt to pick.
+        pinned.update(adapter=plan.version.name, adapter_path=plan.version.path)
     return turns, {"choices": grounding.choice_labels(len(candidates)), **pinned}
 
 

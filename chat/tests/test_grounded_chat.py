@@ -211,7 +211,7 @@ def picker(settings, training_env, tiny_model, adapter_cache, backend, faq, grou
     active version on `backend`. Returns (approved pairs, the pair PICKED is to get)."""
     import shutil
 
-    from chat.serving import engine_config, get_engine, reset_engine
+    from chat.serving import reset_engine
     from chat.tests.conftest import backend_settings
     from knowledge.retrieval import serving_index
     from llm.finetune.config import CONFIG_FILE
@@ -233,9 +233,10 @@ def picker(settings, training_env, tiny_model, adapter_cache, backend, faq, grou
     (path / CONFIG_FILE).write_text(json.dumps({**config, **grounding_record(3)}))
     for name, value in backend_settings(backend).items():
         setattr(settings, name, int(value) if name == "CSP_CHAT_THREADS" else value)
-    engine = get_engine()
-    if engine.config != engine_config() or engine.backend != backend:
-        reset_engine()
+    # A fresh engine: the previous test's version named "picker" came from another directory (an
+    # engine refuses to load a name from a second path), and a kept engine would switch to this
+    # version only ACTIVE_CHECK_SECONDS after the last check.
+    reset_engine()
     run = make_run(base_model=make_base_model(path=tiny_model))
     make_adapter_version("picker", path=path, run=run, is_active=True)
     return pairs, next(pair for pair in pairs if pair.pk == picked[2].pair_id)

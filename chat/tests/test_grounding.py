@@ -1,6 +1,8 @@
 """chat.grounding without an engine: the guarded stream fed the events an engine sends, the canned
 answers, the thresholds' sources."""
 
+import dataclasses
+
 import pytest
 
 from chat import grounding
@@ -151,3 +153,18 @@ def test_a_cancelled_answer_ends_as_it_stands_without_releasing_what_the_guard_h
 def test_a_malformed_conversation_id_gives_no_context_and_no_error():
     assert grounding.earlier_questions(conversation_id="not-a-uuid") == []
     assert grounding.earlier_questions(conversation_id=123) == []
+
+
+def test_the_pick_is_asked_of_the_version_the_plan_was_made_for_unless_the_caller_pinned_one(settings):
+    # The process's engine switches to a newly activated version up to ACTIVE_CHECK_SECONDS later:
+    # the pick must not go to whichever version the engine serves at that moment.
+    from types import SimpleNamespace
+
+    settings.CSP_GROUNDING_K = 3
+    version = SimpleNamespace(name="v7", path="/adapters/v7")
+    picking = dataclasses.replace(plan(score=0.9), version=version, picks=True)
+    engine = SimpleNamespace(supports_choices=True)
+    _turns, options = grounding._pick_request(picking, engine, {})
+    assert (options["adapter"], options["adapter_path"]) == ("v7", "/adapters/v7")
+    _turns, options = grounding._pick_request(picking, engine, {"adapter": "v6", "adapter_path": "/adapters/v6"})
+    assert (options["adapter"], options["adapter_path"]) == ("v6", "/adapters/v6")  # a canary's pin stays
