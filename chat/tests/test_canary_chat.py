@@ -4,6 +4,7 @@ engine (both inference backends: llama.cpp serves the two adapters together); a 
 its version after a promote or a stop; the analytics page shows the two sides side by side."""
 
 import random
+import time
 import uuid
 
 import pytest
@@ -14,6 +15,7 @@ from django.utils import timezone
 from chat import analytics, canary
 from chat.answering import Finished, Started, answer_astart, answer_start, ready_engine
 from chat.models import Conversation, Message
+from chat.serving import ACTIVE_CHECK_SECONDS
 from training import canary as rollout
 from training.models import AdapterVersion
 from training.tests.factories import make_adapter_version
@@ -130,6 +132,9 @@ def test_after_a_promote_each_side_keeps_its_version_and_new_conversations_get_t
     started, finished = _ask(customer, question, conversation=str(on_active.conversation.pk))
     assert started.adapter == "v1" and finished.stats.adapter == "v1"  # still v1, no longer active
     assert _ask(customer, question, conversation=str(on_canary.conversation.pk))[0].adapter == "v2"
+    # A new conversation follows the active version, which the process's engine looks up at most
+    # ACTIVE_CHECK_SECONDS after the promote (a fast machine asks sooner than that).
+    time.sleep(ACTIVE_CHECK_SECONDS + 0.1)
     assert _ask(customer, question)[0].adapter == "v2"
 
 
