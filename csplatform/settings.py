@@ -45,6 +45,17 @@ def envint(name, default, *, minimum=None):
     return value
 
 
+def envfloat(name, default, *, minimum):
+    raw = os.environ.get(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a number.") from None
+    if not value >= minimum or value == float("inf"):  # also NaN
+        raise ImproperlyConfigured(f"{name}={raw} must be a number of at least {minimum}.")
+    return value
+
+
 def envlist(name, default):
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
@@ -292,7 +303,7 @@ CSP_CHAT_MAX_NEW_TOKENS = envint("CSP_CHAT_MAX_NEW_TOKENS", 256, minimum=1)
 CSP_CHAT_MAX_SECONDS = envint("CSP_CHAT_MAX_SECONDS", 60, minimum=1)
 # An answer's text so far is saved this often while it streams (one UPDATE per interval, not per
 # token): a web process killed mid-answer loses at most this much of it (chat.answering).
-CSP_ANSWER_SAVE_SECONDS = envint("CSP_ANSWER_SAVE_SECONDS", 2, minimum=1)
+CSP_ANSWER_SAVE_SECONDS = envfloat("CSP_ANSWER_SAVE_SECONDS", 2, minimum=0.1)
 CSP_CHAT_MAX_MESSAGE_CHARS = envint("CSP_CHAT_MAX_MESSAGE_CHARS", 2000, minimum=1)
 CSP_CHAT_HISTORY_MESSAGES = envint("CSP_CHAT_HISTORY_MESSAGES", 20, minimum=1)
 # Per websocket connection: at most this many frames in 10 seconds; past twice that it is closed.

@@ -205,11 +205,12 @@ def _poll(condition, timeout, message):
 @pytest.mark.live
 @pytest.mark.django_db(transaction=True)
 def test_an_answer_cut_off_by_a_killed_daphne_keeps_what_was_streamed_and_is_closed_interrupted(tiny_model, customer, tmp_path):
-    # The random tiny model without an adapter never ends on its own: 800 tokens are tens of
-    # seconds of streaming on transformers, time enough to be killed in the middle.
+    # The random tiny model without an adapter never ends on its own: 800 tokens stream for a
+    # second or more on transformers (tens of seconds on a slow machine), and the text is saved
+    # every 0.2 s: time enough to be killed in the middle after a save.
     env = {
         "CSP_DATA_DIR": str(tmp_path), "CSP_BASE_MODEL": str(tiny_model), **backend_settings("transformers"),
-        "CSP_CHAT_MAX_NEW_TOKENS": "800", "CSP_ANSWER_SAVE_SECONDS": "1",
+        "CSP_CHAT_MAX_NEW_TOKENS": "800", "CSP_ANSWER_SAVE_SECONDS": "0.2",
         # The random model repeats itself, which prompt-lookup drafts copy many tokens a step:
         # without them the answer streams long enough to be killed in the middle.
         "CSP_DRAFT_TOKENS": "0",
