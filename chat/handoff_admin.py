@@ -92,7 +92,7 @@ class HandoffAdminMixin:
         reply_id = request.POST.get("draft", "").strip()
         reply = (
             Message.objects.filter(conversation=conversation, role=Message.Role.AGENT, pk=reply_id).first()
-            if reply_id.isdigit()
+            if reply_id.isdecimal()
             else None
         )
         if reply is None:

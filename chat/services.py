@@ -142,7 +142,7 @@ def message_rate(*, message_id, rating, comment="", session_key="", user=None):
         raise ChatError("invalid", _("The comment must be text of at most 2000 characters."))
     answer = (
         Message.objects.select_related("conversation").filter(pk=message_id, role=Message.Role.ASSISTANT).first()
-        if isinstance(message_id, int) or (isinstance(message_id, str) and message_id.isdigit())
+        if isinstance(message_id, int) or (isinstance(message_id, str) and message_id.isdecimal())
         else None
     )
     if answer is None or not answer.conversation.belongs_to(session_key=session_key, user=user):

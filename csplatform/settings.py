@@ -82,7 +82,7 @@ def envrate(name, default):
     """A DRF throttle rate such as "60/min"; checked here so a typo fails at start-up."""
     raw = os.environ.get(name, default).strip()
     count, _sep, period = raw.partition("/")
-    if not count.isdigit() or not period or period[0] not in "smhd":
+    if not count.isdecimal() or not period or period[0] not in "smhd":
         raise ImproperlyConfigured(f"{name}={raw!r} is not a rate like 60/min or 1000/day.")
     return raw
 

@@ -31,7 +31,7 @@ def start(model_admin, request, queryset):
     if "start_canary" in request.POST:
         raw = request.POST.get("percent", "").strip()
         try:
-            canary.canary_start(version=version, percent=int(raw) if raw.isdigit() else -1)
+            canary.canary_start(version=version, percent=int(raw) if raw.isdecimal() else -1)
         except canary.CanaryRefused as exc:
             error = str(exc)
         else:

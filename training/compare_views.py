@@ -29,7 +29,7 @@ class NoSuchVersions(Exception):
 def chosen_versions(params):
     """The versions ?a=<id>&b=<id> name; raises NoSuchVersions."""
     ids = {side: (params.get(side) or "").strip() for side in ("a", "b")}
-    if not all(value.isdigit() for value in ids.values()):
+    if not all(value.isdecimal() for value in ids.values()):
         raise NoSuchVersions(_("Name two adapter versions by id: ?a=<id>&b=<id>."), code="invalid")
     # One exact lookup each: an id past the database's integer range finds nothing (an IN lookup fails on it).
     versions = AdapterVersion.objects.select_related("run__snapshot")

@@ -246,7 +246,7 @@ def queued_schedules_hold():
 
 
 def next_version_name():
-    numbers = [int(name[1:]) for name in AdapterVersion.objects.values_list("name", flat=True) if name[1:].isdigit()]
+    numbers = [int(name[1:]) for name in AdapterVersion.objects.values_list("name", flat=True) if name[1:].isdecimal()]
     return f"v{max(numbers, default=0) + 1}"
 
 

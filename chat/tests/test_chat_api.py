@@ -369,3 +369,10 @@ def test_an_answer_stored_before_its_cancel_took_effect_ends_cancelled_not_unfin
     services.message_finish_answer(answer=answer, text="退", stats=Stats(request_id="r", adapter=None))
     answer.refresh_from_db()
     assert answer.finish_reason == "cancelled" and answer.text == "退"
+
+
+@pytest.mark.parametrize("message_id", ["²", "١٢x", "abc"])
+def test_feedback_on_an_id_that_is_no_number_is_not_found(customer_api, message_id):
+    # "²".isdigit() is true, yet int("²") fails: found by schemathesis as a 500.
+    response = customer_api.post(f"/api/v1/chat/messages/{message_id}/feedback/", {"rating": 1}, format="json")
+    assert response.status_code == 404 and response.json()["code"] == "not_found"

@@ -37,7 +37,7 @@ def list_checkpoints(out_dir):
     if root.is_dir():
         for path in root.iterdir():
             name = path.name
-            if name.startswith("step-") and name[5:].isdigit() and (path / "trainer_state.pt").is_file():
+            if name.startswith("step-") and name[5:].isdecimal() and (path / "trainer_state.pt").is_file():
                 found.append((int(name[5:]), path))
     return sorted(found)
 
