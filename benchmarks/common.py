@@ -6,8 +6,8 @@ What they share: the embedded Gemma-3-270M base, quick LoRA adapters trained onc
 of data/train.json and reused from /tmp (decode speed does not depend on how well an adapter is
 trained, only on the LoRA layers being in the forward), Chinese questions from the same file,
 a timed fp32 `model.generate` baseline and a timed engine stream, the engine of either backend
-(`--backend transformers | llamacpp | both`), answer agreement between two backends, and a
-table printer.
+(`--backend transformers | llamacpp | both`), answer agreement between two backends, a table
+printer and the chart of aggregate tokens/s against concurrent chats.
 
 Every benchmark measures everything it compares in one run and prints ratios: the machines are
 shared and noisy, so numbers from another run are never comparable.
@@ -308,3 +308,32 @@ def print_table(headers, rows):
     for row in cells[1:]:
         print(line(row))
     sys.stdout.flush()
+
+
+def plot_rates(path, series, *, xlabel, title, reference=None):
+    """Draw aggregate tokens/s against concurrent chats (log2 x axis) into the PNG `path`.
+
+    `series` is a list of (label, [(chats, tokens_per_s), ...]), one line each; `reference` an
+    optional (label, tokens_per_s) drawn as a dashed horizontal line (a sequential baseline).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6.4, 4))
+    for label, points in series:
+        axes.plot([c for c, _ in points], [r for _, r in points], marker="o", label=label)
+    if reference is not None:
+        label, value = reference
+        axes.axhline(value, linestyle="--", color="grey", label=label)
+    axes.set_xscale("log", base=2)
+    counts = sorted({count for _, points in series for count, _ in points})
+    axes.set_xticks(counts, [str(c) for c in counts])
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("aggregate tokens/s")
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)

@@ -44,26 +44,14 @@ def baseline(model, tokenizer, engine, questions, new_tokens):
 
 def plot(path, measured, reference, new_tokens):
     """tokens/s against concurrent chats, one line per backend, the fp32 baseline as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(figsize=(6.4, 4))
-    for engine in dict.fromkeys(row[0] for row in measured):
-        points = [(count, tokens / wall) for e, count, tokens, wall, *_ in measured if e is engine]
-        axes.plot([c for c, _ in points], [r for _, r in points], marker="o", label=common.engine_label(engine))
-    axes.axhline(reference, linestyle="--", color="grey", label=f"HF generate fp32, sequential ({reference:.1f})")
-    axes.set_xscale("log", base=2)
-    counts = sorted({count for _, count, *_ in measured})
-    axes.set_xticks(counts, [str(c) for c in counts])
-    axes.set_xlabel("concurrent chats")
-    axes.set_ylabel("aggregate tokens/s")
-    axes.set_title(f"Gemma-3-270M + LoRA, {new_tokens} new tokens per chat, 2 CPU cores")
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    series = [
+        (common.engine_label(engine), [(count, tokens / wall) for e, count, tokens, wall, *_ in measured if e is engine])
+        for engine in dict.fromkeys(row[0] for row in measured)
+    ]
+    common.plot_rates(
+        path, series, xlabel="concurrent chats", title=f"Gemma-3-270M + LoRA, {new_tokens} new tokens per chat, 2 CPU cores",
+        reference=(f"HF generate fp32, sequential ({reference:.1f})", reference),
+    )
 
 
 def main():

@@ -204,25 +204,14 @@ async def level(engine, questions, new_tokens):
 
 def plot(path, measured, new_tokens):
     """Aggregate tokens/s against concurrent chats, with and without drafting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(figsize=(6.4, 4))
-    for label in dict.fromkeys(row[0] for row in measured):
-        points = [(count, tokens / wall) for name, count, tokens, wall, _ in measured if name == label]
-        axes.plot([c for c, _ in points], [r for _, r in points], marker="o", label=f"llama.cpp engine, {label}")
-    axes.set_xscale("log", base=2)
-    counts = sorted({count for _, count, *_ in measured})
-    axes.set_xticks(counts, [str(c) for c in counts])
-    axes.set_xlabel("concurrent chats (grounded prompts)")
-    axes.set_ylabel("aggregate tokens/s")
-    axes.set_title(f"Gemma-3-270M Q4_K_M + LoRA, up to {new_tokens} tokens per answer")
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    series = [
+        (f"llama.cpp engine, {label}", [(count, tokens / wall) for name, count, tokens, wall, _ in measured if name == label])
+        for label in dict.fromkeys(row[0] for row in measured)
+    ]
+    common.plot_rates(
+        path, series, xlabel="concurrent chats (grounded prompts)",
+        title=f"Gemma-3-270M Q4_K_M + LoRA, up to {new_tokens} tokens per answer",
+    )
 
 
 def main():
