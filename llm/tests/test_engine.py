@@ -13,7 +13,6 @@ callback (it runs on the decode thread), never by sleeping and hoping.
 """
 
 import asyncio
-import json
 import threading
 import time
 
@@ -34,22 +33,13 @@ from llm.engine import (
 from llm.basemodel import BaseModelError
 from llm.generation import generate_answer
 from llm.modeling import load_adapter, load_base
-from llm.prompting import question_text, render_conversation, render_training_example
+from llm.prompting import render_conversation, render_training_example
+from llm.tests.support import question as _question  # the name the other engine tests import from here
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ENGINES = {"transformers": Engine, "llamacpp": LlamaCppEngine}
 transformers_only = pytest.mark.parametrize("backend", ["transformers"])
-
-
-@pytest.fixture(scope="module")
-def records():
-    with open("data/train.json", encoding="utf-8") as f:
-        return json.load(f)[::14][:8]  # spread over the categories
-
-
-def _question(record):
-    return question_text(record["instruction"], record["input"])
 
 
 def _answer(record):

@@ -28,14 +28,6 @@ def copying_adapter(adapter_cache, tiny_model, grounded):
 
 
 @pytest.fixture
-def engines():
-    made = []
-    yield made
-    for engine in made:
-        engine.close()
-
-
-@pytest.fixture
 def llama(tiny_model, copying_adapter, engines):
     """make(draft_tokens=...): a llama.cpp engine serving the copying adapter."""
 

@@ -47,14 +47,6 @@ def adapter(adapter_cache, tiny_model, trained):
 
 
 @pytest.fixture
-def engines():
-    made = []
-    yield made
-    for engine in made:
-        engine.close()
-
-
-@pytest.fixture
 def llama(tiny_model, engines):
     def make(**overrides):
         engine = LlamaCppEngine(EngineConfig(**{"base_dir": tiny_model, "threads": 1, **overrides}))

@@ -8,22 +8,15 @@ earlier turn and asks the question again: the prompt then holds text close to wh
 will say, as a grounded prompt's reference block holds the curated answers.
 """
 
-import json
 import threading
 import time
 
 import pytest
 
 from llm.engine import Engine, EngineConfig, Token, Turn
-from llm.prompting import question_text
+from llm.tests.support import question as _question
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def records():
-    with open("data/train.json", encoding="utf-8") as f:
-        return json.load(f)[::14][:8]  # spread over the categories
 
 
 @pytest.fixture
@@ -57,10 +50,6 @@ def sliding_model(tiny_model, tmp_path_factory):
     Qwen2ForCausalLM.from_pretrained(tiny_model, config=config).save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
     return out
-
-
-def _question(record):
-    return question_text(record["instruction"], record["input"])
 
 
 def _ids(engine, history, **options):
