@@ -1,8 +1,11 @@
 """Fixtures for the chat tests: the session's trained adapter (root conftest) served as the
 active version, on one inference backend or both."""
 
+import time
+
 import pytest
 
+from chat.answering import AnswerSession
 from chat.serving import engine_config, get_engine, reset_engine
 from training.tests.factories import make_adapter_version, make_base_model, make_run
 
@@ -50,3 +53,26 @@ def serving(settings, training_env, tiny_model, trained_adapter, backend):
         reset_engine()
     run = make_run(base_model=make_base_model(path=tiny_model))
     return make_adapter_version("v1", path=trained_adapter, run=run, is_active=True)
+
+
+@pytest.fixture
+def held_after_the_first_token(monkeypatch):
+    """The decode thread waits in the answer's callback after its first token until the request is
+    cancelled (10 s at most), so a test of a cancel or a hang-up checks the cancel, not a race: the
+    tiny model, drafting, can finish a memorised answer before the client's frame arrives (CI saw
+    "stop"). Returns the list of tokens it held on (one, once it has)."""
+    deliver = AnswerSession.on_event
+    held = []
+
+    def hold(session, event):
+        from llm.engine.events import Token
+
+        deliver(session, event)
+        if isinstance(event, Token) and not held:
+            held.append(event)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not (session.request is not None and session.request.cancelled):
+                time.sleep(0.005)
+
+    monkeypatch.setattr(AnswerSession, "on_event", hold)
+    return held
