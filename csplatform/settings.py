@@ -255,6 +255,10 @@ CSP_RAFT_VARIANTS = envint("CSP_RAFT_VARIANTS", 2, minimum=0)  # questions per p
 # Questions the sample knowledge base does not cover: each run calibrates its fallback threshold
 # on them and reports how it answers them (never trained on).
 CSP_OUT_OF_SCOPE_DATA = BASE_DIR / "data" / "out_of_scope.json"
+# Paraphrases of the training pairs and out-of-scope questions that the answer-mode thresholds are
+# fitted on, so the dev split and CSP_OUT_OF_SCOPE_DATA stay for measuring. Used when at least 10
+# of its paraphrases ask the run's training pairs; else a run calibrates on its dev split.
+CSP_CALIBRATION_DATA = Path(os.environ["CSP_CALIBRATION_DATA"]) if os.environ.get("CSP_CALIBRATION_DATA") else BASE_DIR / "data" / "calibration.json"
 
 # --- Chat serving (every client-supplied value is capped by these) ---
 # auto: llama.cpp on a CPU-only host when the base model has a GGUF (and llama-cpp-python is

@@ -1,8 +1,9 @@
 """Thresholds of the answer modes, calibrated per training run on what the run did not train on.
 
-The dev pairs are asked against an index of the training pairs only (a dev pair never retrieves
-itself, as an unseen paraphrase at serving would not), and the out-of-scope questions
-(data/out_of_scope.json) against the same index. From their top-1 scores:
+Paraphrases of the training questions (the calibration set, or a run's dev pairs without one:
+training.grounding.calibrate) are asked against an index of the training pairs only (a paraphrase
+never finds itself, as an unseen paraphrase at serving would not), and out-of-scope questions
+against the same index. From their top-1 scores ("dev" below and in the report: the paraphrases):
 
 - curated threshold: the lowest dev top-1 score at or above which the top pair is the right one
   for at least 99% of the dev questions there (right: its curated answer is the dev pair's), and

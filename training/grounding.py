@@ -3,7 +3,8 @@
 Everything here sees the snapshot's TRAIN pairs only: the index is built from train.jsonl, so a
 dev pair never retrieves itself (an unseen paraphrase at serving finds only its siblings), the
 RAFT records come from the training pairs alone, and the dev pairs and the out-of-scope questions
-(CSP_OUT_OF_SCOPE_DATA) are only asked, for the thresholds and the evaluation. The pure work is
+(CSP_OUT_OF_SCOPE_DATA) are only asked, for the evaluation (and for the thresholds when no
+calibration set, CSP_CALIBRATION_DATA, asks this run's pairs). The pure work is
 llm's (llm.finetune.raft, llm.calibration, llm.evaluation); this module feeds it the run's data.
 """
 
@@ -66,9 +67,43 @@ def dev_questions(dev_records):
     return [(customer_text(question_text(r["instruction"], r.get("input", ""))), r["output"]) for r in dev_records]
 
 
-def calibrate(index, dev_records):
-    """The run's thresholds (llm.calibration) from the dev pairs and the out-of-scope questions."""
-    return calibration.calibrate_on(index, dev_questions(dev_records), out_of_scope_questions())
+# A calibration file is used when at least this many of its paraphrases ask this run's training
+# pairs (it was written for this knowledge base); else the run calibrates on its dev split.
+MIN_CALIBRATION_PARAPHRASES = 10
+
+
+def calibration_set(train_records):
+    """(paraphrases [(question, reference answer)], out-of-scope questions) of CSP_CALIBRATION_DATA
+    that ask this run's training pairs, or None when the file is missing or written for other pairs
+    (fewer than MIN_CALIBRATION_PARAPHRASES of its paraphrases name a training pair's instruction).
+
+    The file: {"paraphrases": [{"question", "pair": a train pair's instruction}], "out_of_scope": [question]}.
+    """
+    path = settings.CSP_CALIBRATION_DATA
+    if not path or not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    answers = {record["instruction"]: record["output"] for record in train_records if not record.get("input")}
+    paraphrases = [(item["question"], answers[item["pair"]]) for item in data.get("paraphrases", []) if item.get("pair") in answers]
+    if len(paraphrases) < MIN_CALIBRATION_PARAPHRASES:
+        return None
+    return paraphrases, [question for question in data.get("out_of_scope", []) if question]
+
+
+def calibrate(index, train_records, dev_records):
+    """The run's thresholds (llm.calibration), fitted on the calibration set (CSP_CALIBRATION_DATA)
+    when it asks this run's pairs, so the dev pairs and the out-of-scope questions stay for measuring
+    (the run's evaluation, benchmarks/fidelity.py); else on the dev pairs and the out-of-scope
+    questions. The report's "calibrated_on" says which."""
+    chosen = calibration_set(train_records)
+    if chosen is not None:
+        paraphrases, oos = chosen
+        calibrated = calibration.calibrate_on(index, paraphrases, oos)
+        calibrated.report["calibrated_on"] = "calibration_set"
+    else:
+        calibrated = calibration.calibrate_on(index, dev_questions(dev_records), out_of_scope_questions())
+        calibrated.report["calibrated_on"] = "dev_split"
+    return calibrated
 
 
 def evaluate_served(model, tokenizer, config, index, thresholds, dev_records, *, grounding, prompt_format=None, log=None):

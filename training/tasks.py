@@ -184,7 +184,7 @@ def _train(run_id, termination):
         if metrics.get("resumed_from_step"):
             reporter.log(f"resumed from the checkpoint at step {metrics['resumed_from_step']}")
         reporter.log(f"trained {metrics['steps']} steps in {metrics['seconds']:.0f} s ({metrics['tokens_per_s']:.0f} tokens/s)")
-        calibrated = grounding.calibrate(index, dev_records)
+        calibrated = grounding.calibrate(index, train_records, dev_records)
         thresholds = calibrated.thresholds
         reporter.log(
             f"thresholds calibrated: curated {thresholds.curated:.3f} "

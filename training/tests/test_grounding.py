@@ -61,6 +61,61 @@ def test_the_out_of_scope_questions_are_read_from_the_setting(settings, tmp_path
     assert grounding.out_of_scope_questions() == []
 
 
+def _calibration_file(tmp_path, pairs, out_of_scope=("卖车吗",)):
+    path = tmp_path / "calibration.json"
+    data = {"paraphrases": [{"question": f"请问{n}", "pair": pair} for n, pair in enumerate(pairs)], "out_of_scope": list(out_of_scope)}
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+class _Index:
+    """Scores each question by a table (what a retriever would have given), top-1 only."""
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def search(self, question, k):
+        score, answer = self.scores[question]
+        return [Hit(pair_id=1, rank=1, score=score, fused=0.0, question=question, answer=answer)]
+
+
+def test_a_calibration_set_that_asks_the_runs_pairs_fits_the_thresholds_and_leaves_dev_and_out_of_scope_unused(settings, tmp_path):
+    train = [{"instruction": f"用户问：第{n}号问题？", "input": "", "output": f"答案{n}"} for n in range(12)]
+    named = [r["instruction"] for r in train] + ["用户问：别家的问题？"]  # one names no training pair: skipped
+    settings.CSP_CALIBRATION_DATA = _calibration_file(tmp_path, named)
+    paraphrases, oos = grounding.calibration_set(train)
+    assert paraphrases == [(f"请问{n}", f"答案{n}") for n in range(12)] and oos == ["卖车吗"]
+
+    scores = {f"请问{n}": (0.9 + n / 1000, f"答案{n}") for n in range(12)} | {"卖车吗": (0.5, "答案0")}
+    calibrated = grounding.calibrate(_Index(scores), train, dev_records=[{"instruction": "用户问：验证？", "output": "x"}])
+    assert calibrated.report["calibrated_on"] == "calibration_set"
+    assert calibrated.report["dev_count"] == 12 and calibrated.report["out_of_scope_count"] == 1  # the dev record was not asked
+    assert calibrated.thresholds.curated == 0.9
+
+
+def test_without_a_calibration_set_for_these_pairs_the_run_calibrates_on_its_dev_split(settings, tmp_path):
+    train = [{"instruction": f"用户问：第{n}号问题？", "input": "", "output": f"答案{n}"} for n in range(12)]
+    settings.CSP_CALIBRATION_DATA = _calibration_file(tmp_path, [r["instruction"] for r in train[:9]])  # 9 < 10
+    assert grounding.calibration_set(train) is None
+    settings.CSP_CALIBRATION_DATA = tmp_path / "missing.json"
+    assert grounding.calibration_set(train) is None
+
+    settings.CSP_OUT_OF_SCOPE_DATA = tmp_path / "oos.json"
+    settings.CSP_OUT_OF_SCOPE_DATA.write_text(json.dumps(["卖车吗"], ensure_ascii=False), encoding="utf-8")
+    calibrated = grounding.calibrate(
+        _Index({"验证？": (0.8, "答案1"), "卖车吗": (0.5, "答案0")}), train, dev_records=[{"instruction": "用户问：验证？", "output": "答案1"}]
+    )
+    assert calibrated.report["calibrated_on"] == "dev_split" and calibrated.report["dev_count"] == 1
+
+
+def test_the_sample_datas_calibration_set_asks_its_training_pairs():
+    from django.conf import settings as django_settings
+
+    train = json.loads((django_settings.BASE_DIR / "data" / "train.json").read_text(encoding="utf-8"))
+    paraphrases, oos = grounding.calibration_set(train)
+    assert len(paraphrases) >= 50 and len(oos) >= 30
+
+
 def _served_results(thresholds):
     hits = (Hit(pair_id=1, rank=1, score=0.85, fused=0.0, question="能退货吗？", answer=RETURNS),)
     dev = [
@@ -85,7 +140,8 @@ def test_the_version_page_shows_the_calibrated_thresholds_with_their_precision_a
     page = staff_client.get(reverse("admin:training_adapterversion_change", args=[version.pk]), HTTP_ACCEPT_LANGUAGE="en")
     text = page.content.decode()
     assert "calibrated thresholds" in text.lower() and "0.920" in text and "0.815" in text
-    assert "Top-1 precision 1.000 on the dev questions at or above it" in text
+    assert "Top-1 precision 1.000 on the paraphrases at or above it" in text
+    assert "Calibrated on 3 dev pairs and 10 out-of-scope questions" in text and "fitted to" in text
     assert "Out-of-scope questions below it: 0.90" in text
     assert "Trained on bare questions (before grounding)" in text  # its folder records no grounding
     record = _adapter_record(version)
