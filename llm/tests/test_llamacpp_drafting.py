@@ -133,3 +133,17 @@ def test_cancelling_during_drafted_steps_ends_the_answer_and_frees_its_cells(lla
     # The sequence id and its cells are free again: the same conversation answers in full.
     assert _answers(engine, [history])[0][0] == _answer(grounded[1])
     assert engine.metrics()["running"] == 0
+
+
+def test_no_step_drafts_while_more_chats_decode_than_the_limit(llama, grounded, monkeypatch):
+    from llm.engine import llamacpp
+
+    histories = [_question(r) for r in grounded]
+    drafting = llama(draft_tokens=8)
+    plain = _answers(drafting, histories)
+    assert drafting.metrics()["drafted_tokens"] > 0  # one chat at a time: within the limit
+
+    monkeypatch.setattr(llamacpp, "DRAFT_MAX_DECODING", 0)  # even one decoding chat is too many
+    limited = llama(draft_tokens=8)
+    assert _answers(limited, histories) == plain
+    assert limited.metrics()["drafted_tokens"] == 0
