@@ -13,9 +13,9 @@ position 100 (its cells removed after each) and the median printed:
 
 Gemma-3-270M ties its output layer to the token embedding: 262 144 x 640, 180 MB of the GGUF's
 245 MB as Q8_0 (K-quants need rows of 256; 640 is not). A one-row product reads it once
-(memory-bound). `--head Q4_0` (the default also runs it) makes a copy of the GGUF with that tensor
-requantised (llama_model_quantize, locally, allow_requantize; the other tensors as they are) and
-measures it the same way, plus how often its greedy answers agree with the original's on the
+(memory-bound). `--head Q4_0` (the default also runs it) measures a copy of the GGUF with that tensor
+requantised the same way: the copy the engine serves with CSP_LLAMA_HEAD_TYPE
+(llm.engine.llamacpp.gguf_with_head: made once, kept beside the original, the other tensors as they are), plus how often its greedy answers agree with the original's on the
 first questions of data/train.json (the base model, no adapter: a quality check, not a verdict).
 """
 
@@ -24,7 +24,6 @@ import ctypes
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/, not 
 import llama_cpp  # noqa: E402
 
 from common import cpu_line  # noqa: E402  (benchmarks/ is on the path when run as a script)
-from llm.engine.llamacpp import base_gguf, use_extra_buffers  # noqa: E402
+from llm.engine.llamacpp import base_gguf, gguf_with_head, use_extra_buffers  # noqa: E402
 
 QUIET = llama_cpp.llama_log_callback(lambda level, text, data: None)  # kept alive: llama.cpp calls it
 DEFAULT_BASE = ROOT / "var" / "models" / "gemma-3-270m"
@@ -139,16 +138,6 @@ def greedy(model, text, new_tokens):
     return out
 
 
-def requantise_head(source, target, kind):
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M  # the embedded file's own mix for every other tensor
-    params.allow_requantize = True
-    params.token_embedding_type = params.output_tensor_type = getattr(llama_cpp, f"GGML_TYPE_{kind}")
-    params.nthread = 2
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
-        raise SystemExit("llama_model_quantize failed")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", type=Path, default=DEFAULT_BASE, help="base model directory (default: %(default)s)")
@@ -167,18 +156,15 @@ def main():
     print(cpu_line())
     print(f"{gguf.name}, {args.threads} threads, median of {args.rounds} decodes per shape\n")
     files = {"Q8_0 head (embedded)": gguf}
-    with tempfile.TemporaryDirectory() as scratch:
-        if args.head.lower() != "none":
-            copy = Path(scratch) / f"head-{args.head}.gguf"
-            requantise_head(gguf, copy, args.head)
-            files[f"{args.head} head (requantised copy)"] = copy
-        results, answers = {}, {}
-        questions = [pair["instruction"] for pair in json.loads((ROOT / "data" / "train.json").read_text())[: args.questions]]
-        for name, path in files.items():
-            model = Model(path, args.threads)
-            results[name] = shape_costs(model, args.rounds)
-            answers[name] = [greedy(model, question, args.new_tokens) for question in questions]
-            model.free()
+    if args.head.lower() != "none":
+        files[f"{args.head} head (requantised copy)"] = gguf_with_head(gguf, args.head.lower())
+    results, answers = {}, {}
+    questions = [pair["instruction"] for pair in json.loads((ROOT / "data" / "train.json").read_text())[: args.questions]]
+    for name, path in files.items():
+        model = Model(path, args.threads)
+        results[name] = shape_costs(model, args.rounds)
+        answers[name] = [greedy(model, question, args.new_tokens) for question in questions]
+        model.free()
     names = list(files)
     print("| shape | " + " | ".join(f"{name} ms" for name in names) + " |")
     print("|---|" + "---|" * len(names))

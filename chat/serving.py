@@ -41,6 +41,7 @@ def engine_config():
         threads=settings.CSP_CHAT_THREADS,
         draft_tokens=settings.CSP_DRAFT_TOKENS,
         extra_buffers=settings.CSP_LLAMA_EXTRA_BUFFERS,
+        head_type=settings.CSP_LLAMA_HEAD_TYPE,
         remote_url=settings.CSP_OPENAI_BASE_URL,
         remote_api_key=settings.CSP_OPENAI_API_KEY,
         remote_base_model=settings.CSP_OPENAI_BASE_MODEL,

@@ -300,6 +300,14 @@ CSP_DRAFT_TOKENS = envint("CSP_DRAFT_TOKENS", 8, minimum=0)
 CSP_LLAMA_EXTRA_BUFFERS = envstr("CSP_LLAMA_EXTRA_BUFFERS", "auto")
 if CSP_LLAMA_EXTRA_BUFFERS not in ("auto", "on", "off"):
     raise ImproperlyConfigured(f"CSP_LLAMA_EXTRA_BUFFERS={CSP_LLAMA_EXTRA_BUFFERS!r} must be auto, on or off.")
+# llama.cpp's output layer: "" = the GGUF as shipped; a ggml type (llm.engine.config.HEAD_TYPES) =
+# serve a copy with the output layer requantised to it, made once beside the GGUF. Faster with
+# several chats on Gemma-3-270M, but greedy answers change: off unless chosen after measuring.
+CSP_LLAMA_HEAD_TYPE = envstr("CSP_LLAMA_HEAD_TYPE", "")
+if CSP_LLAMA_HEAD_TYPE not in ("", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"):
+    raise ImproperlyConfigured(
+        f"CSP_LLAMA_HEAD_TYPE={CSP_LLAMA_HEAD_TYPE!r} must be empty (the GGUF as shipped) or one of q4_0, q4_1, q5_0, q5_1, q8_0."
+    )
 CSP_CHAT_MAX_ACTIVE = envint("CSP_CHAT_MAX_ACTIVE", 8, minimum=1)  # answers decoded together
 CSP_CHAT_MAX_WAITING = envint("CSP_CHAT_MAX_WAITING", 32, minimum=0)  # beyond: busy / HTTP 429
 CSP_CHAT_MAX_INPUT_TOKENS = envint("CSP_CHAT_MAX_INPUT_TOKENS", 1024, minimum=16)

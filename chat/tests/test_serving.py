@@ -10,8 +10,9 @@ import torch
 from django.core.exceptions import ImproperlyConfigured
 from django.urls import reverse
 
-from chat.serving import EngineHolder, engine_status, get_engine, reset_engine
+from chat.serving import EngineHolder, engine_config, engine_status, get_engine, reset_engine
 from llm.engine import LlamaCppEngine, OpenAIEngine
+from llm.engine.config import HEAD_TYPES
 from llm.tests.test_llamacpp_engine import _without_gguf
 from training.models import AdapterVersion, BaseModel, DatasetSnapshot, TrainingRun
 
@@ -58,6 +59,8 @@ def test_an_unknown_backend_setting_stops_start_up_naming_the_variable():
     ("env", "message"),
     [
         ({"CSP_LLAMA_EXTRA_BUFFERS": "amx"}, "CSP_LLAMA_EXTRA_BUFFERS='amx' must be auto, on or off"),
+        ({"CSP_LLAMA_HEAD_TYPE": "q4_k"},
+         f"CSP_LLAMA_HEAD_TYPE='q4_k' must be empty (the GGUF as shipped) or one of {', '.join(HEAD_TYPES)}."),
         ({"CSP_RERANK_MIN_PROB": "often"}, "CSP_RERANK_MIN_PROB='often' is not a number"),
         ({"CSP_GROUNDING_K": "12"}, "CSP_GROUNDING_K=12 must be at most 9 with CSP_RERANK"),
     ],
@@ -68,6 +71,12 @@ def test_a_bad_serving_setting_stops_start_up_naming_the_variable(env, message):
         env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_the_llama_output_layer_setting_reaches_the_engine_config_and_is_off_by_default(settings):
+    assert engine_config().head_type == ""
+    settings.CSP_LLAMA_HEAD_TYPE = "q4_0"
+    assert engine_config().head_type == "q4_0"
 
 
 @pytest.mark.parametrize(

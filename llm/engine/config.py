@@ -11,6 +11,9 @@ from pathlib import Path
 from llm.engine.guard import MIN_CANARY_CHARS, normalise
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# ggml types llama.cpp may requantise the output layer to (EngineConfig.head_type): the 32-value
+# block types, which fit Gemma-3-270M's rows of 640 (K-quants need rows of 256).
+HEAD_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
 
 
 @dataclass
@@ -60,6 +63,13 @@ class EngineConfig:
     # gone, on a 2-core Xeon VM); llama.cpp's own switch covers both kinds, so AMX CPUs lose the
     # repacked layouts too unless this is "on".
     extra_buffers: str = "auto"
+    # llama.cpp's output layer: "" = the GGUF as shipped, else one of HEAD_TYPES, served from a copy
+    # of the GGUF with token_embd/output requantised to it (llm.engine.llamacpp.gguf_with_head; made
+    # once, beside the original). Gemma-3-270M ties it to the token embedding, 262144 x 640 in Q8_0:
+    # there llama.cpp's several-row product costs 3-4x a one-row one, so 2 chats decoded slower in
+    # aggregate than 1; a q4_0 copy removed the dip and made one chat ~1.7x faster
+    # (benchmarks/batch_shapes.py), but greedy answers change, so it is off unless chosen.
+    head_type: str = ""
     # openai backend: an OpenAI-compatible server (vLLM) that serves the base model under
     # `remote_base_model` and each adapter version under its own name ("v3").
     remote_url: str = ""  # e.g. "http://gpu-host:8000/v1"
@@ -69,6 +79,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.extra_buffers not in ("auto", "on", "off"):
             raise ValueError(f"extra_buffers must be auto, on or off, not {self.extra_buffers!r}")
+        if self.head_type and self.head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be empty (the GGUF as shipped) or one of {HEAD_TYPES}, not {self.head_type!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, not {self.dtype!r}")
         for name in ("max_input_tokens", "max_new_tokens", "max_active", "prefill_chunk", "chars_per_token"):

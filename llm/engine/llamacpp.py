@@ -15,6 +15,8 @@ The contract (submit/stream/generate, admission, limits, cancellation, adapters)
 - One llama model (the GGUF beside the checkpoint, memory-mapped) and one llama context per
   adapter version in use: a LoRA applies to a whole context, not to a sequence. The base model's
   context serves adapter None. Each running Sequence is a sequence id in its context's KV cache.
+  With `EngineConfig.head_type` the model is a copy of that GGUF whose output layer is
+  requantised (`gguf_with_head`, made once beside it).
 - Each loop iteration fills one `llama_batch` per context with a token for every decoding
   sequence plus up to `prefill_chunk` prompt tokens of newcomers (in all), runs one `llama_decode`
   per context, and takes the next token of each sequence that asked for logits (greedy or
@@ -37,6 +39,7 @@ import ctypes
 import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 
 from llm.basemodel import BaseModelError, describe_checkpoint
@@ -54,6 +57,7 @@ llama_logger = logging.getLogger("llm.engine.llama_cpp")  # llama.cpp's own mess
 DRAFT_MAX_DECODING = 8
 PROBE_TURNS = (("user", "如何退货？Order #12345 arrives in 3-5 days."), ("assistant", "您好！请在 7 天内申请。"), ("user", "OK, thanks"))
 PROBE_SYSTEM = "你是星河商城的客服。"
+HEAD_TENSORS = ("token_embd.weight", "output.weight")  # the output layer (Gemma ties it to the first)
 
 
 def base_gguf(base_dir):
@@ -84,6 +88,67 @@ def use_extra_buffers(setting, flags=None):
         return setting == "on"
     flags = cpu_flags() if flags is None else flags
     return not any(flag.startswith("amx") for flag in flags)
+
+
+def gguf_with_head(gguf, kind):
+    """The path of a copy of `gguf` whose output layer (token_embd / output) is requantised to the
+    ggml type `kind` ("q4_0", ...): `<stem>.head-<kind>.gguf` beside it, made once and reused.
+
+    llama_model_quantize with allow_requantize and the file's own ftype (its general.file_type):
+    every other tensor keeps its type, so llama.cpp copies its bytes unchanged (checked: on the
+    embedded Gemma-3-270M Q4_K_M file only token_embd differs, byte for byte; the f32 tiny model
+    likewise), and the copy is refused if any other tensor's type changed. The copy is written to
+    a temporary file in the same folder and renamed into place, so a process racing to make the
+    same copy never sees half a file. Raises EngineError, leaving nothing behind, when the file
+    cannot be read as a GGUF, the rows do not split into `kind`'s blocks (llama.cpp would abort
+    the process), or the quantisation fails; llama.cpp's messages go where the caller routed its log.
+    """
+    import llama_cpp  # noqa: PLC0415  (imported on use, as in load())
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader  # noqa: PLC0415
+
+    gguf = Path(gguf)
+    target = gguf.with_name(f"{gguf.stem}.head-{kind}.gguf")
+    if target.is_file():
+        return target
+    try:
+        ggml_type = GGMLQuantizationType[kind.upper()]
+    except KeyError:
+        raise EngineError(f"{kind!r} is not a ggml type") from None
+    try:
+        reader = GGUFReader(gguf)
+        tensors = {tensor.name: tensor for tensor in reader.tensors}
+        ftype = int(reader.fields["general.file_type"].parts[-1][0])
+    except (OSError, ValueError, KeyError) as error:
+        raise EngineError(f"cannot requantise the output layer of {gguf}: not a GGUF with a general.file_type ({error})") from error
+    block = GGML_QUANT_SIZES[ggml_type][0]
+    for name in HEAD_TENSORS:
+        if name in tensors and int(tensors[name].shape[0]) % block:
+            raise EngineError(f"{name} of {gguf} has rows of {int(tensors[name].shape[0])} values, not whole {kind} blocks of {block}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    params.token_embedding_type = params.output_tensor_type = int(ggml_type)
+    params.nthread = os.cpu_count() or 1
+    handle, partial = tempfile.mkstemp(dir=gguf.parent, prefix=f".{target.name}.", suffix=".partial")
+    os.close(handle)
+    try:
+        llama_cpp.llama_backend_init()
+        if llama_cpp.llama_model_quantize(str(gguf).encode(), partial.encode(), ctypes.byref(params)) != 0:
+            raise EngineError(f"llama.cpp could not requantise the output layer of {gguf} to {kind} (see its log)")
+        changed = [
+            tensor.name
+            for tensor in GGUFReader(partial).tensors
+            if tensor.name not in HEAD_TENSORS and tensor.tensor_type != tensors[tensor.name].tensor_type
+        ]
+        if changed:
+            raise EngineError(f"requantising the output layer of {gguf} changed other tensors too: {', '.join(changed)}")
+        os.chmod(partial, gguf.stat().st_mode & 0o777)
+        os.replace(partial, target)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+    logger.info("requantised the output layer of %s to %s: %s", gguf.name, kind, target)
+    return target
 
 
 @contextlib.contextmanager
@@ -193,6 +258,10 @@ class LlamaCppEngine(LocalEngine):
             raise BaseModelError(f"cannot load the tokenizer of {str(self.config.base_dir)!r}: {error}") from error
         _route_llama_logs(llama_cpp)
         llama_cpp.llama_backend_init()
+        head = ""
+        if self.config.head_type:
+            gguf = gguf_with_head(gguf, self.config.head_type)
+            head = f" with a {self.config.head_type} output layer"
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0  # the CPU fast path; GPUs serve through transformers
         params.use_extra_bufts = use_extra_buffers(self.config.extra_buffers)
@@ -216,7 +285,7 @@ class LlamaCppEngine(LocalEngine):
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         self.device = "cpu"
         self.dtype = quantisation_name(llama_cpp, llama_cpp.llama_model_ftype(model))
-        self.dtype_reason = f"the quantisation of {gguf.name}, on {self._threads} CPU threads"
+        self.dtype_reason = f"the quantisation of {gguf.name}{head}, on {self._threads} CPU threads"
         if self.adapters.current is None:
             self._contexts[None] = self._new_context(None)
 
