@@ -221,6 +221,7 @@ def main():
     parser.add_argument("--questions", type=int, default=6, help="grounded questions of the single-stream part (default: %(default)s)")
     parser.add_argument("--levels", default="1,2,4,8,16", help="concurrent chats per level; empty: none (default: %(default)s)")
     parser.add_argument("--plot", default="", metavar="PNG", help="also draw tokens/s against chats (matplotlib)")
+    parser.add_argument("--head-type", default="", help="serve the GGUF with its output layer requantised to this type (CSP_LLAMA_HEAD_TYPE, e.g. q4_0; default: as shipped)")
     args = parser.parse_args()
     levels = [int(n) for n in args.levels.split(",") if n]
     if args.plot:
@@ -233,13 +234,13 @@ def main():
     print(f"CPU flags (llm.engine.llamacpp.cpu_flags): {' '.join(flags)}")
     print(
         f"drafting.py: {args.questions} grounded questions, up to {args.new_tokens} new tokens, draft_tokens "
-        f"{args.draft_tokens} vs 0, levels {levels}; {common.load_average()}",
+        f"{args.draft_tokens} vs 0, levels {levels}, output layer {args.head_type or 'as shipped'}; {common.load_average()}",
         flush=True,
     )
     adapter = common.quick_adapter(args.base, args.work, name="a")
     config = dict(
         max_active=max([16, *levels]), max_waiting=32, max_new_tokens=max(256, args.new_tokens), max_seconds=1800,
-        threads=args.threads,
+        threads=args.threads, head_type=args.head_type,
     )
     drafting = common.served_engine("llamacpp", args.base, adapter, draft_tokens=args.draft_tokens, **config)
     plain = common.served_engine("llamacpp", args.base, adapter, draft_tokens=0, **config)

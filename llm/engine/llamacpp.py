@@ -92,7 +92,7 @@ def use_extra_buffers(setting, flags=None):
 
 def gguf_with_head(gguf, kind):
     """The path of a copy of `gguf` whose output layer (token_embd / output) is requantised to the
-    ggml type `kind` ("q4_0", ...): `<stem>.head-<kind>.gguf` beside it, made once and reused.
+    ggml type `kind` ("q4_0", ...): `<stem>.head-<kind>.gguf` beside it, made once and reused (made again when `gguf` is newer).
 
     llama_model_quantize with allow_requantize and the file's own ftype (its general.file_type):
     every other tensor keeps its type, so llama.cpp copies its bytes unchanged (checked: on the
@@ -108,8 +108,8 @@ def gguf_with_head(gguf, kind):
 
     gguf = Path(gguf)
     target = gguf.with_name(f"{gguf.stem}.head-{kind}.gguf")
-    if target.is_file():
-        return target
+    if target.is_file() and target.stat().st_mtime >= gguf.stat().st_mtime:
+        return target  # made from this file (a GGUF replaced since is newer than its old copy)
     try:
         ggml_type = GGMLQuantizationType[kind.upper()]
     except KeyError:

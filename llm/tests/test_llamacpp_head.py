@@ -5,6 +5,7 @@ not whole q4_k blocks (256). Each test works on its own copy of the checkpoint, 
 tiny model's folder never gains a requantised file.
 """
 
+import os
 import shutil
 
 import numpy
@@ -39,6 +40,9 @@ def test_the_copy_requantises_only_the_output_layer_and_is_made_once(checkpoint)
     made = copy.stat().st_mtime_ns
     assert gguf_with_head(original, "q4_0") == copy and copy.stat().st_mtime_ns == made
     assert sorted(p.name for p in original.parent.iterdir()) == ["model.gguf", "model.head-q4_0.gguf"]
+    stale = original.stat().st_mtime_ns - 10**9
+    os.utime(copy, ns=(stale, stale))  # older than the base GGUF (replaced since): the copy is made again
+    assert gguf_with_head(original, "q4_0") == copy and copy.stat().st_mtime_ns > stale
 
 
 def test_an_engine_with_a_head_type_loads_the_copy_and_answers(checkpoint, engines, records):
