@@ -301,8 +301,9 @@ CSP_LLAMA_EXTRA_BUFFERS = envstr("CSP_LLAMA_EXTRA_BUFFERS", "auto")
 if CSP_LLAMA_EXTRA_BUFFERS not in ("auto", "on", "off"):
     raise ImproperlyConfigured(f"CSP_LLAMA_EXTRA_BUFFERS={CSP_LLAMA_EXTRA_BUFFERS!r} must be auto, on or off.")
 # llama.cpp's output layer: "" = the GGUF as shipped; a ggml type (llm.engine.config.HEAD_TYPES) =
-# serve a copy with the output layer requantised to it, made once beside the GGUF. Faster with
-# several chats on Gemma-3-270M, but greedy answers change: off unless chosen after measuring.
+# serve a copy with the output layer requantised to it, made once beside the GGUF. Faster in the
+# bare model (benchmarks/batch_shapes.py), little in the engine with a LoRA version active, and
+# greedy answers change: off unless chosen after measuring (benchmarks/README.md).
 CSP_LLAMA_HEAD_TYPE = envstr("CSP_LLAMA_HEAD_TYPE", "")
 if CSP_LLAMA_HEAD_TYPE not in ("", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"):
     raise ImproperlyConfigured(

@@ -78,16 +78,27 @@ def calibration_set(train_records):
     (fewer than MIN_CALIBRATION_PARAPHRASES of its paraphrases name a training pair's instruction).
 
     The file: {"paraphrases": [{"question", "pair": a train pair's instruction}], "out_of_scope": [question]}.
+    Raises ValueError, naming the file, when it is not one (the run fails with that message).
     """
     path = settings.CSP_CALIBRATION_DATA
     if not path or not path.is_file():
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        items, out_of_scope = data.get("paraphrases", []), data.get("out_of_scope", [])
+        asked = [(item["question"], item["pair"]) for item in items]
+        if not all(isinstance(text, str) for pair in asked for text in pair) or not all(isinstance(q, str) for q in out_of_scope):
+            raise TypeError("a question or pair is not a string")
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ValueError(
+            f"CSP_CALIBRATION_DATA {path} is not a calibration set "
+            f'({{"paraphrases": [{{"question", "pair"}}], "out_of_scope": [question]}}): {error!r}'
+        ) from None
     answers = {record["instruction"]: record["output"] for record in train_records if not record.get("input")}
-    paraphrases = [(item["question"], answers[item["pair"]]) for item in data.get("paraphrases", []) if item.get("pair") in answers]
+    paraphrases = [(question, answers[pair]) for question, pair in asked if pair in answers]
     if len(paraphrases) < MIN_CALIBRATION_PARAPHRASES:
         return None
-    return paraphrases, [question for question in data.get("out_of_scope", []) if question]
+    return paraphrases, [question for question in out_of_scope if question]
 
 
 def calibrate(index, train_records, dev_records):

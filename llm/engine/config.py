@@ -67,8 +67,9 @@ class EngineConfig:
     # of the GGUF with token_embd/output requantised to it (llm.engine.llamacpp.gguf_with_head; made
     # once, beside the original). Gemma-3-270M ties it to the token embedding, 262144 x 640 in Q8_0:
     # there llama.cpp's several-row product costs 3-4x a one-row one, so 2 chats decoded slower in
-    # aggregate than 1; a q4_0 copy removed the dip and made one chat ~1.7x faster
-    # (benchmarks/batch_shapes.py), but greedy answers change, so it is off unless chosen.
+    # aggregate than 1; a q4_0 copy removed the dip and made one chat ~1.7x faster in the bare
+    # model (benchmarks/batch_shapes.py), but only ~1.04x in the engine with a LoRA version active
+    # (benchmarks/drafting.py --head-type), and greedy answers change, so it is off unless chosen.
     head_type: str = ""
     # openai backend: an OpenAI-compatible server (vLLM) that serves the base model under
     # `remote_base_model` and each adapter version under its own name ("v3").

@@ -108,6 +108,17 @@ def test_without_a_calibration_set_for_these_pairs_the_run_calibrates_on_its_dev
     assert calibrated.report["calibrated_on"] == "dev_split" and calibrated.report["dev_count"] == 1
 
 
+@pytest.mark.parametrize(
+    "content",
+    ['{"paraphrases": [{"question": "运费？"}]}', '{"paraphrases": [{"question": 3, "pair": "x"}]}', "[1, 2]", "not json"],
+)
+def test_a_malformed_calibration_set_is_refused_naming_the_file(settings, tmp_path, content):
+    settings.CSP_CALIBRATION_DATA = tmp_path / "calibration.json"
+    settings.CSP_CALIBRATION_DATA.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match="calibration.json is not a calibration set"):
+        grounding.calibration_set([{"instruction": "用户问：运费？", "output": "8元"}])
+
+
 def test_the_sample_datas_calibration_set_asks_its_training_pairs():
     from django.conf import settings as django_settings
 
