@@ -33,7 +33,7 @@ from django.utils.translation import gettext as _
 from chat.models import Conversation, Message
 from chat.services import is_uuid
 from knowledge.retrieval import serving_index
-from llm import grounding
+from llm import calibration, grounding
 from llm.engine import Done, Stats, Token
 from llm.facts import FactGuard
 from llm.finetune.config import read_saved_record
@@ -205,7 +205,7 @@ def plan_answer(*, text="", turns=None, conversation_id=None, session_key="", us
         customer_texts=(*context, question),
         fallback_text=fallback_reply(),
         thresholds=limits,
-        picks=grounded and settings.CSP_RERANK and trained_to_pick(version),
+        picks=grounded and settings.CSP_RERANK and trained_to_pick(version) and pick_min_prob(version) <= 1.0,
     )
 
 
@@ -229,8 +229,15 @@ def _pick_request(plan, engine, options):
     return turns, {"choices": grounding.choice_labels(len(candidates)), **pinned}
 
 
+def pick_min_prob(version):
+    """How likely `version`'s pick must be to decide an answer: CSP_RERANK_MIN_PROB when set, else
+    the bar its run calibrated (above 1: its picks decide nothing, so none is asked), else 0.5 for
+    versions calibrated before picks were (llm.calibration.pick_min_prob)."""
+    return calibration.pick_min_prob(getattr(version, "calibration", None), settings.CSP_RERANK_MIN_PROB)
+
+
 def _picked(plan, probs):
-    decision = grounding.choose(plan.decision, probs or [], min_prob=settings.CSP_RERANK_MIN_PROB)
+    decision = grounding.choose(plan.decision, probs or [], min_prob=pick_min_prob(plan.version))
     logger.debug("pick among retrieved pairs: %s", decision.reason)
     still_grounded = decision.mode == grounding.GROUNDED
     return dataclasses.replace(plan, decision=decision, picks=False, references_in_prompt=plan.references_in_prompt and still_grounded)

@@ -359,9 +359,10 @@ def envscore(name):
 # Override the thresholds each training run calibrates (the version page shows them): a top
 # match at or above CSP_CURATED_THRESHOLD gets its curated answer verbatim, one below
 # CSP_FALLBACK_THRESHOLD the fallback reply.
+# Unset (None): each version's pick bar, calibrated by its run on the calibration set (the lowest
+# probability at which its picks were right for >= 99%; none: its picks decide nothing), or 0.5 for
+# versions calibrated before (llm.calibration.pick_min_prob).
 CSP_RERANK_MIN_PROB = envscore("CSP_RERANK_MIN_PROB")
-if CSP_RERANK_MIN_PROB is None:
-    CSP_RERANK_MIN_PROB = 0.5
 CSP_CURATED_THRESHOLD = envscore("CSP_CURATED_THRESHOLD")
 CSP_FALLBACK_THRESHOLD = envscore("CSP_FALLBACK_THRESHOLD")
 if None not in (CSP_CURATED_THRESHOLD, CSP_FALLBACK_THRESHOLD) and CSP_FALLBACK_THRESHOLD > CSP_CURATED_THRESHOLD:

@@ -30,13 +30,23 @@ import math
 from dataclasses import dataclass, field
 
 from llm.evaluation import normalise
-from llm.grounding import DEFAULT_THRESHOLDS, Thresholds
+from llm.grounding import (
+    DEFAULT_CHOICE_MIN,
+    DEFAULT_THRESHOLDS,
+    GROUNDED,
+    Thresholds,
+    choice_labels,
+    decide,
+    selection_question,
+)
 
 CURATED_PRECISION = 0.99
 DEV_KEPT = 0.95
 # A question asked word for word scores 1.0 (to float error: 0.99999...): always curated, whatever
 # the dev set says.
 VERBATIM = 0.999
+# A pick bar no probability reaches: the adapter's picks decide nothing (every unsure answer is generated).
+PICK_NEVER = 1.01
 
 
 @dataclass(frozen=True)
@@ -112,3 +122,68 @@ def calibrate_on(index, dev_pairs, oos_questions):
     ]
     oos = [score for score, _hit in top_scores(index, oos_questions)]
     return calibrate(dev, oos)
+
+
+# --- the adapter's pick among the retrieved pairs (llm.grounding.choose) ---
+
+
+def pick_outcomes(index, paraphrases, oos_questions, thresholds, choose, *, k):
+    """[(probability of the likeliest label, whether that label is right)] of the adapter's pick for
+    each question serving would put to it: those whose top-1 score lies between the thresholds.
+    `choose(prompt, labels) -> probabilities` (labels: llm.grounding.choice_labels). A paraphrase
+    [(question, reference answer)] is picked right when the named pair's answer is the reference,
+    or "none" when no candidate has it; an out-of-scope question only by "none"."""
+    outcomes = []
+    for question, reference in [*paraphrases, *((question, None) for question in oos_questions)]:
+        hits = tuple(index.search(question, k=k))
+        if decide(hits, thresholds, can_ground=True).mode != GROUNDED:
+            continue
+        candidates = hits[:k]
+        probs = choose(selection_question(question, candidates), choice_labels(len(candidates)))
+        if not probs:
+            continue
+        best = max(range(len(probs)), key=probs.__getitem__)
+        answers = [normalise(hit.answer) for hit in candidates]
+        if best == 0:
+            right = reference is None or normalise(reference) not in answers
+        else:
+            right = reference is not None and answers[best - 1] == normalise(reference)
+        outcomes.append((float(probs[best]), bool(right)))
+    return outcomes
+
+
+def pick_bar(outcomes, *, precision=CURATED_PRECISION):
+    """The lowest probability at or above which the picks `outcomes` ([(probability, right)]) are
+    right for at least `precision` of them: the bar a pick must reach to decide the answer (a pair's
+    curated answer, or the fallback for "none"), held to the curated threshold's precision since a
+    sure pick answers verbatim. None when no probability gives that (the picks then decide nothing)."""
+    for candidate in sorted({probability for probability, _ in outcomes}):
+        above = [right for probability, right in outcomes if probability >= candidate]
+        if sum(above) / len(above) >= precision:
+            return round(candidate, 6)
+    return None
+
+
+def pick_report(outcomes, *, precision=CURATED_PRECISION):
+    """The report entries of a calibrated pick bar (JSON): the bar (None: picks decide nothing), how
+    many picks it was fitted on, how many were right, and the share at or above the bar."""
+    bar = pick_bar(outcomes, precision=precision)
+    above = [right for probability, right in outcomes if bar is not None and probability >= bar]
+    return {
+        "pick_min_prob": bar,
+        "pick_count": len(outcomes),
+        "pick_right": sum(right for _, right in outcomes),
+        "pick_decided_share": len(above) / len(outcomes) if outcomes else None,
+    }
+
+
+def pick_min_prob(report, configured=None):
+    """How likely a pick must be to decide the answer: `configured` (CSP_RERANK_MIN_PROB) when set,
+    else the bar calibrated into `report` (a version's calibration; PICK_NEVER where no bar held),
+    else DEFAULT_CHOICE_MIN for versions calibrated before picks were."""
+    if configured is not None:
+        return configured
+    report = report or {}
+    if "pick_min_prob" in report:
+        return PICK_NEVER if report["pick_min_prob"] is None else report["pick_min_prob"]
+    return DEFAULT_CHOICE_MIN

@@ -106,23 +106,50 @@ def calibrate(index, train_records, dev_records):
     when it asks this run's pairs, so the dev pairs and the out-of-scope questions stay for measuring
     (the run's evaluation, benchmarks/fidelity.py); else on the dev pairs and the out-of-scope
     questions. The report's "calibrated_on" says which."""
-    chosen = calibration_set(train_records)
-    if chosen is not None:
-        paraphrases, oos = chosen
-        calibrated = calibration.calibrate_on(index, paraphrases, oos)
-        calibrated.report["calibrated_on"] = "calibration_set"
-    else:
-        calibrated = calibration.calibrate_on(index, dev_questions(dev_records), out_of_scope_questions())
-        calibrated.report["calibrated_on"] = "dev_split"
+    paraphrases, oos, source = calibration_questions(train_records, dev_records)
+    calibrated = calibration.calibrate_on(index, paraphrases, oos)
+    calibrated.report["calibrated_on"] = source
     return calibrated
 
 
-def evaluate_served(model, tokenizer, config, index, thresholds, dev_records, *, grounding, prompt_format=None, log=None):
+def calibration_questions(train_records, dev_records):
+    """(paraphrases [(question, reference answer)], out-of-scope questions, "calibration_set" or
+    "dev_split"): what `calibrate` and `calibrate_pick` fit on."""
+    chosen = calibration_set(train_records)
+    if chosen is not None:
+        return (*chosen, "calibration_set")
+    return dev_questions(dev_records), out_of_scope_questions(), "dev_split"
+
+
+def calibrate_pick(model, tokenizer, config, index, calibrated, train_records, dev_records, *, grounding, prompt_format=None):
+    """Add the pick bar (llm.calibration.pick_report) to `calibrated.report` when the adapter was
+    trained to pick (and CSP_RERANK is on): its picks on the same calibration questions, among
+    those that fall between the calibrated thresholds, as serving would ask them. A pick must
+    reach that bar to decide an answer; with no bar (picks not right often enough), they decide
+    nothing. Returns the bar the run's evaluation uses (llm.calibration.pick_min_prob)."""
+    picks = grounding.get("select") if isinstance(grounding, dict) else getattr(grounding, "select", None)
+    if not (picks and settings.CSP_RERANK):
+        return calibration.pick_min_prob(calibrated.report, settings.CSP_RERANK_MIN_PROB)
+    k = grounding["k"] if isinstance(grounding, dict) else getattr(grounding, "k", settings.CSP_GROUNDING_K)
+    paraphrases, oos, _source = calibration_questions(train_records, dev_records)
+
+    def choose(prompt, labels):
+        return choice_probabilities(model, tokenizer, prompt, labels, system=config.system_prompt, prompt_format=prompt_format)
+
+    outcomes = calibration.pick_outcomes(index, paraphrases, oos, calibrated.thresholds, choose, k=k)
+    calibrated.report.update(calibration.pick_report(outcomes))
+    return calibration.pick_min_prob(calibrated.report, settings.CSP_RERANK_MIN_PROB)
+
+
+def evaluate_served(
+    model, tokenizer, config, index, thresholds, dev_records, *, grounding, prompt_format=None, log=None, min_prob=None,
+):
     """The dev pairs and the out-of-scope questions (each at most CSP_EVAL_MAX_PAIRS) answered as
     the chat would with these thresholds, reported per mode (llm.evaluation.evaluate_served).
 
     grounding: the adapter's (raft.read_grounding / grounding_record), None for one trained on
-    bare questions, which serving never asks for a grounded answer. Returns {} with no dev pairs.
+    bare questions, which serving never asks for a grounded answer. min_prob: the bar a pick must
+    reach (calibrate_pick; None: CSP_RERANK_MIN_PROB or the default). Returns {} with no dev pairs.
     """
     limit = settings.CSP_EVAL_MAX_PAIRS
     dev = dev_questions(dev_records)[:limit]
@@ -141,7 +168,10 @@ def evaluate_served(model, tokenizer, config, index, thresholds, dev_records, *,
     def choose(prompt, labels):
         return choice_probabilities(model, tokenizer, prompt, labels, system=config.system_prompt, prompt_format=prompt_format)
 
-    choice = dict(choose=choose, min_prob=settings.CSP_RERANK_MIN_PROB) if picks and settings.CSP_RERANK else {}
+    if min_prob is None:
+        min_prob = calibration.pick_min_prob({}, settings.CSP_RERANK_MIN_PROB)
+    asks = picks and settings.CSP_RERANK and min_prob <= 1.0  # a bar no pick reaches: none is asked
+    choice = dict(choose=choose, min_prob=min_prob) if asks else {}
 
     def answer(questions, label):
         answers = []

@@ -31,6 +31,7 @@ from llm.grounding import TRAINED_FALLBACK
 from llm.modeling import load_adapter
 from llm.prompting import read_prompt_format
 from llm import gguf as gguf_export
+from llm.calibration import pick_min_prob
 from training.models import TrainingRun
 from training.snapshots import read_records
 
@@ -186,12 +187,19 @@ def _train(run_id, termination):
         reporter.log(f"trained {metrics['steps']} steps in {metrics['seconds']:.0f} s ({metrics['tokens_per_s']:.0f} tokens/s)")
         calibrated = grounding.calibrate(index, train_records, dev_records)
         thresholds = calibrated.thresholds
+        pick_bar = grounding.calibrate_pick(model, tokenizer, config, index, calibrated, train_records, dev_records, grounding=grounded)
+        if "pick_min_prob" in calibrated.report:
+            report = calibrated.report
+            reporter.log(
+                f"pick bar calibrated on {report['pick_count']} picks ({report['pick_right']} right): "
+                + ("picks decide nothing (no bar gives 99% precision)" if report["pick_min_prob"] is None else f"{report['pick_min_prob']:.3f}")
+            )
         reporter.log(
             f"thresholds calibrated: curated {thresholds.curated:.3f} "
             f"(precision {_share(calibrated.report['curated_precision'])}), fallback {thresholds.fallback:.3f} "
             f"(out-of-scope below it {_share(calibrated.report['out_of_scope_fallback_share'])})"
         )
-        results = evaluate_adapter(run, model, tokenizer, config, dev_records, reporter, index, thresholds, grounded)
+        results = evaluate_adapter(run, model, tokenizer, config, dev_records, reporter, index, thresholds, grounded, pick_bar)
         del model
         metrics["eval"] = results
         export_gguf(run, work / "adapter", reporter)
@@ -261,10 +269,13 @@ def _finish(run, status, message):
     run.save(update_fields=["status", "error", "finished_at", "log"])
 
 
-def evaluate_adapter(run, model, tokenizer, config, dev_records, reporter, index, thresholds, grounded):
+def evaluate_adapter(run, model, tokenizer, config, dev_records, reporter, index, thresholds, grounded, pick_bar):
     """The dev pairs (at most CSP_EVAL_MAX_PAIRS) and the out-of-scope questions answered as the chat
-    would (training.grounding.evaluate_served), scored against the references, per mode."""
-    results = grounding.evaluate_served(model, tokenizer, config, index, thresholds, dev_records, grounding=grounded, log=reporter.log)
+    would (training.grounding.evaluate_served, picks held to `pick_bar`), scored against the
+    references, per mode."""
+    results = grounding.evaluate_served(
+        model, tokenizer, config, index, thresholds, dev_records, grounding=grounded, log=reporter.log, min_prob=pick_bar,
+    )
     if results and run.dev_loss_history:
         results["dev_loss"] = run.dev_loss_history[-1][1]
     return results
@@ -280,6 +291,7 @@ def evaluate_version(version, config, dev_records, reporter, index, thresholds):
     results = grounding.evaluate_served(
         model, tokenizer, config, index, thresholds, dev_records,
         grounding=read_grounding(version.path), prompt_format=read_prompt_format(version.path), log=reporter.log,
+        min_prob=pick_min_prob(version.calibration, settings.CSP_RERANK_MIN_PROB),  # its own pick bar
     )
     del model
     return results

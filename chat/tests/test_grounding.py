@@ -168,3 +168,25 @@ def test_the_pick_is_asked_of_the_version_the_plan_was_made_for_unless_the_calle
     assert (options["adapter"], options["adapter_path"]) == ("v7", "/adapters/v7")
     _turns, options = grounding._pick_request(picking, engine, {"adapter": "v6", "adapter_path": "/adapters/v6"})
     assert (options["adapter"], options["adapter_path"]) == ("v6", "/adapters/v6")  # a canary's pin stays
+
+
+def test_the_pick_bar_comes_from_the_setting_then_the_versions_calibration_then_the_default(settings):
+    from types import SimpleNamespace
+
+    settings.CSP_RERANK_MIN_PROB = None
+    assert grounding.pick_min_prob(None) == modes.DEFAULT_CHOICE_MIN  # no version yet
+    assert grounding.pick_min_prob(SimpleNamespace(calibration={})) == modes.DEFAULT_CHOICE_MIN  # calibrated before picks were
+    assert grounding.pick_min_prob(SimpleNamespace(calibration={"pick_min_prob": 0.8})) == 0.8
+    never = SimpleNamespace(calibration={"pick_min_prob": None})  # no bar held on its calibration set
+    assert grounding.pick_min_prob(never) > 1.0
+    settings.CSP_RERANK_MIN_PROB = 0.6
+    assert grounding.pick_min_prob(never) == 0.6
+
+
+def test_a_sure_pick_decides_only_at_the_versions_bar(settings):
+    from types import SimpleNamespace
+
+    settings.CSP_RERANK_MIN_PROB = None
+    asked = dataclasses.replace(plan(score=0.9), version=SimpleNamespace(calibration={"pick_min_prob": 0.8}), picks=True)
+    assert grounding._picked(asked, [0.05, 0.75, 0.2]).mode == modes.GROUNDED  # 0.75 < 0.8: generated
+    assert grounding._picked(asked, [0.05, 0.85, 0.1]).mode == modes.CURATED

@@ -2,7 +2,7 @@
 
 import pytest
 
-from llm.calibration import VERBATIM, calibrate
+from llm.calibration import PICK_NEVER, VERBATIM, calibrate, pick_bar, pick_min_prob, pick_outcomes, pick_report
 from llm.evaluation import answer_as_served, evaluate_served, invented_numbers
 from llm.grounding import CURATED, DEFAULT_THRESHOLDS, FALLBACK, GROUNDED, TRAINED_FALLBACK, Thresholds
 from llm.retrieval import Hit
@@ -125,3 +125,52 @@ def test_the_served_report_gives_each_modes_share_recall_and_invented_numbers():
     oos = evaluate_served([made_up])
     assert oos["modes"][GROUNDED]["count"] == 1 and oos["invented_number_share"] == 0.0  # 99 is in the retrieved answer
     assert oos["modes"][GROUNDED]["key_fact_recall"] is None
+
+
+def test_the_pick_bar_is_the_lowest_probability_with_ninety_nine_percent_of_picks_right_above_it():
+    outcomes = [(0.95, True), (0.9, True), (0.8, False), (0.85, True), (0.6, True)]
+    assert pick_bar(outcomes) == 0.85
+    assert pick_bar([(0.9, False), (0.5, True)]) is None  # the surest pick was wrong: no bar holds
+    assert pick_bar([]) is None
+    report = pick_report(outcomes)
+    assert report == {"pick_min_prob": 0.85, "pick_count": 5, "pick_right": 4, "pick_decided_share": 0.6}
+
+
+def test_a_version_without_a_bar_decides_nothing_by_its_picks_and_a_setting_overrides_it():
+    assert pick_min_prob({"pick_min_prob": None}) == PICK_NEVER > 1.0
+    assert pick_min_prob({"pick_min_prob": 0.7}) == 0.7
+    assert pick_min_prob({}) == 0.5 and pick_min_prob(None) == 0.5  # calibrated before picks were
+    assert pick_min_prob({"pick_min_prob": None}, configured=0.6) == 0.6
+
+
+class _Index:
+    """Hits per question, as a retriever would give them."""
+
+    def __init__(self, hits):
+        self.hits = hits
+
+    def search(self, question, k):
+        return self.hits[question][:k]
+
+
+def test_picks_are_asked_between_the_thresholds_and_scored_against_the_reference():
+    limits = Thresholds(curated=0.95, fallback=0.8)
+    index = _Index({
+        "能退吗": _hits((0.9, SHIPPING), (0.85, RETURNS)),  # between: asked; the reference is second
+        "运费多少": _hits((0.9, SHIPPING), (0.85, RETURNS)),  # between: asked
+        "一字不差": _hits((0.99, RETURNS)),  # curated by score: never asked
+        "卖车吗": _hits((0.88, SHIPPING)),  # out of scope, between: asked
+    })
+    named = {"能退吗": [0.1, 0.2, 0.7], "运费多少": [0.1, 0.8, 0.1], "卖车吗": [0.9, 0.1]}
+    asked = []
+
+    def choose(prompt, labels):
+        question = next(q for q in named if q in prompt)
+        asked.append(question)
+        return named[question]
+
+    outcomes = pick_outcomes(index, [("能退吗", RETURNS), ("运费多少", SHIPPING), ("一字不差", RETURNS)], ["卖车吗"], limits, choose, k=3)
+    assert asked == ["能退吗", "运费多少", "卖车吗"]
+    assert outcomes == [(0.7, True), (0.8, True), (0.9, True)]
+    wrong = pick_outcomes(index, [("能退吗", SHIPPING)], [], limits, choose, k=3)  # named [2], the reference is [1]
+    assert wrong == [(0.7, False)]

@@ -9,7 +9,7 @@ import pytest
 from django.urls import reverse
 
 from knowledge.models import QAPair
-from llm.calibration import calibrate
+from llm.calibration import calibrate, pick_report
 from llm.evaluation import answer_as_served, evaluate_served
 from llm.grounding import Thresholds
 from llm.retrieval import Hit
@@ -165,6 +165,18 @@ def test_the_version_page_shows_the_calibrated_thresholds_with_their_precision_a
     assert "grounded (generated)" in text and "invented_number_share" in text
     # the second answer said 30 days: the fact guard replaced it (0.85 is below the correction bar 0.8675)
     assert results["guarded"] == 1 and results["modes"]["grounded"]["count"] == 1 and results["modes"]["fallback"]["count"] == 1
+
+
+def test_the_version_page_shows_the_pick_bar_or_that_picks_decide_nothing(run, staff_client):
+    calibrated = calibrate([(0.97, True), (0.92, True)], [0.5])
+    calibrated.report.update(pick_report([(0.9, False), (0.6, True)]))  # the surest pick was wrong: no bar
+    version = services.adapter_version_create(run=run, adapter_dir=_adapter_folder(run), metrics={}, calibration=calibrated)
+    text = staff_client.get(reverse("admin:training_adapterversion_change", args=[version.pk]), HTTP_ACCEPT_LANGUAGE="en").content.decode()
+    assert "right for 1 of 2 calibration questions" in text and "its picks decide nothing" in text
+    version.calibration = {**version.calibration, **pick_report([(0.9, True), (0.6, False)])}
+    version.save()
+    text = staff_client.get(reverse("admin:training_adapterversion_change", args=[version.pk]), HTTP_ACCEPT_LANGUAGE="en").content.decode()
+    assert "0.900" in text and "decides the answer (0.50 of them)" in text
 
 
 def test_a_version_trained_before_calibration_says_so(run, staff_client):

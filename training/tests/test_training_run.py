@@ -165,6 +165,9 @@ def test_a_raft_run_trains_grounded_prompts_calibrates_its_thresholds_and_report
     settings.CSP_RAFT = True
     settings.CSP_EVAL_MAX_PAIRS = 6
     settings.CSP_EVAL_MAX_NEW_TOKENS = 12
+    # No calibration set for these pairs: the run calibrates on its dev split (training/tests/
+    # test_grounding.py covers the calibration set's choice).
+    settings.CSP_CALIBRATION_DATA = tiny_model / "no-calibration-set.json"
     train_pairs, dev_pairs = _sample_pairs()
     with django_capture_on_commit_callbacks(execute=True):
         run = services.training_run_start(hyperparameters={**MEMORISE, "epochs": 2, "max_length": 1024})
@@ -187,6 +190,10 @@ def test_a_raft_run_trains_grounded_prompts_calibrates_its_thresholds_and_report
     assert 0.0 <= version.fallback_threshold <= version.curated_threshold <= 1.0
     calibration = version.calibration
     assert calibration["dev_count"] == len(dev_pairs) and calibration["out_of_scope_count"] >= 30
+    assert calibration["calibrated_on"] == "dev_split"
+    # the pick bar, fitted on the same questions' picks (None: its picks decide nothing)
+    assert "pick bar calibrated on" in run.log and "pick_min_prob" in calibration
+    assert calibration["pick_count"] >= calibration["pick_right"] >= 0
     # the fallback threshold keeps >= 95% of dev above it (llm.calibration); the report says what it screens out
     assert calibration["dev_fallback_share"] <= 0.05 and 0.0 <= calibration["out_of_scope_fallback_share"] <= 1.0
 
