@@ -121,16 +121,23 @@ def calibration_questions(train_records, dev_records):
     return dev_questions(dev_records), out_of_scope_questions(), "dev_split"
 
 
+def _k_and_picks(grounding):
+    """(k, whether the adapter was trained to pick) of an adapter's grounding: the record written at
+    training (a dict, raft.grounding_record) or the one read back (raft.read_grounding)."""
+    if isinstance(grounding, dict):
+        return grounding["k"], grounding.get("select")
+    return getattr(grounding, "k", settings.CSP_GROUNDING_K), getattr(grounding, "select", None)
+
+
 def calibrate_pick(model, tokenizer, config, index, calibrated, train_records, dev_records, *, grounding, prompt_format=None):
     """Add the pick bar (llm.calibration.pick_report) to `calibrated.report` when the adapter was
     trained to pick (and CSP_RERANK is on): its picks on the same calibration questions, among
     those that fall between the calibrated thresholds, as serving would ask them. A pick must
     reach that bar to decide an answer; with no bar (picks not right often enough), they decide
     nothing. Returns the bar the run's evaluation uses (llm.calibration.pick_min_prob)."""
-    picks = grounding.get("select") if isinstance(grounding, dict) else getattr(grounding, "select", None)
+    k, picks = _k_and_picks(grounding)
     if not (picks and settings.CSP_RERANK):
         return calibration.pick_min_prob(calibrated.report, settings.CSP_RERANK_MIN_PROB)
-    k = grounding["k"] if isinstance(grounding, dict) else getattr(grounding, "k", settings.CSP_GROUNDING_K)
     paraphrases, oos, _source = calibration_questions(train_records, dev_records)
 
     def choose(prompt, labels):
@@ -156,8 +163,7 @@ def evaluate_served(
     if not dev:
         return {}
     oos = out_of_scope_questions()[:limit]
-    k = grounding["k"] if isinstance(grounding, dict) else getattr(grounding, "k", settings.CSP_GROUNDING_K)
-    picks = grounding.get("select") if isinstance(grounding, dict) else getattr(grounding, "select", None)
+    k, picks = _k_and_picks(grounding)
 
     def generate(prompt):
         return generate_answer(
