@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/, not 
     sys.path.insert(0, str(ROOT))
 
 from llm.calibration import calibrate_on  # noqa: E402
+from llm.grounding import CURATED, decide  # noqa: E402
 from llm.prompting import question_text  # noqa: E402
 from llm.retrieval import QUESTION, Embedder, Entry, Index, MemoryCache, customer_text, indexed_texts, tokens  # noqa: E402
 from common import cpu_line  # noqa: E402  (benchmarks/ is on the path when run as a script)
@@ -199,20 +200,27 @@ def main():
     print(
         f"\nsuggested thresholds (llm.calibration rule on data/calibration.json: {report['dev_count']} paraphrases, "
         f"{report['out_of_scope_count']} out-of-scope, against the train pairs with their alternates): "
-        f"curated {suggested.curated:.3f}, fallback {suggested.fallback:.3f}"
+        f"curated {suggested.curated:.3f}, fallback {suggested.fallback:.3f}, confidence bar "
+        + ("none" if suggested.confident is None else f"{suggested.confident:.3f}")
     )
     print(
         f"  calibration set: curated {report['dev_curated_share']:.0%} (precision {report['curated_precision'] or 0:.0%}), "
         f"fallback {report['dev_fallback_share']:.0%}; its out-of-scope: fallback {report['out_of_scope_fallback_share']:.0%}"
     )
-    served_dev = [served.search(q, k=1)[0] for q in dev_questions]
-    served_oos = [served.search(q, k=1)[0].score for q in oos_questions]
-    curated_dev = [h for h in served_dev if h.score >= suggested.curated]
     print(
-        f"  measured with them (same index): dev curated {len(curated_dev)}/{len(dev)} "
-        f"({sum(h.answer == r['output'] for h, r in zip(served_dev, dev) if h.score >= suggested.curated)} right), "
+        f"  between the thresholds: {report['confident_count']} calibration questions, top pair right for "
+        f"{report['confident_right']}; the confidence bar makes {report['confident_curated']} of them curated"
+    )
+    served_dev = [served.search(q, k=1)[0] for q in dev_questions]
+    served_oos = [served.search(q, k=1)[0] for q in oos_questions]
+    curated_dev = [(h, r) for h, r in zip(served_dev, dev) if decide([h], suggested).mode == CURATED]
+    print(
+        f"  measured with them (same index, no version: llm.grounding.decide): dev curated {len(curated_dev)}/{len(dev)} "
+        f"({sum(h.answer == r['output'] for h, r in curated_dev)} right; by the confidence bar "
+        f"{sum(h.score < suggested.curated for h, _ in curated_dev)}), "
         f"dev below fallback {sum(h.score < suggested.fallback for h in served_dev)}/{len(dev)}; "
-        f"out-of-scope below fallback {sum(s < suggested.fallback for s in served_oos)}/{len(oos)}"
+        f"out-of-scope below fallback {sum(h.score < suggested.fallback for h in served_oos)}/{len(oos)}, "
+        f"curated {sum(decide([h], suggested).mode == CURATED for h in served_oos)}/{len(oos)}"
     )
     dev_scores = [h[0].score for h in hits]
     oos_scores = [h.score for h in oos_hits]

@@ -58,7 +58,8 @@ def fallback_reply():
 
 def thresholds(version):
     """The mode thresholds for answers of `version` (None: no version yet): each one from its
-    setting when set, else the version's calibration, else the built-in default."""
+    setting when set, else the version's calibration, else the built-in default (the confidence
+    bar: `confident_threshold`)."""
     default = grounding.DEFAULT_THRESHOLDS
 
     def pick(name):
@@ -69,7 +70,19 @@ def thresholds(version):
         return calibrated if calibrated is not None else getattr(default, name)
 
     curated, fallback = pick("curated"), pick("fallback")
-    return grounding.Thresholds(curated=curated, fallback=min(fallback, curated))
+    return grounding.Thresholds(curated=curated, fallback=min(fallback, curated), confident=confident_threshold(version))
+
+
+def confident_threshold(version):
+    """The confidence bar of `version`'s answers (llm.grounding.Thresholds.confident; None: off):
+    CSP_CONFIDENT_THRESHOLD when set ("off": None), else the version's calibrated bar (None for
+    versions calibrated before it), else the built-in default when no version answers yet."""
+    configured = settings.CSP_CONFIDENT_THRESHOLD
+    if configured is not None:
+        return None if configured == "off" else configured
+    if version is None:
+        return grounding.DEFAULT_THRESHOLDS.confident
+    return (getattr(version, "calibration", None) or {}).get("confident_threshold")
 
 
 def _grounding_record(version):

@@ -369,6 +369,22 @@ if None not in (CSP_CURATED_THRESHOLD, CSP_FALLBACK_THRESHOLD) and CSP_FALLBACK_
     raise ImproperlyConfigured(
         f"CSP_FALLBACK_THRESHOLD={CSP_FALLBACK_THRESHOLD} must not be above CSP_CURATED_THRESHOLD={CSP_CURATED_THRESHOLD}."
     )
+# Between the two thresholds, a match whose confidence (its score plus twice its lead over the next
+# pair's score: llm.grounding.confidence, 0..3) reaches this bar gets its curated answer too.
+# Unset: each version's bar, calibrated by its run like the curated threshold (versions calibrated
+# before it: none); "off": no match between the thresholds is curated by its confidence.
+_confident = os.environ.get("CSP_CONFIDENT_THRESHOLD", "").strip()
+if _confident.lower() == "off":
+    CSP_CONFIDENT_THRESHOLD = "off"
+elif not _confident:
+    CSP_CONFIDENT_THRESHOLD = None
+else:
+    try:
+        CSP_CONFIDENT_THRESHOLD = float(_confident)
+    except ValueError:
+        raise ImproperlyConfigured(f"CSP_CONFIDENT_THRESHOLD={_confident!r} is not a number or 'off'.") from None
+    if not 0.0 <= CSP_CONFIDENT_THRESHOLD <= 3.0:
+        raise ImproperlyConfigured(f"CSP_CONFIDENT_THRESHOLD={CSP_CONFIDENT_THRESHOLD} must be between 0 and 3.")
 # What the assistant says when the knowledge base has no answer (empty: a built-in text in the
 # page's language, offering a person).
 CSP_FALLBACK_REPLY = envstr("CSP_FALLBACK_REPLY", "")

@@ -19,6 +19,11 @@ against the same index. From their top-1 scores ("dev" below and in the report: 
   and the next lower score of either set. Never above the curated threshold; 0.0 without dev
   questions. The report gives the out-of-scope share it screens out.
 
+- confidence bar (Thresholds.confident): of the questions whose top-1 score lies between the two,
+  the lowest confidence (llm.grounding.confidence: the score and the top pair's lead over the next)
+  at or above which the top pair is right for at least 99% of them, out-of-scope questions counted
+  wrong; None when no confidence gives that (nothing between the thresholds is curated by it).
+
 Without dev pairs there is nothing to calibrate on: the built-in DEFAULT_THRESHOLDS stay.
 
 Small sets make coarse thresholds: with 24 dev pairs, 99% precision means no wrong top-1 at all
@@ -27,7 +32,7 @@ which the version page shows. Pure Python: no Django, no torch.
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from llm.evaluation import normalise
 from llm.grounding import (
@@ -36,6 +41,7 @@ from llm.grounding import (
     GROUNDED,
     Thresholds,
     choice_labels,
+    confidence,
     decide,
     selection_question,
 )
@@ -115,13 +121,60 @@ def calibrate(dev, out_of_scope, *, precision=CURATED_PRECISION, dev_kept=DEV_KE
 
 def calibrate_on(index, dev_pairs, oos_questions):
     """Calibrate with `index` (the training pairs only): dev_pairs [(question, reference answer)],
-    oos_questions [question]. A dev question's top-1 is right when its answer is the reference."""
-    dev = [
-        (score, hit is not None and normalise(hit.answer) == normalise(answer))
-        for (score, hit), (_question, answer) in zip(top_scores(index, [q for q, _ in dev_pairs]), dev_pairs)
+    oos_questions [question]. A dev question's top-1 is right when its answer is the reference.
+    The curated and fallback thresholds come from `calibrate`, the confidence bar from the
+    questions between them (`confident_report`)."""
+    dev_hits = [hit for _score, hit in top_scores(index, [q for q, _ in dev_pairs])]
+    oos_hits = [hit for _score, hit in top_scores(index, oos_questions)]
+    rights = [hit is not None and normalise(hit.answer) == normalise(answer) for hit, (_q, answer) in zip(dev_hits, dev_pairs)]
+    calibrated = calibrate(
+        [(_score(hit), right) for hit, right in zip(dev_hits, rights)], [_score(hit) for hit in oos_hits],
+    )
+    if not dev_pairs:
+        return calibrated
+    outcomes = confident_outcomes([*zip(dev_hits, rights), *((hit, False) for hit in oos_hits)], calibrated.thresholds)
+    extra = confident_report(outcomes)
+    thresholds = replace(calibrated.thresholds, confident=extra["confident_threshold"])
+    return Calibration(thresholds, {**calibrated.report, **extra})
+
+
+def _score(hit):
+    return hit.score if hit is not None else 0.0
+
+
+def confident_outcomes(questions, thresholds):
+    """[(confidence, right)] of the questions [(top hit or None, whether it is the right pair)] whose
+    top-1 score lies between the curated and fallback thresholds: what the confidence bar is fitted on."""
+    return [
+        (confidence(hit), bool(right))
+        for hit, right in questions
+        if hit is not None and thresholds.fallback <= hit.score < thresholds.curated
     ]
-    oos = [score for score, _hit in top_scores(index, oos_questions)]
-    return calibrate(dev, oos)
+
+
+def precision_bar(outcomes, *, precision=CURATED_PRECISION):
+    """The lowest value at or above which the outcomes [(value, right)] are right for at least
+    `precision` of them; None when no value gives that."""
+    for candidate in sorted({value for value, _ in outcomes}):
+        above = [right for value, right in outcomes if value >= candidate]
+        if sum(above) / len(above) >= precision:
+            return round(candidate, 6)
+    return None
+
+
+def confident_report(outcomes, *, precision=CURATED_PRECISION):
+    """The report entries of a calibrated confidence bar (JSON): the bar (None: off), how many
+    questions lay between the thresholds, how many of their top pairs were right, and how many of
+    those the bar makes curated."""
+    bar = precision_bar(outcomes, precision=precision)
+    above = [right for value, right in outcomes if bar is not None and value >= bar]
+    return {
+        "confident_threshold": bar,
+        "confident_count": len(outcomes),
+        "confident_right": sum(right for _, right in outcomes),
+        "confident_curated": len(above),
+        "confident_precision": sum(above) / len(above) if above else None,
+    }
 
 
 # --- the adapter's pick among the retrieved pairs (llm.grounding.choose) ---
@@ -157,11 +210,7 @@ def pick_bar(outcomes, *, precision=CURATED_PRECISION):
     right for at least `precision` of them: the bar a pick must reach to decide the answer (a pair's
     curated answer, or the fallback for "none"), held to the curated threshold's precision since a
     sure pick answers verbatim. None when no probability gives that (the picks then decide nothing)."""
-    for candidate in sorted({probability for probability, _ in outcomes}):
-        above = [right for probability, right in outcomes if probability >= candidate]
-        if sum(above) / len(above) >= precision:
-            return round(candidate, 6)
-    return None
+    return precision_bar(outcomes, precision=precision)
 
 
 def pick_report(outcomes, *, precision=CURATED_PRECISION):

@@ -22,6 +22,10 @@ question asked verbatim scores 1.0. Adding the answer's cosine separated the dev
 the out-of-scope questions a little better (ROC area 0.91 -> 0.93 on 24 + 36 questions, within
 noise) but would take a verbatim question below 1.0, so the score is the question's alone.
 
+A hit's `lead` is its score less the best score of any other pair: a paraphrase that is clearly
+one pair's leads the next by a few hundredths, one that could be either by almost nothing (see
+llm.grounding.confidence).
+
 A follow-up ("那运费呢？") says little alone: `search(..., context=...)` also embeds the recent
 customer messages joined with it, weighted CONTEXT_WEIGHT against the question's own 1 in the
 ranking and in the score. (Averaging the vectors of the turns instead, one embedding less,
@@ -89,6 +93,10 @@ class Hit:
     fused: float  # the fused value the ranking used (dense cosines + weighted BM25; not 0..1)
     question: str  # the entry's question and answer (for prompts and citations)
     answer: str
+    # `score` less the best score of any other pair (negative when another pair's question is closer
+    # though the fusion ranked this one higher): how clearly the question is this pair's and no
+    # other's. llm.grounding.confidence weighs it in.
+    lead: float = 0.0
 
 
 class EmbeddingCache(Protocol):
@@ -373,6 +381,7 @@ class Index:
         score /= sum(weights)
 
         top = _best(fused, k)
+        runner_up = _runner_up(score)
         return [
             Hit(
                 pair_id=self._entries[i].pair_id,
@@ -381,6 +390,7 @@ class Index:
                 fused=float(fused[i]),
                 question=self._entries[i].question,
                 answer=self._entries[i].answer,
+                lead=float(score[i] - runner_up(i)),
             )
             for rank, i in enumerate(top, 1)
         ]
@@ -405,6 +415,16 @@ def _best(values, k):
     kth = np.partition(values, len(values) - k)[len(values) - k]  # the k-th largest
     candidates = np.flatnonzero(values >= kth)  # ties with it included, in position order
     return candidates[np.argsort(-values[candidates], kind="stable")][:k]
+
+
+def _runner_up(values):
+    """f(i): the largest of `values` at any other position than i (0.0 with no other)."""
+    if len(values) < 2:
+        return lambda i: 0.0
+    first, second = np.argpartition(-values, 1)[:2]
+    if values[second] > values[first]:
+        first, second = second, first
+    return lambda i: float(values[second] if i == first else values[first])
 
 
 def _normalised(scores):

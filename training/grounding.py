@@ -205,5 +205,5 @@ def evaluate_served(
     results["dev_invented_answers"] = results["invented_answers"]
     results["invented_answers"] += results.get("out_of_scope", {}).get("invented_answers", 0)
     results["invented_number_share"] = results["invented_answers"] / (len(dev) + len(oos))
-    results["thresholds"] = {"curated": thresholds.curated, "fallback": thresholds.fallback}
+    results["thresholds"] = {"curated": thresholds.curated, "fallback": thresholds.fallback, "confident": thresholds.confident}
     return results

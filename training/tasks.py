@@ -198,6 +198,12 @@ def _train(run_id, termination):
             f"thresholds calibrated: curated {thresholds.curated:.3f} "
             f"(precision {_share(calibrated.report['curated_precision'])}), fallback {thresholds.fallback:.3f} "
             f"(out-of-scope below it {_share(calibrated.report['out_of_scope_fallback_share'])})"
+            + (
+                f", confidence {thresholds.confident:.3f} ({calibrated.report['confident_curated']} of "
+                f"{calibrated.report['confident_count']} questions between them curated)"
+                if thresholds.confident is not None and "confident_count" in calibrated.report
+                else ""
+            )
         )
         results = evaluate_adapter(run, model, tokenizer, config, dev_records, reporter, index, thresholds, grounded, pick_bar)
         del model

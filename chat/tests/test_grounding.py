@@ -116,6 +116,25 @@ def test_thresholds_come_from_settings_then_the_versions_calibration_then_the_de
 
 
 @pytest.mark.django_db
+def test_the_confidence_bar_comes_from_the_setting_then_the_versions_calibration_then_the_default(settings):
+    class Version:
+        curated_threshold, fallback_threshold, path = 0.97, 0.9, "/nonexistent"
+        calibration = {"confident_threshold": 1.02}
+
+    class Older(Version):
+        calibration = {"curated_threshold": 0.97}  # calibrated before the bar: none
+
+    settings.CSP_CURATED_THRESHOLD = settings.CSP_FALLBACK_THRESHOLD = settings.CSP_CONFIDENT_THRESHOLD = None
+    assert grounding.thresholds(Version()).confident == 1.02
+    assert grounding.thresholds(Older()).confident is None
+    assert grounding.thresholds(None).confident == modes.DEFAULT_THRESHOLDS.confident is not None
+    settings.CSP_CONFIDENT_THRESHOLD = 1.1
+    assert grounding.thresholds(Version()).confident == grounding.thresholds(None).confident == 1.1
+    settings.CSP_CONFIDENT_THRESHOLD = "off"
+    assert grounding.thresholds(Version()).confident is None and grounding.thresholds(None).confident is None
+
+
+@pytest.mark.django_db
 def test_when_retrieval_fails_the_customer_gets_the_fallback_and_the_log_says_why(settings, monkeypatch, caplog):
     settings.CSP_GROUNDING = True
 

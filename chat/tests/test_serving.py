@@ -62,6 +62,8 @@ def test_an_unknown_backend_setting_stops_start_up_naming_the_variable():
         ({"CSP_LLAMA_HEAD_TYPE": "q4_k"},
          f"CSP_LLAMA_HEAD_TYPE='q4_k' must be empty (the GGUF as shipped) or one of {', '.join(HEAD_TYPES)}."),
         ({"CSP_RERANK_MIN_PROB": "often"}, "CSP_RERANK_MIN_PROB='often' is not a number"),
+        ({"CSP_CONFIDENT_THRESHOLD": "sure"}, "CSP_CONFIDENT_THRESHOLD='sure' is not a number or 'off'"),
+        ({"CSP_CONFIDENT_THRESHOLD": "4"}, "CSP_CONFIDENT_THRESHOLD=4.0 must be between 0 and 3"),
         ({"CSP_GROUNDING_K": "12"}, "CSP_GROUNDING_K=12 must be at most 9 with CSP_RERANK"),
     ],
 )

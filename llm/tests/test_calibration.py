@@ -2,7 +2,18 @@
 
 import pytest
 
-from llm.calibration import PICK_NEVER, VERBATIM, calibrate, pick_bar, pick_min_prob, pick_outcomes, pick_report
+from llm.calibration import (
+    PICK_NEVER,
+    VERBATIM,
+    calibrate,
+    calibrate_on,
+    confident_outcomes,
+    confident_report,
+    pick_bar,
+    pick_min_prob,
+    pick_outcomes,
+    pick_report,
+)
 from llm.evaluation import answer_as_served, evaluate_served, invented_numbers
 from llm.grounding import CURATED, DEFAULT_THRESHOLDS, FALLBACK, GROUNDED, TRAINED_FALLBACK, Thresholds
 from llm.retrieval import Hit
@@ -174,3 +185,42 @@ def test_picks_are_asked_between_the_thresholds_and_scored_against_the_reference
     assert outcomes == [(0.7, True), (0.8, True), (0.9, True)]
     wrong = pick_outcomes(index, [("能退吗", SHIPPING)], [], limits, choose, k=3)  # named [2], the reference is [1]
     assert wrong == [(0.7, False)]
+
+
+def _hit(score, answer, lead):
+    return Hit(pair_id=1, rank=1, score=score, fused=0.0, question="问题", answer=answer, lead=lead)
+
+
+def test_the_confidence_bar_is_fitted_on_the_questions_between_the_thresholds_out_of_scope_ones_counted_wrong():
+    limits = Thresholds(curated=0.95, fallback=0.8)
+    questions = [
+        (_hit(0.99, RETURNS, 0.0), True),  # curated by its score: not between
+        (_hit(0.7, RETURNS, 0.2), True),  # below the fallback threshold: not between
+        (_hit(0.9, RETURNS, 0.05), True),  # confidence 1.0
+        (_hit(0.9, RETURNS, 0.04), False),  # 0.98: a wrong top pair
+        (_hit(0.85, RETURNS, 0.07), True),  # 0.99
+        (_hit(0.88, SHIPPING, 0.0), False),  # 0.88, out of scope
+        (None, False),  # nothing retrieved
+    ]
+    outcomes = confident_outcomes(questions, limits)
+    assert outcomes == [(pytest.approx(1.0), True), (pytest.approx(0.98), False), (pytest.approx(0.99), True), (0.88, False)]
+    assert confident_report(outcomes) == {
+        "confident_threshold": pytest.approx(0.99), "confident_count": 4, "confident_right": 2,
+        "confident_curated": 2, "confident_precision": 1.0,
+    }
+    # the surest was wrong: no bar
+    assert confident_report([(1.2, False), (1.0, True)])["confident_threshold"] is None
+
+
+def test_calibrating_on_an_index_gives_the_confidence_bar_with_the_thresholds():
+    # the best-scoring paraphrase finds the wrong pair (so no score is curated but a verbatim one),
+    # but leads nothing; the right ones lead their next pair the more, the closer they are
+    hits = {"退0": (_hit(0.99, SHIPPING, 0.0),)} | {f"退{n}": (_hit(0.99 - n * 0.01, RETURNS, 0.05 - n * 0.004),) for n in range(1, 12)}
+    index = _Index(hits | {"卖车吗": (_hit(0.9, SHIPPING, 0.001),), "二手吗": (_hit(0.5, SHIPPING, 0.0),)})
+    result = calibrate_on(index, [(f"退{n}", RETURNS) for n in range(12)], ["卖车吗", "二手吗"])
+    limits = result.thresholds
+    assert limits.curated == VERBATIM and limits.fallback < 0.88
+    # confidence 1.09 - 0.018 n: n = 1..5 right from 1.072 down to 1.0, then the wrong 0.99 (n = 0)
+    assert limits.confident == pytest.approx(1.0) and limits.confident == result.report["confident_threshold"]
+    assert result.report["confident_count"] == 13 and result.report["confident_right"] == 11  # the 0.902 out of scope too
+    assert result.report["confident_curated"] == 5 and result.report["confident_precision"] == 1.0

@@ -9,6 +9,7 @@ from llm.grounding import (
     NONE,
     Thresholds,
     choice_labels,
+    confidence,
     choose,
     decide,
     selection_question,
@@ -31,6 +32,21 @@ def test_scores_pick_the_mode_and_no_version_means_no_grounded_answer():
     assert decide(_hits(0.92, 0.9), LIMITS, can_ground=False).mode == FALLBACK
     assert decide(_hits(0.85), LIMITS).mode == FALLBACK
     assert decide([], LIMITS).mode == FALLBACK
+
+
+def test_a_match_between_the_thresholds_that_leads_the_next_pair_clearly_is_curated_even_without_a_version():
+    limits = Thresholds(curated=0.94, fallback=0.90, confident=1.0)
+    clear = Hit(pair_id=1, rank=1, score=0.93, fused=0.0, question="问题", answer="答案", lead=0.04)
+    close = Hit(pair_id=1, rank=1, score=0.93, fused=0.0, question="问题", answer="答案", lead=0.01)
+    assert confidence(clear) == pytest.approx(1.01) and confidence(close) == pytest.approx(0.95)
+    decided = decide([clear], limits, can_ground=False)
+    assert decided.mode == CURATED and "leads the next pair by 0.040" in decided.reason
+    assert decide([close], limits).mode == GROUNDED and decide([close], limits, can_ground=False).mode == FALLBACK
+    # below the fallback threshold no lead makes it curated; without a bar none does
+    assert decide([Hit(1, 1, 0.85, 0.0, "问题", "答案", lead=0.3)], limits).mode == FALLBACK
+    assert decide([clear], Thresholds(curated=0.94, fallback=0.90)).mode == GROUNDED
+    with pytest.raises(ValueError):
+        Thresholds(curated=0.94, fallback=0.9, confident=3.5)
 
 
 def test_the_pick_question_lists_the_candidates_as_customers_ask_them():

@@ -76,6 +76,17 @@ def test_scores_are_confidences_between_zero_and_one_best_first(faq_index):
     assert hits[0].score < faq_index.search(PARAPHRASES[0])[0].score
 
 
+def test_a_hits_lead_is_its_score_less_the_best_score_of_any_other_pair(faq_index):
+    everything = faq_index.search(PARAPHRASES[2], k=len(faq_index))
+    scores = {hit.pair_id: hit.score for hit in everything}
+    for hit in everything:
+        others = max(score for pair_id, score in scores.items() if pair_id != hit.pair_id)
+        assert hit.lead == pytest.approx(hit.score - others, abs=1e-6)
+    assert everything[0].lead > 0 > everything[1].lead  # the first leads; every other trails it
+    verbatim = faq_index.search("买的东西不想要了，可以退货吗？")[0]
+    assert verbatim.lead > everything[0].lead  # asked word for word, it stands clearer of the rest
+
+
 def test_alternate_questions_are_searched(faq):
     invoice = Entry(200, "用户问：怎么开发票？", "您好！下单时在结算页填写发票抬头即可。", alternates=("报销用的凭证在哪里拿？",))
     index = Index(_entries(faq) + [invoice])

@@ -9,7 +9,7 @@ import pytest
 from django.urls import reverse
 
 from knowledge.models import QAPair
-from llm.calibration import calibrate, pick_report
+from llm.calibration import calibrate, confident_report, pick_report
 from llm.evaluation import answer_as_served, evaluate_served
 from llm.grounding import Thresholds
 from llm.retrieval import Hit
@@ -177,6 +177,18 @@ def test_the_version_page_shows_the_pick_bar_or_that_picks_decide_nothing(run, s
     version.save()
     text = staff_client.get(reverse("admin:training_adapterversion_change", args=[version.pk]), HTTP_ACCEPT_LANGUAGE="en").content.decode()
     assert "0.900" in text and "decides the answer (0.50 of them)" in text
+
+
+def test_the_version_page_shows_the_confidence_bar_or_that_none_held(run, staff_client):
+    calibrated = calibrate([(0.97, True), (0.92, True)], [0.5])
+    calibrated.report.update(confident_report([(1.05, True), (0.99, True), (0.95, False)]))
+    version = services.adapter_version_create(run=run, adapter_dir=_adapter_folder(run), metrics={}, calibration=calibrated)
+    text = staff_client.get(reverse("admin:training_adapterversion_change", args=[version.pk]), HTTP_ACCEPT_LANGUAGE="en").content.decode()
+    assert "0.990" in text and "the top pair was right for 2; a match at least this confident" in text and ": 2 of them" in text
+    version.calibration = {**version.calibration, **confident_report([(1.05, False), (0.99, True)])}
+    version.save()
+    text = staff_client.get(reverse("admin:training_adapterversion_change", args=[version.pk]), HTTP_ACCEPT_LANGUAGE="en").content.decode()
+    assert "no confidence gave 99% precision, so none of them is curated by it" in text
 
 
 def test_a_version_trained_before_calibration_says_so(run, staff_client):

@@ -193,12 +193,16 @@ def test_a_raft_run_trains_grounded_prompts_calibrates_its_thresholds_and_report
     assert calibration["calibrated_on"] == "dev_split"
     # the pick bar, fitted on the same questions' picks (None: its picks decide nothing)
     assert "pick bar calibrated on" in run.log and "pick_min_prob" in calibration
+    # the confidence bar, fitted on the questions between the thresholds (None: off)
+    assert "confident_threshold" in calibration and calibration["confident_count"] >= calibration["confident_curated"]
     assert calibration["pick_count"] >= calibration["pick_right"] >= 0
     # the fallback threshold keeps >= 95% of dev above it (llm.calibration); the report says what it screens out
     assert calibration["dev_fallback_share"] <= 0.05 and 0.0 <= calibration["out_of_scope_fallback_share"] <= 1.0
 
     results = run.eval_results
-    assert results["thresholds"] == {"curated": version.curated_threshold, "fallback": version.fallback_threshold}
+    assert results["thresholds"] == {
+        "curated": version.curated_threshold, "fallback": version.fallback_threshold, "confident": calibration["confident_threshold"],
+    }
     assert set(results["modes"]) == {"curated", "grounded", "fallback"}
     assert sum(m["count"] for m in results["modes"].values()) == results["count"] == len(dev_pairs)
     assert results["out_of_scope"]["count"] == 6 and "invented_number_share" in results
