@@ -39,6 +39,7 @@ from knowledge import services as knowledge_services
 from llm import evaluation
 from tests.support.livetest import live_daphne
 from training.compare_views import compare_url
+from training import canary
 from training.models import AdapterVersion, DatasetSnapshot, RetrainingPolicy
 from training.tests.factories import make_adapter_version, make_base_model, make_run
 
@@ -205,8 +206,8 @@ def sample_records():
 @pytest.fixture
 def platform(training_env, tiny_model, trained_adapter, faq, superuser):
     """The sample Q&A imported, the trained adapter active as v1 with a run evaluated as training
-    evaluates (per mode, with sample answers), a second version v2, and the retraining policy: a
-    row for every model."""
+    evaluates (per mode, with sample answers), a second version v2 running as a canary beside it,
+    and the retraining policy: a row for every model."""
     train = settings.CSP_SAMPLE_DATA[0]
     report = knowledge_services.qa_import(content=train.read_bytes(), filename=train.name, status="approved", user=superuser)
     assert report.ok, report.as_dict()
@@ -220,7 +221,8 @@ def platform(training_env, tiny_model, trained_adapter, faq, superuser):
     )
     active = make_adapter_version("v1", path=trained_adapter, run=run, is_active=True)
     second_run = make_run(base_model=run.base_model, snapshot=snapshot, eval_results=results)
-    make_adapter_version("v2", path=trained_adapter, run=second_run)  # for the comparison page
+    second = make_adapter_version("v2", path=trained_adapter, run=second_run)  # for the comparison page
+    canary.canary_start(version=second, percent=10)  # the version list's canary panel, the analytics' two sides
     RetrainingPolicy.load()
     return training_env
 
@@ -321,6 +323,8 @@ def test_every_page_speaks_one_language(server, browser, superuser, faq):
     # The admin, once the chats above have made conversations, answers and a handoff to show.
     pages = admin_pages(superuser)
     assert {"/admin/analytics/", "/admin/training/trainingrun/start/", "/admin/knowledge/qapair/import/"} <= set(pages)
+    second = AdapterVersion.objects.get(name="v2")
+    assert second.is_canary  # the analytics page and the version list show the canary
     for needed in ("/handoff/", "/admin/chat/message/", "/admin/chat/reviewitem/", "/admin/training/adapterversion/compare/"):
         assert any(needed in page for page in pages), needed
     for language in LANGUAGES:
@@ -329,13 +333,19 @@ def test_every_page_speaks_one_language(server, browser, superuser, faq):
             browser.get(server + page)
             assert browser.current_url == server + page, f"{page} went to {browser.current_url}"
             assert browser.find_element(By.TAG_NAME, "html").get_attribute("lang") == language
+            if page in ("/admin/analytics/", "/admin/training/adapterversion/"):
+                assert browser.find_elements(By.CSS_SELECTOR, "#analytics-canary, #canary-panel"), f"{page} shows no canary"
             check(language, page)
-        # The admin action that asks on a page of its own before doing anything (a POST: not in `pages`).
-        browser.get(server + "/admin/knowledge/qapair/")
-        browser.find_element(By.CSS_SELECTOR, "input.action-select").click()
-        Select(browser.find_element(By.CSS_SELECTOR, "select[name=action]")).select_by_value("move_to_category")
-        browser.find_element(By.CSS_SELECTOR, "button[name=index]").click()
-        _wait(browser, lambda d: d.find_elements(By.NAME, "apply"), "no move-to-category form")
-        check(language, "/admin/knowledge/qapair/ (action: move to a category)")
+        # The admin actions that ask on a page of their own before doing anything (POSTs: not in `pages`).
+        for changelist, row, action, field in (
+            ("/admin/knowledge/qapair/", "input.action-select", "move_to_category", "apply"),
+            ("/admin/training/adapterversion/", f"input.action-select[value='{second.pk}']", "canary", "start_canary"),
+        ):
+            browser.get(server + changelist)
+            browser.find_element(By.CSS_SELECTOR, row).click()
+            Select(browser.find_element(By.CSS_SELECTOR, "select[name=action]")).select_by_value(action)
+            browser.find_element(By.CSS_SELECTOR, "button[name=index]").click()
+            _wait(browser, lambda d, field=field: d.find_elements(By.NAME, field), f"no form of the {action} action")
+            check(language, f"{changelist} (action: {action})")
 
     assert not problems, f"{len(problems)} strings of the other language:\n" + "\n".join(problems)
