@@ -38,8 +38,8 @@ from chat.tests.conftest import backend_settings
 from knowledge import services as knowledge_services
 from llm import evaluation
 from tests.support.livetest import live_daphne
-from training.compare_views import compare_url
 from training import canary
+from training.compare_views import compare_url
 from training.models import AdapterVersion, DatasetSnapshot, RetrainingPolicy
 from training.tests.factories import make_adapter_version, make_base_model, make_run
 
