@@ -503,3 +503,43 @@ def test_a_shop_on_another_site_keeps_the_conversation_across_reloads(other_site
     field.send_keys(faq[4]["instruction"], Keys.ENTER)
     _wait(browser, _script("return document.querySelectorAll('#chat-log .msg-bot[data-state=done]').length === 2"), message="no second answer")
     assert Conversation.objects.get().pk == conversation.pk and conversation.messages.count() == 4
+
+
+@pytest.fixture
+def redis_platform(shops, redis_channel_layer, training_env, tiny_model):
+    """A daphne on channels-redis (this process on the same layer: a staff reply made here reaches
+    the frame) that lets the first shop frame its widget."""
+    (listed_origin, write_listed), _unlisted = shops
+    env = {"CSP_DATA_DIR": str(training_env), "CSP_BASE_MODEL": str(tiny_model), "CSP_WIDGET_ORIGINS": listed_origin, **redis_channel_layer}
+    with live_daphne(env=env, log=training_env / "daphne.log") as url:
+        write_listed(url)
+        yield url
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.live
+@pytest.mark.browser
+@pytest.mark.services
+def test_a_staff_reply_reaches_the_closed_widget_as_an_unread_badge_and_shows_when_opened(redis_platform, shops, browser, staff_user):
+    from selenium.webdriver.common.by import By
+
+    from chat import handoff
+
+    (shop, _), _unlisted = shops
+    browser.get(shop + "/")
+    _widget_ready(browser)
+    _open(browser)
+    browser.find_element(By.ID, "chat-person").click()
+    _wait(browser, lambda d: d.find_element(By.ID, "chat-handoff").get_attribute("data-state") == "waiting", message="not waiting")
+    conversation = Conversation.objects.get()
+    browser.switch_to.default_content()
+    _part(browser, ".close").click()
+
+    handoff.handoff_reply(conversation=conversation, agent=staff_user, text="您好，我是客服小王。")
+    badge, bubble = _part(browser, ".badge"), _part(browser, ".bubble")
+    _wait(browser, lambda d: badge.is_displayed() and badge.text == "1", message="no unread badge for the staff reply")
+    assert bubble.get_attribute("aria-label") == "Open the chat (1 new messages)"
+    bubble.click()
+    assert not badge.is_displayed()
+    _in_frame(browser)
+    assert browser.find_element(By.CSS_SELECTOR, "#chat-log .msg-agent .msg-bubble").text == "您好，我是客服小王。"
