@@ -342,17 +342,23 @@ if CSP_RERANK and CSP_GROUNDING_K > 9:
     raise ImproperlyConfigured(f"CSP_GROUNDING_K={CSP_GROUNDING_K} must be at most 9 with CSP_RERANK (one digit names a pair).")
 
 
-def envscore(name):
-    """An optional number from 0 to 1, such as a retrieval score (empty: None, the default)."""
+OR_OFF = " or 'off'"
+
+
+def envscore(name, *, maximum=1.0, off=False):
+    """An optional number from 0 to `maximum`, such as a retrieval score (empty: None, the default;
+    with off=True, "off" is kept as the string "off")."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return None
+    if off and raw.lower() == "off":
+        return "off"
     try:
         value = float(raw)
     except ValueError:
-        raise ImproperlyConfigured(f"{name}={raw!r} is not a number.") from None
-    if not 0.0 <= value <= 1.0:
-        raise ImproperlyConfigured(f"{name}={value} must be between 0 and 1.")
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a number{OR_OFF if off else ''}.") from None
+    if not 0.0 <= value <= maximum:
+        raise ImproperlyConfigured(f"{name}={value} must be between 0 and {maximum:g}.")
     return value
 
 
@@ -373,18 +379,7 @@ if None not in (CSP_CURATED_THRESHOLD, CSP_FALLBACK_THRESHOLD) and CSP_FALLBACK_
 # pair's score: llm.grounding.confidence, 0..3) reaches this bar gets its curated answer too.
 # Unset: each version's bar, calibrated by its run like the curated threshold (versions calibrated
 # before it: none); "off": no match between the thresholds is curated by its confidence.
-_confident = os.environ.get("CSP_CONFIDENT_THRESHOLD", "").strip()
-if _confident.lower() == "off":
-    CSP_CONFIDENT_THRESHOLD = "off"
-elif not _confident:
-    CSP_CONFIDENT_THRESHOLD = None
-else:
-    try:
-        CSP_CONFIDENT_THRESHOLD = float(_confident)
-    except ValueError:
-        raise ImproperlyConfigured(f"CSP_CONFIDENT_THRESHOLD={_confident!r} is not a number or 'off'.") from None
-    if not 0.0 <= CSP_CONFIDENT_THRESHOLD <= 3.0:
-        raise ImproperlyConfigured(f"CSP_CONFIDENT_THRESHOLD={CSP_CONFIDENT_THRESHOLD} must be between 0 and 3.")
+CSP_CONFIDENT_THRESHOLD = envscore("CSP_CONFIDENT_THRESHOLD", maximum=3.0, off=True)
 # What the assistant says when the knowledge base has no answer (empty: a built-in text in the
 # page's language, offering a person).
 CSP_FALLBACK_REPLY = envstr("CSP_FALLBACK_REPLY", "")

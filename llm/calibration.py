@@ -162,12 +162,17 @@ def precision_bar(outcomes, *, precision=CURATED_PRECISION):
     return None
 
 
+def _bar_and_above(outcomes, precision):
+    """(precision_bar of the outcomes, [right] of those at or above it)."""
+    bar = precision_bar(outcomes, precision=precision)
+    return bar, [right for value, right in outcomes if bar is not None and value >= bar]
+
+
 def confident_report(outcomes, *, precision=CURATED_PRECISION):
     """The report entries of a calibrated confidence bar (JSON): the bar (None: off), how many
     questions lay between the thresholds, how many of their top pairs were right, and how many of
     those the bar makes curated."""
-    bar = precision_bar(outcomes, precision=precision)
-    above = [right for value, right in outcomes if bar is not None and value >= bar]
+    bar, above = _bar_and_above(outcomes, precision)
     return {
         "confident_threshold": bar,
         "confident_count": len(outcomes),
@@ -216,8 +221,7 @@ def pick_bar(outcomes, *, precision=CURATED_PRECISION):
 def pick_report(outcomes, *, precision=CURATED_PRECISION):
     """The report entries of a calibrated pick bar (JSON): the bar (None: picks decide nothing), how
     many picks it was fitted on, how many were right, and the share at or above the bar."""
-    bar = pick_bar(outcomes, precision=precision)
-    above = [right for probability, right in outcomes if bar is not None and probability >= bar]
+    bar, above = _bar_and_above(outcomes, precision)
     return {
         "pick_min_prob": bar,
         "pick_count": len(outcomes),
