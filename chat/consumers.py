@@ -111,7 +111,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close()  # refused before accepting (HTTP 403), and before any database work
             return
         if token and self.widget_key is None:
-            await self.close()  # a token this platform did not sign (or not a widget's): refused
+            await self.close()  # a token this platform did not sign, or expired (or not a widget's): refused
             return
         await self.accept()
 

@@ -17,6 +17,11 @@ platform's localStorage (partitioned by the embedding site) and presents it: in 
 string (`token`, read by chat.consumers) and in the frame's address (`?token=`) when it reloads to
 show a conversation's history. Only this page and the chat socket read it; the chat page at `/`
 and the admin keep to the session.
+
+A token holds for CSP_WIDGET_TOKEN_DAYS from its signing. Each load of this page with one that still
+holds gives the frame a fresh token for the same key, so a visitor who comes back within that many
+days keeps the conversation however long they stay; one that has expired (or was forged) is
+treated as no token: a new key, a new, empty conversation, and the socket refuses it at connect.
 """
 
 import re
@@ -41,16 +46,24 @@ TOKEN_SALT = "chat.widget.token"
 KEY_PREFIX = "widget-"
 
 
+def widget_token(key):
+    """A token for a widget key, signed now (signing.dumps stamps the time it signs)."""
+    return signing.dumps(key, salt=TOKEN_SALT)
+
+
 def new_widget_token():
     """A token standing for a new widget identity: a random key, signed."""
-    return signing.dumps(KEY_PREFIX + secrets.token_hex(16), salt=TOKEN_SALT)
+    return widget_token(KEY_PREFIX + secrets.token_hex(16))
 
 
 def widget_key(token):
-    """The widget key a token stands for, or None for a token that is not one this platform signed."""
+    """The widget key a token stands for, or None for a token that is not one this platform signed,
+    or was signed more than CSP_WIDGET_TOKEN_DAYS ago."""
     try:
-        key = signing.loads(token, salt=TOKEN_SALT) if token else None
-    except signing.BadSignature:
+        key = signing.loads(token, salt=TOKEN_SALT, max_age=settings.CSP_WIDGET_TOKEN_DAYS * 86400) if token else None
+    except (signing.BadSignature, ValueError):
+        # BadSignature: forged, or expired (SignatureExpired is one). ValueError: signed without a
+        # timestamp (signing.Signer), which loads(max_age=...) cannot date: as good as expired.
         return None
     return key if isinstance(key, str) and key.startswith(KEY_PREFIX) else None
 
@@ -80,7 +93,9 @@ def widget_page(request):
     # With a valid token the history shown is its widget's; without one, the session's (the
     # platform's own pages, or a widget on the same site before it had a token).
     config = chat_config(request, owner_key=key)
-    config["widgetToken"] = token if key else new_widget_token()
+    # Sliding renewal: a token that holds comes back re-signed for the same key, its days counted
+    # afresh; an expired or forged one is replaced by a new identity, never an error page.
+    config["widgetToken"] = widget_token(key) if key else new_widget_token()
     config["parentOrigin"] = parent_origin(request)
     config["wsPath"] += f"?lang={translation.get_language()}"  # server-made texts in the page's language
     color = request.GET.get("color", "")

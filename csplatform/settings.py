@@ -478,6 +478,9 @@ X_FRAME_OPTIONS = "DENY"
 # Sites that may show the chat widget (/widget/, docs/widget.md) in a frame, besides the platform
 # itself; every other page keeps X_FRAME_OPTIONS.
 CSP_WIDGET_ORIGINS = envorigins("CSP_WIDGET_ORIGINS", "")
+# Days a widget's token (chat/widget.py) holds after it was signed; each visit within them renews
+# it for the same conversations. After them the frame starts afresh with a new, empty conversation.
+CSP_WIDGET_TOKEN_DAYS = envint("CSP_WIDGET_TOKEN_DAYS", 30, minimum=1)
 SESSION_COOKIE_HTTPONLY = True
 
 # --- REST API ---
