@@ -7,6 +7,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
+from csplatform.stored_text import shown
 from knowledge.admin import QAPairAdmin
 from knowledge.models import QAPair
 from training import canary_views, compare_views, lineage, services
@@ -134,6 +135,8 @@ class TrainingRunAdmin(ReadOnlyAdmin):
     list_display = ("id", "status", "progress", "loss_display", "base_model", "snapshot", "trigger", "created_by", "created_at")
     list_filter = ("status", "trigger", "base_model")
     list_select_related = ("base_model", "snapshot", "created_by")
+    # error and activation_decision are stored in every language (csplatform.stored_text): loaded
+    # in a request, a field's value is the text in the request's language.
     readonly_fields = (
         "status", "live_progress", "hyperparameters", "base_model", "snapshot", "evaluation", "log_text", "error_text",
         "created_by", "created_at", "started_at", "finished_at", "heartbeat_at", "trigger", "activation_decision",
@@ -168,7 +171,7 @@ class TrainingRunAdmin(ReadOnlyAdmin):
 
     @admin.display(description=_("error"))
     def error_text(self, obj):
-        return format_html('<pre style="white-space:pre-wrap;color:var(--error-fg)">{}</pre>', obj.error) if obj.error else "—"
+        return format_html('<pre style="white-space:pre-wrap;color:var(--error-fg)">{}</pre>', shown(obj.error)) if obj.error else "—"
 
     def progress_context(self, obj):
         return {

@@ -4,6 +4,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
 
+from csplatform.stored_text import StoredTextField
+
 
 class BaseModel(models.Model):
     """A local Hugging Face checkpoint that adapters are trained on."""
@@ -78,7 +80,8 @@ class TrainingRun(models.Model):
     dev_loss_history = models.JSONField(_("dev loss history"), default=list, help_text=_("[step, dev loss] per epoch."))
     eval_results = models.JSONField(_("evaluation"), default=dict)
     log = models.TextField(_("log"), blank=True)
-    error = models.TextField(_("error"), blank=True)
+    # Texts the worker writes in the server's language are stored in every language (stored_text).
+    error = StoredTextField(_("error"), blank=True)
     cancel_requested = models.BooleanField(_("cancel requested"), default=False)
     heartbeat_at = models.DateTimeField(_("heartbeat"), null=True, blank=True)
     started_at = models.DateTimeField(_("started at"), null=True, blank=True)
@@ -91,7 +94,7 @@ class TrainingRun(models.Model):
         _("trigger"), max_length=10, choices=Trigger.choices, default=Trigger.MANUAL,
         help_text=_("Scheduled runs are compared with the active version and may activate themselves."),
     )
-    activation_decision = models.TextField(
+    activation_decision = StoredTextField(
         _("activation decision"), blank=True,
         help_text=_("For a scheduled run: whether its version was activated, and why."),
     )
@@ -183,7 +186,7 @@ class RetrainingPolicy(models.Model):
     )
     activation = models.CharField(_("activation"), max_length=10, choices=Activation.choices, default=Activation.AUTO)
     last_checked_at = models.DateTimeField(_("last checked at"), null=True, blank=True)
-    last_decision = models.TextField(_("last decision"), blank=True)
+    last_decision = StoredTextField(_("last decision"), blank=True)
 
     class Meta:
         verbose_name = _("retraining policy")

@@ -7,7 +7,8 @@ of the last successful run. When that run has trained and been evaluated, `sched
 evaluates the ACTIVE version on the same dev pairs (and out-of-scope questions, with the same index
 and thresholds) and activates the new one only when it is not worse on any metric, more answers
 with an invented number included (policy "auto"), or leaves it to staff ("manual"). The reason is written on
-the run (`activation_decision`) and on the policy (`last_decision`), where staff see it.
+the run (`activation_decision`) and on the policy (`last_decision`), where staff see it, in every
+language (csplatform.stored_text): this runs in the server's language, staff read it in their page's.
 """
 
 import logging
@@ -15,6 +16,7 @@ import logging
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
+from csplatform.stored_text import stored
 from knowledge.models import QAPair
 from training import services
 from training.models import AdapterVersion, DatasetSnapshot, RetrainingPolicy, TrainingRun
@@ -53,15 +55,17 @@ def retraining_check():
     """Start a scheduled run when the policy says so; returns the decision, in words."""
     policy = RetrainingPolicy.load()
     if not policy.enabled:
-        return _record(policy, _("Retraining is off."))
+        return _record(policy, stored(lambda: _("Retraining is off.")))
     if TrainingRun.objects.filter(status__in=TrainingRun.ACTIVE_STATUSES).exists():
-        return _record(policy, _("A training run is queued or running; checked again next time."))
+        return _record(policy, stored(lambda: _("A training run is queued or running; checked again next time.")))
     count = new_approved_pairs()
     if count < policy.min_new_pairs:
         return _record(
             policy,
-            _("%(count)s new approved pairs since the last snapshot; %(needed)s are needed.")
-            % {"count": count, "needed": policy.min_new_pairs},
+            stored(
+                lambda: _("%(count)s new approved pairs since the last snapshot; %(needed)s are needed.")
+                % {"count": count, "needed": policy.min_new_pairs}
+            ),
         )
     last = TrainingRun.objects.filter(status=TrainingRun.Status.SUCCEEDED).order_by("-finished_at", "-id").first()
     try:
@@ -69,9 +73,12 @@ def retraining_check():
             hyperparameters=last.hyperparameters if last else None, trigger=TrainingRun.Trigger.SCHEDULE
         )
     except services.TrainingRefused as exc:
-        return _record(policy, _("%(count)s new approved pairs, but the run was refused: %(reason)s") % {"count": count, "reason": exc})
+        # The reason is the refusal's text as services wrote it (the server's language).
+        return _record(
+            policy, stored(lambda: _("%(count)s new approved pairs, but the run was refused: %(reason)s") % {"count": count, "reason": exc})
+        )
     return _record(
-        policy, _("%(count)s new approved pairs: started training run #%(run)s.") % {"count": count, "run": run.pk}
+        policy, stored(lambda: _("%(count)s new approved pairs: started training run #%(run)s.") % {"count": count, "run": run.pk})
     )
 
 
@@ -86,31 +93,34 @@ def scheduled_activation(run, version, results, evaluate_active):
     policy = RetrainingPolicy.load()
     active = AdapterVersion.objects.filter(is_active=True).first()
     if active is None or active.pk == version.pk:
-        decision = _("%(new)s is the first version: it serves already.") % {"new": version.name}
+        decision = stored(lambda: _("%(new)s is the first version: it serves already.") % {"new": version.name})
     elif active.base_model_id != version.base_model_id:
-        decision = _("The active version %(old)s is on another base model; activation is left to staff.") % {"old": active.name}
+        decision = stored(
+            lambda: _("The active version %(old)s is on another base model; activation is left to staff.") % {"old": active.name}
+        )
     elif not any(name in results for name in METRIC_NAMES):
-        decision = _("There are no dev pairs to compare %(new)s with %(old)s on; activation is left to staff.") % {
-            "new": version.name, "old": active.name,
-        }
+        decision = stored(
+            lambda: _("There are no dev pairs to compare %(new)s with %(old)s on; activation is left to staff.")
+            % {"new": version.name, "old": active.name}
+        )
     else:
         baseline = evaluate_active(active)
         worse = services.compare_metrics({k: v for k, v in results.items() if k != "dev_loss"}, baseline)
         numbers = _numbers(results, baseline)
         if worse:
-            decision = _("Kept %(old)s: %(new)s is worse on %(worse)s (%(numbers)s).") % {
+            decision = stored(lambda: _("Kept %(old)s: %(new)s is worse on %(worse)s (%(numbers)s).") % {
                 "old": active.name, "new": version.name, "worse": ", ".join(METRIC_NAMES[w] for w in worse), "numbers": numbers,
-            }
+            })
         elif policy.activation == RetrainingPolicy.Activation.MANUAL:
-            decision = _("%(new)s is not worse than %(old)s (%(numbers)s); activation is left to staff.") % {
+            decision = stored(lambda: _("%(new)s is not worse than %(old)s (%(numbers)s); activation is left to staff.") % {
                 "new": version.name, "old": active.name, "numbers": numbers,
-            }
+            })
         else:
             # Our comparison (both on this run's dev pairs) is the gate: force past the stored-metrics one.
             services.adapter_version_activate(version=version, force=True)
-            decision = _("Activated %(new)s: not worse than %(old)s on the dev pairs (%(numbers)s).") % {
+            decision = stored(lambda: _("Activated %(new)s: not worse than %(old)s on the dev pairs (%(numbers)s).") % {
                 "new": version.name, "old": active.name, "numbers": numbers,
-            }
+            })
     run.activation_decision = decision
     run.save(update_fields=["activation_decision"])
     _record(policy, decision)

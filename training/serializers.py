@@ -1,6 +1,7 @@
 from rest_framework import serializers
 
 from csplatform.api_fields import NumberField, TextField, WholeNumberField
+from csplatform.stored_text import shown
 
 from training.models import AdapterVersion, TrainingRun
 from training.services import HYPERPARAMETER_BOUNDS
@@ -11,6 +12,7 @@ class TrainingRunSerializer(serializers.ModelSerializer):
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
     snapshot_sha256 = serializers.CharField(source="snapshot.sha256", read_only=True)
     adapter_version = serializers.SerializerMethodField()
+    error = serializers.SerializerMethodField()
 
     class Meta:
         model = TrainingRun
@@ -24,6 +26,10 @@ class TrainingRunSerializer(serializers.ModelSerializer):
     def get_adapter_version(self, run) -> str | None:
         version = getattr(run, "adapter", None)
         return version.name if version else None
+
+    def get_error(self, run) -> str:
+        """In the request's language: the worker stored it in every language (csplatform.stored_text)."""
+        return shown(run.error)
 
 
 def _bounded(name):

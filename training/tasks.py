@@ -23,6 +23,7 @@ from django.db import DatabaseError, connection
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
+from csplatform.stored_text import shown, stored
 from training import grounding, retraining, services
 from training.priority import Yielding
 from llm.finetune.loop import TrainingCancelled, TrainingInterrupted, train_model
@@ -222,7 +223,7 @@ def _train(run_id, termination):
             decision = retraining.scheduled_activation(
                 run, version, results, lambda active: evaluate_version(active, config, dev_records, reporter, index, thresholds)
             )
-            reporter.log(decision)
+            reporter.log(shown(decision, "en"))  # the run log is English throughout
         outcome = version.name
     except TrainingCancelled as exc:
         _finish(run, TrainingRun.Status.CANCELLED, str(exc))
@@ -258,20 +259,25 @@ def export_gguf(run, adapter_dir, reporter):
 
 
 def failure_reason(exc):
-    """A failed run's error: first what staff can act on, then the traceback."""
+    """A failed run's error: first what staff can act on, then the traceback. Called in the except
+    block; its translated part is stored in every language (staff read it in their page's)."""
     reason = f"{type(exc).__name__}: {exc}"
+    trace = traceback.format_exc()
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        reason = _("The disk is full: no space left where the run writes (%(dir)s). Free space there, then resume the run.") % {
-            "dir": settings.DATA_DIR
-        } + f"\n{reason}"
-    return f"{reason}\n\n{traceback.format_exc()}"
+        return stored(
+            lambda: _("The disk is full: no space left where the run writes (%(dir)s). Free space there, then resume the run.")
+            % {"dir": settings.DATA_DIR}
+            + f"\n{reason}\n\n{trace}"
+        )
+    return f"{reason}\n\n{trace}"
 
 
 def _finish(run, status, message):
     run.status = status
     run.error = message if status == TrainingRun.Status.FAILED else ""
     run.finished_at = timezone.now()
-    run.log = (run.log + f"[{timezone.now():%H:%M:%S}] {status}: {message.splitlines()[0] if message else ''}\n")[-LOG_LIMIT:]
+    first_line = shown(message, "en").splitlines()[0] if message else ""  # the run log is English throughout
+    run.log = (run.log + f"[{timezone.now():%H:%M:%S}] {status}: {first_line}\n")[-LOG_LIMIT:]
     run.save(update_fields=["status", "error", "finished_at", "log"])
 
 
