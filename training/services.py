@@ -17,6 +17,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 from django_q.models import Schedule, Task
 
+from csplatform.stored_text import stored
 from llm.basemodel import BaseModelError, describe_checkpoint
 from llm.finetune.config import FinetuneConfig
 from training.models import AdapterVersion, BaseModel, TrainingRun
@@ -216,9 +217,12 @@ def training_runs_reconcile():
     stale = TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING, heartbeat_at__lt=cutoff)
     count = 0
     for run in stale:
-        message = _("The training worker stopped sending heartbeats (killed, out of memory or restarted) at %(time)s.") % {
-            "time": run.heartbeat_at.isoformat(timespec="seconds")
-        }
+        stopped = run.heartbeat_at.isoformat(timespec="seconds")
+        # saved in every language: the run page shows it in the language of whoever reads it
+        message = stored(
+            lambda: _("The training worker stopped sending heartbeats (killed, out of memory or restarted) at %(time)s.")
+            % {"time": stopped}
+        )
         count += TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(
             status=TrainingRun.Status.FAILED, error=message, finished_at=timezone.now()
         )

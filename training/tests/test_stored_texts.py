@@ -3,13 +3,14 @@ API request that shows them (csplatform.stored_text); rows saved before read as 
 
 import errno
 import html
+from datetime import timedelta
 
 import pytest
 from django.urls import reverse
-from django.utils import translation
+from django.utils import timezone, translation
 
 from csplatform.stored_text import StoredText, shown, stored
-from training import retraining, tasks
+from training import retraining, services, tasks
 from training.models import RetrainingPolicy, TrainingRun
 from training.tests.factories import make_adapter_version, make_run
 
@@ -122,3 +123,16 @@ def test_texts_saved_before_read_as_they_were(staff_client, staff_api, language)
     policy_page = _page(staff_client, reverse("admin:training_retrainingpolicy_change", args=[RetrainingPolicy.load().pk]), language)
     assert "训练进程停止发送心跳" in run_page and "Kept v1 (saved before)" in run_page and "重训已关闭。" in policy_page
     assert staff_api.get(f"/api/v1/training-runs/{run.pk}/", HTTP_ACCEPT_LANGUAGE=language).json()["error"] == "训练进程停止发送心跳"
+
+
+@pytest.mark.parametrize("language", ["en", "zh-hans"])
+def test_a_lost_heartbeats_reason_reads_in_the_language_of_the_page(staff_client, settings, language):
+    stale = timezone.now() - timedelta(seconds=settings.CSP_HEARTBEAT_TIMEOUT + 1)
+    run = make_run(status=TrainingRun.Status.RUNNING, heartbeat_at=stale)
+    assert _in_the_workers_language(services.training_runs_reconcile) == 1
+    words = {"en": "stopped sending heartbeats", "zh-hans": "心跳"}
+    other = "zh-hans" if language == "en" else "en"
+    page = _page(staff_client, reverse("admin:training_trainingrun_change", args=[run.pk]), language)
+    start = page.index('color:var(--error-fg)">')
+    shown_error = page[start : page.index("</pre>", start)]
+    assert words[language] in shown_error and words[other] not in shown_error
