@@ -73,7 +73,7 @@ def retraining_check():
             hyperparameters=last.hyperparameters if last else None, trigger=TrainingRun.Trigger.SCHEDULE
         )
     except services.TrainingRefused as exc:
-        # The reason is the refusal's text as services wrote it (the server's language).
+        # The refusal renders its reason in whichever language stored() asks for.
         return _record(
             policy, stored(lambda: _("%(count)s new approved pairs, but the run was refused: %(reason)s") % {"count": count, "reason": exc})
         )

@@ -40,12 +40,25 @@ HYPERPARAMETER_BOUNDS = {
 
 
 class TrainingRefused(Exception):
-    """The run cannot start; `code` says why ("busy", "checks", "base_model", "invalid", "storage")."""
+    """The run cannot start; `code` says why ("busy", "checks", "base_model", "invalid", "storage").
+
+    message: the text, or a callable that renders it in the active language: str() renders it when
+    it is read, so a refusal met in a worker (scheduled retraining, in the server's language) reads
+    in the language of whoever is shown it (csplatform.stored_text saves it in each).
+    """
 
     def __init__(self, message, *, code, details=None):
         super().__init__(message)
         self.code = code
         self.details = details or {}
+
+    def __str__(self):
+        message = self.args[0]
+        return str(message() if callable(message) else message)
+
+
+def _busy_text():
+    return _("A training run is already queued or running; wait for it or cancel it.")
 
 
 def default_hyperparameters():
@@ -80,7 +93,7 @@ def clean_hyperparameters(values):
             continue
         cleaned[name] = number
     if errors:
-        raise TrainingRefused(_("Some hyper-parameters are invalid."), code="invalid", details=errors)
+        raise TrainingRefused(lambda: _("Some hyper-parameters are invalid."), code="invalid", details=errors)
     return cleaned
 
 
@@ -108,7 +121,7 @@ def base_model_current():
         info = describe_checkpoint(path)
     except BaseModelError as exc:
         raise TrainingRefused(
-            _("CSP_BASE_MODEL: %(error)s. Run `manage.py prepare_base_model` for the embedded model.") % {"error": exc},
+            lambda error=exc: _("CSP_BASE_MODEL: %(error)s. Run `manage.py prepare_base_model` for the embedded model.") % {"error": error},
             code="base_model",
         ) from None
     fields = {
@@ -140,18 +153,18 @@ def training_run_start(*, user=None, hyperparameters=None, enqueue=True, trigger
     params = clean_hyperparameters(hyperparameters)
     base = base_model_current()
     if TrainingRun.objects.filter(base_model=base, status__in=TrainingRun.ACTIVE_STATUSES).exists():
-        raise TrainingRefused(_("A training run is already queued or running; wait for it or cancel it."), code="busy")
+        raise TrainingRefused(_busy_text, code="busy")
     try:
         snapshot = snapshot_create(
             max_length=params["max_length"], epochs=params["epochs"], batch_size=params["batch_size"], grad_accum=params["grad_accum"]
         )
     except OSError as exc:  # a full or read-only disk: staff need the cause, not a server error
         raise TrainingRefused(
-            _("The approved pairs could not be frozen into a snapshot: %(error)s") % {"error": exc}, code="storage"
+            lambda error=exc: _("The approved pairs could not be frozen into a snapshot: %(error)s") % {"error": error}, code="storage"
         ) from exc
     if not snapshot.checks.get("ok", False):
         raise TrainingRefused(
-            _("The approved pairs did not pass the checks; fix the errors listed."), code="checks", details=snapshot.checks
+            lambda: _("The approved pairs did not pass the checks; fix the errors listed."), code="checks", details=snapshot.checks
         )
     try:
         with transaction.atomic():
@@ -164,7 +177,7 @@ def training_run_start(*, user=None, hyperparameters=None, enqueue=True, trigger
                 transaction.on_commit(lambda: _enqueue(run_id))
     except IntegrityError:
         # Another request queued a run between our check and our insert: the constraint won.
-        raise TrainingRefused(_("A training run is already queued or running; wait for it or cancel it."), code="busy") from None
+        raise TrainingRefused(_busy_text, code="busy") from None
     return run
 
 
@@ -206,7 +219,7 @@ def training_run_resume(*, run):
                 run_id = run.pk
                 transaction.on_commit(lambda: _enqueue(run_id))
     except IntegrityError:
-        raise TrainingRefused(_("A training run is already queued or running; wait for it or cancel it."), code="busy") from None
+        raise TrainingRefused(_busy_text, code="busy") from None
     run.refresh_from_db()
     return bool(updated)
 

@@ -10,6 +10,7 @@ from django.urls import reverse
 from django.utils import timezone, translation
 
 from csplatform.stored_text import StoredText, shown, stored
+from knowledge.models import QAPair
 from training import retraining, services, tasks
 from training.models import RetrainingPolicy, TrainingRun
 from training.tests.factories import make_adapter_version, make_run
@@ -136,3 +137,14 @@ def test_a_lost_heartbeats_reason_reads_in_the_language_of_the_page(staff_client
     start = page.index('color:var(--error-fg)">')
     shown_error = page[start : page.index("</pre>", start)]
     assert words[language] in shown_error and words[other] not in shown_error
+
+
+@pytest.mark.parametrize(("language", "words"), [("en", "Run `manage.py prepare_base_model`"), ("zh-hans", "如需使用内置模型")])
+def test_a_refused_scheduled_runs_reason_reads_in_the_pages_language_too(staff_client, settings, tmp_path, language, words):
+    QAPair.objects.create(instruction="用户问：能退货吗？", output="您好！支持7天无理由退货。", status="approved")
+    RetrainingPolicy.objects.filter(pk=RetrainingPolicy.load().pk).update(enabled=True, min_new_pairs=1)
+    settings.CSP_BASE_MODEL = tmp_path / "no-model-here"  # the refusal: no base model
+    _in_the_workers_language(retraining.retraining_check)
+    page = _page(staff_client, reverse("admin:training_retrainingpolicy_change", args=[RetrainingPolicy.load().pk]), language)
+    other = "如需使用内置模型" if language == "en" else "Run `manage.py prepare_base_model`"
+    assert words in page and other not in page
