@@ -122,8 +122,8 @@ def decide(hits, thresholds, *, can_ground=True):
 
     can_ground is False when no adapter serves the question (a fresh install): the base model
     never learned the knowledge base or to read references, and the top pair of a match below the
-    curated threshold and the confidence bar may be another question's (or the question is not the shop's at all), so
-    such a match gets the fallback reply. An adapter trained before grounding can ground: it
+    curated threshold and the confidence bar may be another question's (or the question is not
+    the shop's at all), so such a match gets the fallback reply. An adapter trained before grounding can ground: it
     answers the bare question as it was trained, and the fact guard checks it.
     """
     hits = tuple(hits)
