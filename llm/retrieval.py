@@ -420,9 +420,10 @@ def _best(values, k):
 
 
 def _runner_up(values):
-    """f(i): the largest of `values` at any other position than i (0.0 with no other)."""
+    """f(i): the largest of `values` at any other position than i; with no other, values[i] itself
+    (a lone pair leads nothing: its lead says nothing about how clearly the question is its own)."""
     if len(values) < 2:
-        return lambda i: 0.0
+        return lambda i: float(values[i])
     first, second = np.argpartition(-values, 1)[:2]
     if values[second] > values[first]:
         first, second = second, first

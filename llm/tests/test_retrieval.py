@@ -86,6 +86,8 @@ def test_a_hits_lead_is_its_score_less_the_best_score_of_any_other_pair(faq_inde
     assert everything[0].lead > 0 > everything[1].lead  # the first leads; every other trails it
     verbatim = faq_index.search("买的东西不想要了，可以退货吗？")[0]
     assert verbatim.lead > everything[0].lead  # asked word for word, it stands clearer of the rest
+    alone = Index([SHIPPING[0]]).search("新疆能送货吗？")[0]
+    assert alone.lead == 0.0  # a lone pair has nothing to lead
 
 
 def test_alternate_questions_are_searched(faq):
