@@ -3,7 +3,9 @@
 /admin/chat/conversation/<id>/handoff/ shows the conversation and lets staff take it over, reply
 (the reply reaches the customer's open socket live), hand it back to the assistant or close it,
 and turn any of their replies into a draft Q&A pair (source: handoff) in one click. Above the reply
-box it suggests the curated answers retrieved for the customer's last question.
+box it suggests the curated answers retrieved for the customer's last question; a button beside
+each adds that question to the pair's alternate questions, so the next customer who asks it so is
+answered by the pair.
 """
 
 from django.contrib import messages
@@ -18,6 +20,7 @@ from django.utils.translation import gettext as _
 from chat import handoff
 from chat.models import Conversation, Message
 from chat.review import review_draft_pair
+from chat.review_admin import teach_alternate
 from chat.services import ChatError
 from knowledge.models import QAPair
 from knowledge.retrieval import serving_index
@@ -66,6 +69,9 @@ class HandoffAdminMixin:
             "can_draft": request.user.has_perm("knowledge.add_qapair"),
             "State": Conversation.State,
             "suggestions": suggestions(conversation) if can_act else [],
+            # The question the suggestions were retrieved for: the one a button beside each adds to it.
+            "suggested_for": conversation.messages.filter(role=Message.Role.USER).order_by("-created_at", "-id").first(),
+            "can_teach": request.user.has_perm("knowledge.change_qapair"),
         }
         return TemplateResponse(request, self.handoff_template, context)
 
@@ -85,6 +91,15 @@ class HandoffAdminMixin:
             self.message_user(request, _("The conversation is closed."), messages.SUCCESS)
         elif "draft" in request.POST:
             self._draft(request, conversation)
+        elif "alternate" in request.POST:
+            # The question the page showed, by id: the customer may have asked another since.
+            raw = request.POST.get("question", "").strip()
+            question = (
+                Message.objects.filter(conversation=conversation, role=Message.Role.USER, pk=raw).first()
+                if raw.isdecimal() and len(raw) <= 18  # fits a bigint
+                else None
+            )
+            teach_alternate(self, request, question=question)
 
     def _draft(self, request, conversation):
         if not request.user.has_perm("knowledge.add_qapair"):

@@ -17,6 +17,8 @@ from django.utils.translation import ngettext
 from chat.forms import DraftFromAnswerForm
 from chat.models import Citation, DraftedPair, Message, ReviewItem
 from chat.review import review_dismiss, review_draft_pair
+from knowledge.models import QAPair
+from knowledge.services import qa_alternate_add
 
 
 @admin.display(description=_("drafted from"))
@@ -46,6 +48,41 @@ def cited_in(pair):
         ", ", '<a href="{}">#{}</a>', ((reverse("admin:chat_message_change", args=[c.message_id]), c.message_id) for c in citations[:5])
     )
     return format_html("{} ({})", ngettext("%d answer", "%d answers", count) % count, links)
+
+
+def teach_alternate(model_admin, request, *, question):
+    """The "add as an alternate" button beside a retrieved pair (the review page, the handoff reply
+    page): adds the customer's question (a Message) to the pair POST's `alternate` names, so the next
+    customer who asks it so gets that pair's curated answer. Says how it went: a refusal is a message
+on the page, not an error page."""
+    if not request.user.has_perm("knowledge.change_qapair"):
+        raise PermissionDenied
+    raw = request.POST.get("alternate", "").strip()
+    pair = QAPair.objects.filter(pk=raw).first() if raw.isdecimal() and len(raw) <= 18 else None  # 18: fits a bigint
+    if pair is None or question is None:
+        model_admin.message_user(request, _("No such pair, or no customer question to add to it."), messages.ERROR)
+        return
+    before = len(pair.alternates)
+    try:
+        pair = qa_alternate_add(pair=pair, question=question.text, user=request.user)
+    except ValidationError as exc:
+        problems = " ".join(exc.messages)
+        model_admin.message_user(
+            request, _("Nothing was added to pair #%(id)s: %(problems)s") % {"id": pair.pk, "problems": problems}, messages.ERROR
+        )
+        return
+    url = reverse("admin:knowledge_qapair_change", args=[pair.pk])
+    text = question.text.strip()
+    if len(pair.alternates) > before:
+        model_admin.message_user(
+            request,
+            format_html(_('“{}” is now an alternate question of pair <a href="{}">#{}</a>: the next customer who asks it so gets its answer.'), text, url, pair.pk),
+            messages.SUCCESS,
+        )
+    else:
+        model_admin.message_user(
+            request, format_html(_('Pair <a href="{}">#{}</a> already asks “{}”; nothing changed.'), url, pair.pk, text), messages.INFO
+        )
 
 
 class ReviewStatusFilter(admin.SimpleListFilter):
@@ -160,6 +197,9 @@ class ReviewItemAdmin(admin.ModelAdmin):
             raise PermissionDenied
         can_draft = self.has_change_permission(request, item) and request.user.has_perm("knowledge.add_qapair")
         question = item.question()
+        if request.method == "POST" and "alternate" in request.POST:
+            teach_alternate(self, request, question=question)
+            return HttpResponseRedirect(request.get_full_path())
         if request.method == "POST":
             if not can_draft:
                 raise PermissionDenied
@@ -194,7 +234,16 @@ class ReviewItemAdmin(admin.ModelAdmin):
             "drafts": item.draft_pairs.all(),
             "form": form,
             "can_draft": can_draft,
+            "retrieved": retrieved_pairs(item),
+            "can_teach": question is not None and request.user.has_perm("knowledge.change_qapair"),
             "original": item,
             "has_view_permission": True,
         }
         return TemplateResponse(request, "admin/chat/reviewitem/review.html", context)
+
+
+def retrieved_pairs(answer):
+    """The pairs retrieved for an answer's question that still exist: [(source, QAPair)], by rank."""
+    sources = [source for source in answer.sources or [] if isinstance(source, dict) and "pair" in source]
+    pairs = QAPair.objects.in_bulk([source["pair"] for source in sources])
+    return [(source, pairs[source["pair"]]) for source in sources if source["pair"] in pairs]

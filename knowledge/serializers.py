@@ -196,6 +196,16 @@ class ImportRequestSerializer(serializers.Serializer):
         return upload
 
 
+class AlternateAddSerializer(serializers.Serializer):
+    question = TextField(
+        max_length=ALTERNATE_MAX_LENGTH,
+        help_text=_(
+            "A customer's question, as they typed it, to add to the pair's alternate questions. Nothing "
+            "changes when the pair already asks it; refused when another pair does."
+        ),
+    )
+
+
 class ImportRowSerializer(serializers.Serializer):
     row = serializers.IntegerField()
     action = serializers.ChoiceField(choices=["created", "updated", "skipped", "rejected"])

@@ -438,3 +438,42 @@ def qa_draft_create(*, instruction, output, source, note, input="", category=Non
     pair.save()
     _log(user, [pair], ADDITION, note)
     return pair
+
+
+# --- Teaching a paraphrase (the handoff reply page, the review queue, the API) ---
+
+
+def qa_alternate_add(*, pair, question, user=None):
+    """Add a customer's question, as they typed it, to a pair's alternate questions (相似问法), so
+    the next customer who asks it that way is matched: retrieval scores a message by the pair's
+    closest question, so a paraphrase stored as an alternate scores about 1.0 and is answered
+    with the curated answer verbatim. Returns the pair, as stored.
+
+    Checked as the admin and the importers check alternates (`clean_alternates`,
+    `question_owners`): raises ValidationError (field "question") and changes nothing when the
+    text is empty, too long, would make more than ALTERNATES_MAX alternates, or is the question or
+    an alternate of another pair (the message names that pair). When the pair already asks it (its
+    own question or one of its alternates, however punctuated) nothing changes and nothing is
+    logged. Saving an approved pair changes the approved stamp, so every process's serving index
+    picks the alternate up (knowledge.retrieval).
+    """
+    text = question.strip() if isinstance(question, str) else ""
+    key = normalise_question(text)
+    with transaction.atomic():
+        # Read again, locked: two agents teaching the same pair at once must not lose one alternate.
+        pair = QAPair.objects.select_for_update().get(pk=pair.pk)
+        own = normalise_question(pair.instruction, pair.input)
+        if key and key in {own, *map(normalise_question, pair.alternates)}:
+            return pair
+        alternates, messages = clean_alternates([*pair.alternates, text], question_key=own)
+        if not messages:
+            owner = question_owners([key], exclude=[pair.pk]).get(key)
+            if owner is not None:
+                messages = [owner_message(text, owner)]
+        if messages:
+            raise ValidationError({"question": messages})
+        pair.alternates = alternates
+        pair.updated_by = user
+        pair.save(update_fields=["alternates", "updated_by", "updated_at"])
+        _log(user, [pair], CHANGE, _("Alternate question added: “%(text)s”.") % {"text": text})
+    return pair

@@ -5,6 +5,7 @@ services the admin and the management commands call too.
 """
 
 from django.contrib.admin.models import ADDITION, CHANGE, DELETION, LogEntry
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import Count
 from django.http import HttpResponse
 from django.utils import timezone
@@ -14,6 +15,8 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
+from rest_framework.fields import get_error_detail
 from rest_framework.parsers import MultiPartParser
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.renderers import JSONRenderer
@@ -23,6 +26,7 @@ from csplatform.permissions import StaffModelPermissions
 from knowledge import formats, services
 from knowledge.models import Category, QAPair
 from knowledge.serializers import (
+    AlternateAddSerializer,
     CategorySerializer,
     ExportQuerySerializer,
     ExportRecordSerializer,
@@ -40,6 +44,11 @@ class ImportPermissions(StaffModelPermissions):
         **StaffModelPermissions.perms_map,
         "POST": ["%(app_label)s.add_%(model_name)s", "%(app_label)s.change_%(model_name)s"],
     }
+
+
+class ChangePermissions(StaffModelPermissions):
+    # Adding an alternate question changes a pair; it creates none.
+    perms_map = {**StaffModelPermissions.perms_map, "POST": ["%(app_label)s.change_%(model_name)s"]}
 
 
 # --- Filters ---
@@ -179,6 +188,32 @@ class QAPairViewSet(viewsets.ModelViewSet):
         filename = f"qa-pairs-{timezone.localdate():%Y%m%d}.{file_format}"
         response["Content-Disposition"] = f'attachment; filename="{filename}"'
         return response
+
+
+    @extend_schema(
+        summary="Add a customer's question as an alternate question",
+        description=(
+            "Teaches the pair a paraphrase (相似问法): the next customer who asks it so is matched to this "
+            "pair. 200 with the pair, also when it already asks the question (then nothing changes); 400 "
+            "when the question is empty, too long, one too many, or another pair's question or alternate "
+            "(the message names that pair)."
+        ),
+        request=AlternateAddSerializer,
+        responses={
+            200: QAPairSerializer,
+            400: OpenApiResponse(description="The question cannot be added: `question`'s messages say why."),
+        },
+    )
+    @action(detail=True, methods=["post"], url_path="alternates", permission_classes=[ChangePermissions])
+    def alternates(self, request, pk=None):
+        pair = self.get_object()
+        params = AlternateAddSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        try:
+            pair = services.qa_alternate_add(pair=pair, question=params.validated_data["question"], user=request.user)
+        except DjangoValidationError as exc:
+            raise ValidationError(get_error_detail(exc)) from None
+        return Response(self.get_serializer(pair).data)
 
 
 @extend_schema(tags=["categories"])
