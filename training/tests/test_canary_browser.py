@@ -37,7 +37,7 @@ def staff_browser(training_env, tiny_model, superuser, browser):  # noqa: F811 (
 
 def _start_canary(driver, url, version, percent):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     driver.get(url + "/admin/training/adapterversion/")
     driver.find_element(By.CSS_SELECTOR, f"input.action-select[value='{version.pk}']").click()
@@ -47,6 +47,22 @@ def _start_canary(driver, url, version, percent):
     share.clear()
     share.send_keys(str(percent))
     driver.find_element(By.NAME, "start_canary").click()
+    # The click does not wait for the POST's answer: a driver.get() right after it could cancel the
+    # navigation (seen on a loaded machine). Wait for the version list's message that it started.
+    WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".messagelist"))
+
+
+def _wait_for_text(driver, text):
+    """Until the page (after a click's navigation) shows `text` in its content, 30 s at most."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def shown(d):
+        content = d.find_elements(By.ID, "content")
+        return bool(content) and text in content[0].text
+
+    WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,)).until(shown)
 
 
 def test_staff_start_a_canary_from_the_version_list_and_promote_it_from_analytics_in_one_click(staff_browser):
@@ -65,6 +81,7 @@ def test_staff_start_a_canary_from_the_version_list_and_promote_it_from_analytic
     assert "Canary: v2 on 25% of new conversations" in driver.find_element(By.ID, "content").text
     assert driver.find_elements(By.ID, "analytics-canary")
     driver.find_element(By.CSS_SELECTOR, "input[type=submit][value='Promote v2 (activate it)']").click()
+    _wait_for_text(driver, "Last canary: v2 (ended)")
     assert driver.current_url == url + "/admin/analytics/"  # back where it was clicked
     assert "Last canary: v2 (ended)" in driver.find_element(By.ID, "content").text
     assert not driver.find_elements(By.CSS_SELECTOR, "input[type=submit][value='Promote v2 (activate it)']")
@@ -78,6 +95,7 @@ def test_staff_stop_a_canary_from_analytics_in_one_click_and_the_active_version_
     _start_canary(driver, url, v2, 10)
     driver.get(url + "/admin/analytics/")
     driver.find_element(By.CSS_SELECTOR, "input[type=submit][value='Stop the canary']").click()
+    _wait_for_text(driver, "Last canary: v2 (ended)")
     assert driver.current_url == url + "/admin/analytics/"
     assert "Last canary: v2 (ended)" in driver.find_element(By.ID, "content").text
     assert AdapterVersion.objects.get(is_active=True) == v1 and canary.current_canary() is None
