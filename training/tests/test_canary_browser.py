@@ -43,7 +43,8 @@ def _start_canary(driver, url, version, percent):
     driver.find_element(By.CSS_SELECTOR, f"input.action-select[value='{version.pk}']").click()
     Select(driver.find_element(By.CSS_SELECTOR, "select[name=action]")).select_by_value("canary")
     driver.find_element(By.CSS_SELECTOR, "button[name=index]").click()
-    share = driver.find_element(By.NAME, "percent")
+    # each click's page may come after find_element looks: wait for what the next step needs
+    share = WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.NAME, "percent"))[0]
     share.clear()
     share.send_keys(str(percent))
     driver.find_element(By.NAME, "start_canary").click()
