@@ -54,7 +54,7 @@ def teach_alternate(model_admin, request, *, question):
     """The "add as an alternate" button beside a retrieved pair (the review page, the handoff reply
     page): adds the customer's question (a Message) to the pair POST's `alternate` names, so the next
     customer who asks it so gets that pair's curated answer. Says how it went: a refusal is a message
-on the page, not an error page."""
+    on the page, not an error page."""
     if not request.user.has_perm("knowledge.change_qapair"):
         raise PermissionDenied
     raw = request.POST.get("alternate", "").strip()
