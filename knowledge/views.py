@@ -189,7 +189,6 @@ class QAPairViewSet(viewsets.ModelViewSet):
         response["Content-Disposition"] = f'attachment; filename="{filename}"'
         return response
 
-
     @extend_schema(
         summary="Add a customer's question as an alternate question",
         description=(
