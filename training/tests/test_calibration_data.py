@@ -1,4 +1,5 @@
-"""Checks on data/calibration.json, the set a training run fits its answer-mode thresholds on.
+"""Checks on data/calibration.json, the set a training run fits its answer-mode thresholds on, and
+on what else the sample data holds beside the evaluation sets (alternates, follow-ups).
 
 The thresholds must not be fitted on the sets we measure with (data/dev.json and
 data/out_of_scope.json), so these tests hold the calibration set apart from them and
@@ -112,3 +113,35 @@ def test_the_calibration_file_has_no_duplicate_questions(calibration_questions):
 def test_there_are_at_least_50_out_of_scope_questions(calibration):
     assert len(calibration["out_of_scope"]) >= 50
     assert all(isinstance(q, str) and q.strip() for q in calibration["out_of_scope"])
+
+
+def test_no_train_alternate_is_a_near_copy_of_a_held_out_question(train, calibration_questions):
+    # The sample data's alternates (相似问法) are indexed and trained on: one copying a dev,
+    # out-of-scope or calibration question would let the benchmarks and the thresholds see their
+    # own questions. They were written from train.json alone; this holds them apart.
+    held_out = [normalise(q) for q in evaluation_questions() + calibration_questions]
+    near = [
+        alternate
+        for pair in train
+        for alternate in pair.get("alternates", [])
+        if max(jaccard(normalise(alternate), question) for question in held_out) >= NEAR_COPY_JACCARD
+    ]
+    assert near == []
+
+
+def test_every_follow_up_names_train_pairs_and_copies_no_held_out_question(train):
+    # data/followups.json measures how a follow-up is read with its conversation
+    # (benchmarks/retrieval.py); it is asked, never trained on.
+    followups = _load("followups.json")
+    instructions = {p["instruction"] for p in train}
+    assert len(followups) >= 40
+    assert [f for f in followups if f["pair"] not in instructions or f["earlier_pair"] not in instructions] == []
+    assert sum(f["pair"] != f["earlier_pair"] for f in followups) >= 30  # most reach a new pair through the context
+    held_out = [normalise(q) for q in evaluation_questions()]
+    near = [
+        text
+        for f in followups
+        for text in (f["earlier"], f["follow_up"])
+        if max(jaccard(normalise(text), question) for question in held_out) >= NEAR_COPY_JACCARD
+    ]
+    assert near == []
