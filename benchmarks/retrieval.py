@@ -1,5 +1,6 @@
 """Retrieval over the approved pairs (llm.retrieval): right pair first / in the top 3 for each
-method, the score distributions the mode thresholds are chosen from, search latency, build time.
+method, the score distributions the mode thresholds are chosen from, follow-ups read with their
+conversation (data/followups.json), search latency, build time.
 
     .venv/bin/python benchmarks/retrieval.py                    # about 5 minutes on 2 busy cores
     .venv/bin/python benchmarks/retrieval.py --build-pairs 200 --rounds 1   # quicker
@@ -211,7 +212,13 @@ def main():
         f"  between the thresholds: {report['confident_count']} calibration questions, top pair right for "
         f"{report['confident_right']}; the confidence bar makes {report['confident_curated']} of them curated"
     )
-    served_dev = [served.search(q, k=1)[0] for q in dev_questions]
+    served_hits = [served.search(q, k=3) for q in dev_questions]
+    served_dev = [h[0] for h in served_hits]
+    print(
+        f"  Index.search as served (each pair with its {sum(len(r.get('alternates') or ()) for r in train)} alternates in all): "
+        f"dev right pair first {sum(h[0].pair_id == g for h, g in zip(served_hits, gold))}/{len(dev)}, "
+        f"in the top 3 {sum(g in [x.pair_id for x in h] for h, g in zip(served_hits, gold))}/{len(dev)}"
+    )
     served_oos = [served.search(q, k=1)[0] for q in oos_questions]
     curated_dev = [(h, r) for h, r in zip(served_dev, dev) if decide([h], suggested).mode == CURATED]
     print(
@@ -230,18 +237,55 @@ def main():
         dropped = sum(s < t for s in oos_scores) / len(oos_scores)
         print(f"    {t:.2f}: dev {kept:.0%} / out-of-scope {dropped:.0%}")
 
+    followups_table(served, embedder, train)
+
     asked = [customer_text(q) for q in dev_questions + oos_questions] + [customer_text(e.question) for e in entries[:24]]
     print(f"\nsearch latency over {len(entries)} pairs: {latency_line(index, asked, args.rounds)}")
     context = ("新疆西藏能送到吗？",)
-    print(f"  with one earlier turn as context: {latency_line(index, asked, 1, context=context)}")
+    print(
+        f"  with one earlier turn as context, the turn not remembered (another process saw it: embedded beside the question): "
+        f"{latency_line(index, asked, 1, context=context)}"
+    )
     print(f"  of which embedding the question (Embedder.queries alone): {latency_line(embedder, asked, 1, embed=True)}")
     remembering = Embedder()  # as serving: the last RECENT_QUERIES questions' vectors are kept
     again = Index(entries, embedder=remembering, cache=embedder.memory)
+    remembering.queries(list(context))  # the earlier turn, asked in this process before the follow-up
+    print(f"  with one earlier turn as context, the turn remembered (as serving, one process): {latency_line(again, asked, 1, context=context)}")
     for question in asked:
         again.search(question)
     print(f"  a question asked again word for word (its vector remembered): {latency_line(again, asked, 1)}")
 
     build(embedder, train, args)
+
+
+class JoinedTextIndex(Index):
+    """A follow-up read as before session 10: the earlier turns joined with the question and
+    embedded as one more text (its cost grows with the whole conversation's length)."""
+
+    def _with_context(self, query, earlier):
+        return list(self._embedder.queries([query, " ".join([*earlier, query])]))
+
+
+def followups_table(served, embedder, train):
+    """Right pair first / in the top 3 for the follow-ups of data/followups.json (two-turn
+    conversations written from train.json; the follow-up alone is ambiguous or points elsewhere),
+    asked with their earlier turn, against the served index (the train pairs with alternates)."""
+    followups = load("followups.json")
+    position = {r["instruction"]: n for n, r in enumerate(train)}
+    gold = [position[f["pair"]] for f in followups]
+    joined = JoinedTextIndex(served._entries, embedder=embedder, cache=embedder.memory)
+    ways = [
+        ("the follow-up alone", lambda f: served.search(f["follow_up"])),
+        ("**Index.search with the earlier turn** (vectors summed by length)", lambda f: served.search(f["follow_up"], context=(f["earlier"],))),
+        ("the earlier turn joined with it, one more text embedded", lambda f: joined.search(f["follow_up"], context=(f["earlier"],))),
+    ]
+    print(f"\nfollow-ups (data/followups.json, {len(followups)} two-turn conversations, against the served index):")
+    print("| read as | top-1 | top-3 |\n|---|---|---|")
+    for name, search in ways:
+        found = [[hit.pair_id for hit in search(f)] for f in followups]
+        top1 = sum(row[0] == g for row, g in zip(found, gold))
+        top3 = sum(g in row[:3] for row, g in zip(found, gold))
+        print(f"| {name} | {top1}/{len(followups)} | {top3}/{len(followups)} |")
 
 
 def latency_line(index, questions, rounds, *, embed=False, **kwargs):

