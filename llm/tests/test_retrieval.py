@@ -223,6 +223,16 @@ def test_a_follow_ups_two_texts_are_embedded_side_by_side_with_the_vectors_of_on
     assert np.array_equal(side_by_side, Embedder(workers=1).queries(texts))
 
 
+def test_a_follow_up_embeds_only_itself_when_the_earlier_turn_was_asked_before(faq):
+    embedder = CountingEmbedder()
+    index = Index(_entries(faq) + SHIPPING, embedder=embedder)
+    index.search("新疆西藏能送到吗？")
+    embedder.embedded.clear()
+    hits = index.search("那运费呢？", context=("新疆西藏能送到吗？",))
+    assert embedder.embedded == ["那运费呢？"]  # not the conversation joined into one longer text
+    assert hits[0].pair_id == 101
+
+
 def test_recent_vectors_forget_the_least_recently_used():
     recent = RecentVectors(2)
     recent.put("a", 1)
