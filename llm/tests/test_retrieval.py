@@ -138,6 +138,11 @@ def test_a_follow_up_is_retrieved_with_the_conversation(faq_index):
     assert after_return[0].pair_id == 2
 
 
+def test_a_question_asked_word_for_word_stays_sure_after_unrelated_turns(faq_index, faq):
+    hits = faq_index.search(faq[1]["instruction"], context=("新疆西藏能送到吗？", "发票怎么开？"))
+    assert hits[0].pair_id == 1 and hits[0].score == pytest.approx(1.0, abs=1e-4)
+
+
 def test_the_current_question_weighs_more_than_the_conversation(faq_index):
     hits = faq_index.search("退款多久能到账？", context=("新疆西藏能送到吗？", "运费多少？"))
     assert hits[0].pair_id == 1
