@@ -31,6 +31,10 @@ Scores per phase and set (llm.evaluation / llm.facts, the same definitions as th
   the server retrieved for it (csp.sources, read from the database), the question itself (what
   the customer said is not invented; the fact guard allows it too).
 - mode shares, and first-token p50 / p95 per mode.
+- "did you mean": of the fallback replies, how many offered close questions (csp.suggestions) and,
+  for dev, how many had the right pair among them; "key facts within one click" counts a right
+  suggestion as its curated answer (what a click on it gets). Reported beside the recall, which
+  counts only what was answered.
 An answer the fact guard replaced is scored by its replacement (a stream only appends: the
 replacement follows what was shown after a blank line); "invented" counts what was shown too.
 
@@ -209,6 +213,9 @@ def score(answers):
         retrieved = [outputs[s["pair"]] for s in csp.get("sources", []) if s.get("pair") in outputs]
         sources = [a["question"], *retrieved, *([a["reference"]] if a["reference"] else [])]
         a["invented"] = [f.text for f in facts.unsupported(a["text"], sources) if f.kind in NUMBER_KINDS]
+        # "did you mean": the questions a fallback offered; right when one is the reference's pair
+        a["suggested"] = [outputs.get(offer["pair"]) for offer in csp.get("suggestions", [])]
+        a["suggested_right"] = a["reference"] is not None and a["reference"] in a["suggested"]
         if a["reference"] is None:
             a["facts_wanted"] = a["facts_found"] = 0
             a["exact"] = None
@@ -289,6 +296,27 @@ def report(phases):
                 ])
     print()
     common.print_table(["phase", "questions", "mode", "n", "key-fact recall", "invented", "first token p50 ms", "p95 ms", "mean answer s"], rows)
+    rows = []
+    for phase, answers in phases.items():
+        for name in SETS:
+            fallbacks = [a for a in answers if a["set"] == name and a["mode"] == "fallback"]
+            if not fallbacks:
+                continue
+            offered = [a for a in fallbacks if a["suggested"]]
+            right = [a for a in offered if a["suggested_right"]]
+            chosen = [a for a in answers if a["set"] == name]
+            wanted = sum(a["facts_wanted"] for a in chosen)
+            # key facts if each customer clicks the right suggestion: its curated answer (every fact)
+            one_click = sum(a["facts_wanted"] if a["suggested_right"] else a["facts_found"] for a in chosen)
+            rows.append([
+                phase, name, len(fallbacks), len(offered), len(right) if name != "out-of-scope" else "—",
+                pct(share(one_click, wanted)) if wanted else "—",
+            ])
+    if rows:
+        print("\n\"did you mean\" (CSP_CHAT_SUGGESTIONS) with the fallback replies:")
+        common.print_table(
+            ["phase", "questions", "fallback replies", "offering questions", "right pair among them", "key facts within one click"], rows
+        )
     others = sorted({a["mode"] for answers in phases.values() for a in answers} - set(MODES))
     if others:
         print(f"answers without a known mode in csp: {others}")

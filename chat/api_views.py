@@ -94,6 +94,7 @@ def answer_body(*, conversation_id, answer, text, stats, mode="", sources=(), us
             "sources": grounding.wire_sources(sources),
             "used": list(used),
             "handoff_offered": mode == Message.Mode.FALLBACK,
+            "suggestions": grounding.suggestions(sources, mode),
         }
     ).data
 

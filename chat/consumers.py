@@ -8,7 +8,8 @@ conversation again after a reconnect: answered with its state) and {"type": "rat
 Server → client: start, token…, done; or error / busy. A generated answer the fact guard stopped
 gets {"type": "replace", "text"} (show that instead of the tokens so far) before its done; the done
 frame says the answer's mode (curated, grounded, fallback), its retrieved sources and whether a
-person is offered (handoff_offered, with the fallback reply). In a handoff: {"type": "handoff",
+person is offered (handoff_offered, with the fallback reply, and the curated questions that came
+close: suggestions, [{"pair", "question"}]). In a handoff: {"type": "handoff",
 "state"} on every state change, {"type": "agent", "text", "message"} for each staff reply, and
 {"type": "received", "conversation", "message"} for a message stored for the agent (the
 assistant does not answer it). Every malformed frame gets an error frame and the socket stays
@@ -377,6 +378,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             "cited": grounding.cited_questions(answer.sources, answer.used),
             # The fallback reply offers a person: the chat page shows the handoff button with it.
             "handoff_offered": answer.mode == Message.Mode.FALLBACK,
+            # With it, the curated questions that came close: asking one gets its curated answer.
+            "suggestions": grounding.suggestions(answer.sources, answer.mode),
         }
 
     async def _stop_generation(self):

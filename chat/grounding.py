@@ -38,6 +38,7 @@ from llm.engine import Done, Stats, Token
 from llm.facts import FactGuard
 from llm.finetune.config import read_saved_record
 from llm.prompting import Turn
+from llm.retrieval import customer_text
 from training.models import AdapterVersion
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,11 @@ class Plan:
         if self.decision is None:
             return []
         return [
-            {"pair": hit.pair_id, "rank": hit.rank, "score": round(float(hit.score), 4), "question": hit.question}
+            {
+                "pair": hit.pair_id, "rank": hit.rank, "score": round(float(hit.score), 4), "question": hit.question,
+                # close enough to offer the customer if the answer falls back (`suggestions`)
+                "suggest": self.thresholds is not None and hit.score >= self.thresholds.fallback,
+            }
             for hit in self.decision.hits
         ]
 
@@ -298,6 +303,18 @@ def wire_sources(sources):
     """The retrieved pairs as clients get them: ids, ranks and scores (the questions are the
     knowledge base's, shown to customers only with CSP_CHAT_SHOW_SOURCES)."""
     return [{key: source[key] for key in ("pair", "rank", "score")} for source in sources or ()]
+
+
+def suggestions(sources, mode):
+    """What a fallback reply offers the customer to ask instead ("did you mean"): the retrieved
+    pairs that scored at least the fallback threshold, best first, at most CSP_CHAT_SUGGESTIONS,
+    as [{"pair", "question"}] with the question as a customer would type it. Asking one of them
+    word for word gets its curated answer. None for any other mode: an answer was given, or
+    nothing retrieved was close (an unrelated list would only mislead)."""
+    if mode != grounding.FALLBACK or settings.CSP_CHAT_SUGGESTIONS <= 0:
+        return []
+    offered = [source for source in sources or () if source.get("suggest")]
+    return [{"pair": source["pair"], "question": customer_text(source["question"])} for source in offered][: settings.CSP_CHAT_SUGGESTIONS]
 
 
 def cited_questions(sources, used):

@@ -395,6 +395,7 @@ def grounding_field(end):
         "used": end.used,
         "finish_reason": end.stats.finish_reason,
         "handoff_offered": end.mode == "fallback",
+        "suggestions": grounding.suggestions(end.sources, end.mode),
     }
 
 

@@ -127,6 +127,11 @@ def _checked_question(value):
         raise serializers.ValidationError(exc.detail) from None
 
 
+class SuggestionSerializer(serializers.Serializer):
+    pair = serializers.IntegerField(help_text=_("The Q&A pair's id."))
+    question = serializers.CharField(help_text=_("Its question, as a customer would ask it."))
+
+
 class SourceSerializer(serializers.Serializer):
     pair = serializers.IntegerField(help_text=_("The Q&A pair's id."))
     rank = serializers.IntegerField()
@@ -155,6 +160,11 @@ class ChatAnswerSerializer(serializers.Serializer):
     sources = SourceSerializer(many=True, help_text=_("The approved Q&A pairs retrieved for the question, best first."))
     used = serializers.ListField(child=serializers.IntegerField(), help_text=_("Ids of the retrieved pairs the answer drew on."))
     handoff_offered = serializers.BooleanField(help_text=_("The reply offers a person: ask for one with the handoff endpoint."))
+    suggestions = SuggestionSerializer(
+        many=True,
+        help_text=_("With the fallback reply: curated questions that came close (CSP_CHAT_SUGGESTIONS). Asking one "
+                    "word for word gets its curated answer."),
+    )
 
 
 class ChatErrorSerializer(serializers.Serializer):

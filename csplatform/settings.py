@@ -385,6 +385,9 @@ CSP_CONFIDENT_THRESHOLD = envscore("CSP_CONFIDENT_THRESHOLD", maximum=3.0, off=T
 CSP_FALLBACK_REPLY = envstr("CSP_FALLBACK_REPLY", "")
 # Show customers the curated question each answer came from, under the answer.
 CSP_CHAT_SHOW_SOURCES = envbool("CSP_CHAT_SHOW_SOURCES", "false")
+# With the fallback reply, offer the customer up to this many curated questions that came close
+# ("did you mean"; asking one gets its curated answer); 0 offers none.
+CSP_CHAT_SUGGESTIONS = envint("CSP_CHAT_SUGGESTIONS", 3, minimum=0)
 # A customer message containing one of these (case-insensitive) asks for a person: the
 # conversation waits for an agent instead of getting an answer from the assistant.
 CSP_HANDOFF_KEYWORDS = envlist("CSP_HANDOFF_KEYWORDS", "人工,human agent,real person,talk to a human")

@@ -209,20 +209,34 @@ def test_before_any_version_a_customer_gets_curated_answers_and_a_person_offered
 
     for record in faq:
         QAPair.objects.create(instruction=record["instruction"], output=record["output"], status=QAPair.Status.APPROVED)
-    env = {"CSP_DATA_DIR": str(training_env), "CSP_BASE_MODEL": str(tiny_model), "CSP_GROUNDING": "true", "CSP_CHAT_SHOW_SOURCES": "true"}
+    env = {
+        "CSP_DATA_DIR": str(training_env), "CSP_BASE_MODEL": str(tiny_model), "CSP_GROUNDING": "true", "CSP_CHAT_SHOW_SOURCES": "true",
+        # only a question asked word for word is sure: a paraphrase falls back, offering what came close
+        "CSP_CURATED_THRESHOLD": "0.999", "CSP_FALLBACK_THRESHOLD": "0.5", "CSP_CONFIDENT_THRESHOLD": "off",
+    }
     with live_daphne(env=env, log=training_env / "daphne.log") as url:
         browser.get(url + "/chat/")
         _wait(browser, _script("return document.getElementById('chat-status').dataset.state === 'online'"), message="not connected")
         curated = _ask(browser, faq[3]["instruction"], 0)
         assert curated.find_element(By.CSS_SELECTOR, ".msg-text").text == faq[3]["output"]
         assert faq[3]["instruction"] in curated.find_element(By.CSS_SELECTOR, ".msg-source").text
-        assert not curated.find_elements(By.CSS_SELECTOR, ".msg-handoff")
+        assert not curated.find_elements(By.CSS_SELECTOR, ".msg-handoff, .msg-suggestion")
 
-        unknown = _ask(browser, "你们卖二手汽车吗？", 1)
+        unsure = _ask(browser, "退款一般几天能回到我卡里？", 1)
+        assert unsure.find_element(By.CSS_SELECTOR, ".msg-suggestions").text.startswith("Did you mean:")
+        next(b for b in unsure.find_elements(By.CSS_SELECTOR, ".msg-suggestion") if b.text == "退款多久能到账？").click()
+        _wait(browser, _script(LAST_ANSWER_DONE, 3), message="the suggestion was not asked")
+        asked = browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg-user")[-1]
+        assert asked.text.endswith("退款多久能到账？")  # sent as the customer's own message
+        answered = browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg-bot")[-1]
+        assert answered.find_element(By.CSS_SELECTOR, ".msg-text").text == faq[1]["output"]
+
+        unknown = _ask(browser, "你们卖二手汽车吗？", 3)
         offer = unknown.find_element(By.CSS_SELECTOR, ".msg-handoff")
         assert offer.text == "Talk to a person" and "person" in unknown.find_element(By.CSS_SELECTOR, ".msg-text").text
         offer.click()
         banner = browser.find_element(By.ID, "chat-handoff")
         _wait(browser, lambda d: banner.get_attribute("data-state") == "waiting", message="not waiting")
         assert Conversation.objects.get().state == "waiting"
-        assert list(Message.objects.filter(role="assistant").values_list("mode", flat=True).order_by("id")) == ["curated", "fallback"]
+        modes = list(Message.objects.filter(role="assistant").values_list("mode", flat=True).order_by("id"))
+        assert modes == ["curated", "fallback", "curated", "fallback"]

@@ -207,7 +207,7 @@ def _stored_body(answer):
         "adapter": answer.adapter_name or None, "latency_ms": answer.latency_ms, "first_token_ms": answer.first_token_ms,
         "tokens": answer.tokens, "finish_reason": answer.finish_reason,
         # grounding is off here (conftest._grounding_as_marked): no mode, nothing retrieved
-        "mode": answer.mode, "sources": answer.sources, "used": answer.used, "handoff_offered": False,
+        "mode": answer.mode, "sources": answer.sources, "used": answer.used, "handoff_offered": False, "suggestions": [],
     }
 
 

@@ -58,7 +58,7 @@ def test_before_any_version_a_known_question_gets_its_curated_answer_verbatim(tr
     assert done["sources"][0]["pair"] == pairs[3].pk and done["used"] == [pairs[3].pk] and not done["handoff_offered"]
     answer = Message.objects.get(pk=done["message"])
     assert answer.mode == "curated" and answer.text == faq[3]["output"] and answer.used == [pairs[3].pk]
-    assert answer.sources[0] == {**done["sources"][0], "question": faq[3]["instruction"]}
+    assert answer.sources[0] == {**done["sources"][0], "question": faq[3]["instruction"], "suggest": True}
 
 
 def test_a_question_the_knowledge_base_does_not_cover_gets_the_fallback_and_a_person_offered(training_env, faq):
@@ -88,6 +88,38 @@ def test_a_follow_up_is_retrieved_with_the_conversation(training_env, faq):
 
     done = asyncio.run(scenario())
     assert pairs[2].pk in [source["pair"] for source in done["sources"]]  # 7天无理由退货的运费谁出？
+
+
+@pytest.fixture
+def unsure(settings):
+    """Only a question asked word for word is sure; a paraphrase is close but not sure (and with
+    no version it falls back)."""
+    settings.CSP_CURATED_THRESHOLD = 0.999
+    settings.CSP_FALLBACK_THRESHOLD = 0.5
+    settings.CSP_CONFIDENT_THRESHOLD = "off"
+
+
+def test_an_unsure_fallback_offers_the_close_questions_and_asking_one_gets_its_curated_answer(training_env, faq, unsure):
+    pairs = approve(faq)
+    done = asyncio.run(_ask("退款一般几天能回到我卡里？"))[-1]
+    assert done["mode"] == "fallback" and done["handoff_offered"]
+    offered = done["suggestions"]
+    assert 1 <= len(offered) <= 3 and [s["pair"] for s in offered] == [s["pair"] for s in done["sources"]][: len(offered)]
+    refund = next(s for s in offered if s["pair"] == pairs[1].pk)  # 退款多久能到账？
+    assert refund["question"] == "退款多久能到账？"  # as a customer types it: no "用户问："
+
+    frames = asyncio.run(_ask(refund["question"]))  # the chat page sends the question the customer clicked
+    assert frames[-1]["mode"] == "curated" and shown(frames) == faq[1]["output"] and frames[-1]["suggestions"] == []
+
+
+def test_nothing_is_offered_when_nothing_came_close_or_suggestions_are_off(training_env, faq, unsure, settings):
+    approve(faq)
+    settings.CSP_FALLBACK_THRESHOLD = 0.99
+    done = asyncio.run(_ask("退款一般几天能回到我卡里？"))[-1]
+    assert done["mode"] == "fallback" and done["suggestions"] == []
+    settings.CSP_FALLBACK_THRESHOLD = 0.5
+    settings.CSP_CHAT_SUGGESTIONS = 0
+    assert asyncio.run(_ask("退款一般几天能回到我卡里？"))[-1]["suggestions"] == []
 
 
 @pytest.fixture
@@ -161,6 +193,14 @@ def test_the_rest_chat_answers_in_the_same_modes_with_citations(training_env, fa
     assert curated["sources"][0] == {"pair": pairs[3].pk, "rank": 1, "score": curated["sources"][0]["score"]}
     unknown = customer_api.post("/api/v1/chat/", {"text": "你们卖二手汽车吗？"}, format="json").json()
     assert unknown["mode"] == "fallback" and unknown["handoff_offered"] and unknown["used"] == []
+
+
+def test_the_rest_chat_and_v1_offer_the_same_suggestions_with_an_unsure_fallback(training_env, faq, unsure, customer_api, customer):
+    pairs = approve(faq)
+    answer = customer_api.post("/api/v1/chat/", {"text": "退款一般几天能回到我卡里？"}, format="json").json()
+    assert answer["mode"] == "fallback" and {"pair": pairs[1].pk, "question": "退款多久能到账？"} in answer["suggestions"]
+    completion = _v1(customer, {"model": "default", "messages": [{"role": "user", "content": "退款一般几天能回到我卡里？"}]}).json()
+    assert completion["csp"]["suggestions"] == answer["suggestions"]
 
 
 def test_the_rest_stream_says_replace_when_the_fact_guard_stops_an_answer(serving, faq, grounded_zone, customer_api):

@@ -204,6 +204,25 @@
       });
       meta.appendChild(offer);
     }
+    var offered = (info.suggestions || []).filter(function (suggestion) {
+      return suggestion && typeof suggestion.question === "string" && suggestion.question;
+    });
+    if (offered.length && handoffState === "bot") {
+      // Close, but not sure which: the curated questions that came close, each asked in one click.
+      var list = element("span", "msg-suggestions", strings.suggestions);
+      offered.forEach(function (suggestion) {
+        var ask = element("button", "msg-suggestion", suggestion.question);
+        ask.type = "button";
+        ask.addEventListener("click", function () {
+          if (pending || streaming) return;
+          ui.input.value = suggestion.question;
+          sendQuestion();
+          ask.disabled = true;
+        });
+        list.appendChild(ask);
+      });
+      meta.appendChild(list);
+    }
     if (answer.id !== undefined && answer.id !== null && answer.text) {
       var rating = element("span", "msg-rating");
       rating.appendChild(ratingButton(answer.id, 1, "👍", strings.helpful));
@@ -462,6 +481,7 @@
             first_token_ms: frame.first_token_ms,
             handoffOffered: frame.handoff_offered === true,
             cited: Array.isArray(frame.cited) ? frame.cited : [],
+            suggestions: Array.isArray(frame.suggestions) ? frame.suggestions : [],
           });
           streaming = null;
         }
