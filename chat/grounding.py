@@ -214,6 +214,8 @@ def plan_answer(*, text="", turns=None, conversation_id=None, session_key="", us
         logger.exception("retrieval failed; answering with the fallback reply")
         hits = ()
     decision = grounding.decide(hits, limits, can_ground=version is not None)
+    if decision.mode == grounding.GROUNDED and not settings.CSP_GROUNDED_GENERATION:
+        decision = grounding.Decision(grounding.FALLBACK, decision.hits, f"{decision.reason}; generation is off (CSP_GROUNDED_GENERATION)")
     grounded = decision.mode == grounding.GROUNDED
     return Plan(
         decision=decision,

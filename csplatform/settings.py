@@ -332,6 +332,10 @@ CSP_WS_PING_TIMEOUT = envint("CSP_WS_PING_TIMEOUT", 30, minimum=1)
 # Off: the engine answers every message on its own, as before grounding (not recommended).
 CSP_GROUNDING = envbool("CSP_GROUNDING", "true")
 CSP_GROUNDING_K = envint("CSP_GROUNDING_K", 3, minimum=1)  # pairs retrieved into a grounded prompt
+# Between the thresholds the active version writes an answer from the retrieved pairs (grounded).
+# Off: such a question gets the fallback reply with the close questions offered ("did you mean",
+# CSP_CHAT_SUGGESTIONS): nothing generated, so no answer copies the wrong pair's text.
+CSP_GROUNDED_GENERATION = envbool("CSP_GROUNDED_GENERATION", "true")
 
 # The adapter's rerank (llm.grounding.choose): RAFT training also teaches the adapter to name which
 # of the top CSP_GROUNDING_K pairs asks what the customer asks; serving asks a version trained so

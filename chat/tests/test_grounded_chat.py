@@ -140,6 +140,18 @@ def test_an_adapter_from_before_grounding_still_answers_and_cites_what_it_used(s
     assert answer.mode == "grounded" and answer.text == faq[0]["output"] and pairs[0].pk in answer.used
 
 
+def test_with_generation_off_a_version_offers_the_close_questions_instead_of_writing_an_answer(serving, faq, grounded_zone, settings):
+    settings.CSP_GROUNDED_GENERATION = False
+    pairs = approve(faq)
+    frames = asyncio.run(_ask(faq[0]["instruction"]))
+    done = frames[-1]
+    assert done["mode"] == "fallback" and done["handoff_offered"] and done["used"] == []
+    assert "person" in shown(frames)  # the fallback reply, not a generated answer
+    assert done["suggestions"][0] == {"pair": pairs[0].pk, "question": "买的东西不想要了，可以退货吗？"}
+    settings.CSP_GROUNDED_GENERATION = True
+    assert asyncio.run(_ask(faq[0]["instruction"]))[-1]["mode"] == "grounded"  # the same question, generated
+
+
 def test_the_fact_guard_replaces_an_answer_with_a_number_the_knowledge_base_does_not_have(serving, faq, grounded_zone):
     # The adapter memorised "一般48小时内完成审核 ... 1-3个工作日"; the knowledge base now says otherwise.
     changed = dict(faq[1], output="您好！仓库签收退货并审核通过后（一般24小时内完成审核），退款将在2-5个工作日内原路退回。")
