@@ -43,6 +43,12 @@ def jaccard(a, b):
     return len(sa & sb) / len(sa | sb)
 
 
+def near_copies(texts, held_out):
+    """The texts within NEAR_COPY_JACCARD of any held-out question."""
+    held_out = [normalise(q) for q in held_out]
+    return [text for text in texts if max(jaccard(normalise(text), question) for question in held_out) >= NEAR_COPY_JACCARD]
+
+
 @pytest.fixture(scope="module")
 def calibration():
     return _load("calibration.json")
@@ -119,14 +125,8 @@ def test_no_train_alternate_is_a_near_copy_of_a_held_out_question(train, calibra
     # The sample data's alternates (相似问法) are indexed and trained on: one copying a dev,
     # out-of-scope or calibration question would let the benchmarks and the thresholds see their
     # own questions. They were written from train.json alone; this holds them apart.
-    held_out = [normalise(q) for q in evaluation_questions() + calibration_questions]
-    near = [
-        alternate
-        for pair in train
-        for alternate in pair.get("alternates", [])
-        if max(jaccard(normalise(alternate), question) for question in held_out) >= NEAR_COPY_JACCARD
-    ]
-    assert near == []
+    alternates = [alternate for pair in train for alternate in pair.get("alternates", [])]
+    assert near_copies(alternates, evaluation_questions() + calibration_questions) == []
 
 
 def test_every_follow_up_names_train_pairs_and_copies_no_held_out_question(train):
@@ -137,11 +137,5 @@ def test_every_follow_up_names_train_pairs_and_copies_no_held_out_question(train
     assert len(followups) >= 40
     assert [f for f in followups if f["pair"] not in instructions or f["earlier_pair"] not in instructions] == []
     assert sum(f["pair"] != f["earlier_pair"] for f in followups) >= 30  # most reach a new pair through the context
-    held_out = [normalise(q) for q in evaluation_questions()]
-    near = [
-        text
-        for f in followups
-        for text in (f["earlier"], f["follow_up"])
-        if max(jaccard(normalise(text), question) for question in held_out) >= NEAR_COPY_JACCARD
-    ]
-    assert near == []
+    turns = [text for f in followups for text in (f["earlier"], f["follow_up"])]
+    assert near_copies(turns, evaluation_questions()) == []
