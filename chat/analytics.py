@@ -7,8 +7,12 @@ A row counts the answers one adapter version gave ("" = the base model) in the p
 day): conversations it answered in, answers, 👍 and 👎 and the 👍 rate among rated answers, the
 handoff rate (its conversations in which the customer asked for a person), median and p95
 response time and first-token time, and tokens per second (generated tokens over generation
-time). Percentiles are nearest-rank. Counting happens in Python over one query of the period's
-answers, so it is the same on SQLite and PostgreSQL; the period defaults to the last 30 days.
+time), and "did you mean": the fallback replies that offered close curated questions
+(chat.grounding.suggestions) and, of those, the ones the customer took (their next message in the
+conversation is one of the offered questions, as a click sends it). Percentiles are nearest-rank.
+Counting happens in Python over the period's answers (and, for "did you mean", the customer
+messages of the conversations that were offered questions), so it is the same on SQLite and
+PostgreSQL; the period defaults to the last 30 days.
 
 Top questions: the customer questions whose answers were rated 👎, cut short (error, timeout)
 or that were followed by a request for a person, grouped when their normalised text is similar
@@ -23,6 +27,7 @@ from django.db.models import F, Q
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
+from chat.grounding import suggestions
 from chat.handoff import asks_for_a_person
 from chat.models import Conversation, Message
 from knowledge.models import normalise_question
@@ -63,7 +68,33 @@ def _summary(answers):
         "first_token_ms_median": percentile(first_tokens, 0.5),
         "first_token_ms_p95": percentile(first_tokens, 0.95),
         "tokens_per_second": round(sum(a["tokens"] for a in timed) / seconds, 2) if seconds else None,
+        "suggestions_offered": sum(1 for a in answers if a.get("offered")),
+        "suggestions_taken": sum(1 for a in answers if a.get("taken")),
     }
+
+
+def _mark_suggestions(answers):
+    """Mark each answer dict that offered "did you mean" questions (`offered`: the questions, as the
+    customer saw them) and whether the customer's next message in its conversation was one of them
+    (`taken`). Compared normalised: a click sends the question word for word; typed again counts too."""
+    offering = []
+    for answer in answers:
+        offered = suggestions(answer.get("sources"), answer.get("mode"))
+        answer["offered"] = [normalise_question(item["question"], "") for item in offered]
+        answer["taken"] = False
+        if offered:
+            offering.append(answer)
+    if not offering:
+        return answers
+    asked = defaultdict(list)  # conversation -> its customer messages, oldest first
+    customer = Message.objects.filter(conversation_id__in={a["conversation_id"] for a in offering}, role=Message.Role.USER)
+    for row in customer.order_by("created_at", "id").values("conversation_id", "created_at", "id", "text"):
+        asked[row["conversation_id"]].append(row)
+    for answer in offering:
+        after = (answer["created_at"], answer["id"])
+        following = next((m for m in asked[answer["conversation_id"]] if (m["created_at"], m["id"]) > after), None)
+        answer["taken"] = following is not None and normalise_question(following["text"], "") in answer["offered"]
+    return answers
 
 
 def _answers(since, until, version=None):
@@ -75,10 +106,10 @@ def _answers(since, until, version=None):
     if version is not None:
         answers = answers.filter(adapter_name=version)
     rows = answers.values(
-        "id", "conversation_id", "adapter_name", "day", "latency_ms", "first_token_ms", "tokens", "rating",
-        "finish_reason", "handoff_at",
+        "id", "conversation_id", "adapter_name", "day", "created_at", "latency_ms", "first_token_ms", "tokens", "rating",
+        "finish_reason", "handoff_at", "mode", "sources",
     )
-    return [{**row, "handoff": row["handoff_at"] is not None} for row in rows]
+    return _mark_suggestions([{**row, "handoff": row["handoff_at"] is not None} for row in rows])
 
 
 def period(since=None, until=None):
@@ -192,13 +223,13 @@ def rollout_report():
         .exclude(finish_reason="")
         .annotate(handoff_at=F("conversation__handoff_requested_at"), side=F("conversation__rollout"))
         .values(
-            "id", "conversation_id", "adapter_name", "latency_ms", "first_token_ms", "tokens", "rating", "finish_reason", "mode",
-            "handoff_at", "side",
+            "id", "conversation_id", "adapter_name", "created_at", "latency_ms", "first_token_ms", "tokens", "rating",
+            "finish_reason", "mode", "sources", "handoff_at", "side",
         )
     )
     by_side = defaultdict(list)
-    for row in rows:
-        by_side[row["side"]].append({**row, "handoff": row["handoff_at"] is not None})
+    for row in _mark_suggestions([{**row, "handoff": row["handoff_at"] is not None} for row in rows]):
+        by_side[row["side"]].append(row)
     sides = []
     for side in (Conversation.Rollout.ACTIVE, Conversation.Rollout.CANARY):
         answers = by_side[side]

@@ -67,6 +67,8 @@ METRICS = [
     ("first_token_ms_median", gettext_lazy("median first token (ms)")),
     ("first_token_ms_p95", gettext_lazy("p95 first token (ms)")),
     ("tokens_per_second", gettext_lazy("tokens/s")),
+    ("suggestions_offered", gettext_lazy('fallback replies offering "did you mean"')),
+    ("suggestions_taken", gettext_lazy("of those, a suggestion taken")),
 ]
 # The page's words for analytics.top_questions' reasons and for the period's fields (the JSON keeps the keys).
 REASONS = {"disliked": gettext_lazy("rated 👎"), "cut_short": gettext_lazy("cut short"), "handoff": gettext_lazy("asked for a person")}
@@ -148,6 +150,12 @@ class VersionStatsSerializer(serializers.Serializer):
     first_token_ms_median = serializers.IntegerField(allow_null=True)
     first_token_ms_p95 = serializers.IntegerField(allow_null=True)
     tokens_per_second = serializers.FloatField(allow_null=True)
+    suggestions_offered = serializers.IntegerField(
+        help_text="Fallback replies that offered close curated questions (\"did you mean\", CSP_CHAT_SUGGESTIONS).",
+    )
+    suggestions_taken = serializers.IntegerField(
+        help_text="Of those, the ones whose customer asked one of the offered questions next (a click sends it).",
+    )
 
 
 class DayStatsSerializer(VersionStatsSerializer):

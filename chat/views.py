@@ -6,7 +6,7 @@ from django.conf import settings
 from django.shortcuts import render
 from django.views.decorators.http import require_safe
 
-from chat import services
+from chat import grounding, services
 from chat.models import Message
 
 # A reloaded page shows at most this many earlier messages of its conversation.
@@ -53,6 +53,23 @@ def _own_history(request, conversation_id, owner_key):
     rows = (
         conversation.messages.exclude(role=Message.Role.ASSISTANT, text="")
         .order_by("-created_at", "-id")
-        .values("id", "role", "text", "latency_ms", "first_token_ms", "rating", "finish_reason")[:HISTORY_SHOWN]
+        .values(*SHOWN_FIELDS, "mode", "sources", "used")[:HISTORY_SHOWN]
     )
-    return str(conversation.pk), list(reversed(rows)), conversation.state
+    return str(conversation.pk), [_shown(row) for row in reversed(rows)], conversation.state
+
+
+SHOWN_FIELDS = ("id", "role", "text", "latency_ms", "first_token_ms", "rating", "finish_reason")
+
+
+def _shown(row):
+    """A message as the page shows it again after a reload: an answer keeps what its `done` frame
+    showed live (chat/consumers.py): the offer of a person under a fallback reply, its "did you
+    mean" questions and the cited source questions (with CSP_CHAT_SHOW_SOURCES)."""
+    shown = {field: row[field] for field in SHOWN_FIELDS}
+    if row["role"] == Message.Role.ASSISTANT:
+        shown.update(
+            handoff_offered=row["mode"] == Message.Mode.FALLBACK,
+            suggestions=grounding.suggestions(row["sources"], row["mode"]),
+            cited=grounding.cited_questions(row["sources"], row["used"]),
+        )
+    return shown

@@ -58,6 +58,7 @@ def test_version_totals_equal_a_hand_count(history):
         "latency_ms_median": 2000, "latency_ms_p95": 4000,  # nearest rank of 1000, 2000, 3000, 4000
         "first_token_ms_median": 200, "first_token_ms_p95": 400,
         "tokens_per_second": round(100 / 10, 2),  # 100 tokens in 10 s
+        "suggestions_offered": 0, "suggestions_taken": 0,
     }
     assert v2 == {
         "version": "v2", "conversations": 1, "answers": 2, "thumbs_up": 1, "thumbs_down": 0,
@@ -65,7 +66,33 @@ def test_version_totals_equal_a_hand_count(history):
         "latency_ms_median": 500, "latency_ms_p95": 1500,
         "first_token_ms_median": 50, "first_token_ms_p95": 150,
         "tokens_per_second": 15.0,  # 30 tokens in 2 s
+        "suggestions_offered": 0, "suggestions_taken": 0,
     }
+
+
+def test_did_you_mean_counts_the_offers_and_the_ones_taken(settings):
+    """A fallback reply that offered close questions counts as offered; it was taken when the
+    customer's next message is one of them (as a click sends it), not when they asked something
+    else or nothing more. A fallback with nothing close offers nothing."""
+    settings.CSP_CHAT_SUGGESTIONS = 3
+    close = [
+        {"pair": 1, "rank": 1, "score": 0.93, "question": "退款多久到账？", "suggest": True},
+        {"pair": 2, "rank": 2, "score": 0.92, "question": "怎么申请退款？", "suggest": True},
+    ]
+    far = [{"pair": 3, "rank": 1, "score": 0.5, "question": "发票怎么开？", "suggest": False}]
+    taken, ignored, last, unrelated = (Conversation.objects.create(session_key=key) for key in "wxyz")
+    for conversation, sources in ((taken, close), (ignored, close), (last, close), (unrelated, far)):
+        _exchange(conversation, "钱什么时候回来？", "v1", latency=100, first=10, tokens=0, when=_at(DAY1, 9))
+        Message.objects.filter(conversation=conversation, role="assistant").update(mode="fallback", sources=sources)
+    _exchange(taken, "怎么申请退款？", "v1", latency=100, first=10, tokens=0, when=_at(DAY1, 10))
+    _exchange(ignored, "你们几点下班？", "v1", latency=100, first=10, tokens=0, when=_at(DAY1, 10))
+
+    v1 = analytics.report(since=DAY1, until=DAY1)["versions"][0]
+
+    assert (v1["answers"], v1["suggestions_offered"], v1["suggestions_taken"]) == (6, 3, 1)
+    settings.CSP_CHAT_SUGGESTIONS = 0  # turned off: nothing is offered
+    v1 = analytics.report(since=DAY1, until=DAY1)["versions"][0]
+    assert (v1["suggestions_offered"], v1["suggestions_taken"]) == (0, 0)
 
 
 def test_days_split_each_versions_numbers(history):

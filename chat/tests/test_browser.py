@@ -231,6 +231,15 @@ def test_before_any_version_a_customer_gets_curated_answers_and_a_person_offered
         answered = browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg-bot")[-1]
         assert answered.find_element(By.CSS_SELECTOR, ".msg-text").text == faq[1]["output"]
 
+        # A reload shows the answers as they were shown live: the source, the offers under the fallback.
+        browser.refresh()
+        _wait(browser, _script("return document.getElementById('chat-status').dataset.state === 'online'"), message="not reconnected")
+        shown = browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg-bot")
+        assert len(shown) == 3
+        assert faq[3]["instruction"] in shown[0].find_element(By.CSS_SELECTOR, ".msg-source").text
+        assert shown[1].find_element(By.CSS_SELECTOR, ".msg-handoff").text == "Talk to a person"
+        assert "退款多久能到账？" in [b.text for b in shown[1].find_elements(By.CSS_SELECTOR, ".msg-suggestion")]
+
         unknown = _ask(browser, "你们卖二手汽车吗？", 3)
         offer = unknown.find_element(By.CSS_SELECTOR, ".msg-handoff")
         assert offer.text == "Talk to a person" and "person" in unknown.find_element(By.CSS_SELECTOR, ".msg-text").text

@@ -63,9 +63,42 @@ def test_a_reload_shows_the_history_of_the_sessions_own_conversation(client):
     assert config["conversation"] == str(conversation.pk)
     assert [(m["role"], m["text"]) for m in config["history"]] == [("user", "如何退货？"), ("assistant", "<b>您好</b>")]
     assert config["history"][1] == {
-        "id": answer.pk, "role": "assistant", "text": "<b>您好</b>", "latency_ms": 900, "first_token_ms": 120, "rating": 1, "finish_reason": ""
+        "id": answer.pk, "role": "assistant", "text": "<b>您好</b>", "latency_ms": 900, "first_token_ms": 120, "rating": 1,
+        "finish_reason": "", "handoff_offered": False, "suggestions": [], "cited": [],
     }
     assert "<b>您好</b>" not in response.content.decode()  # json_script escapes markup
+
+
+def test_a_reload_shows_a_fallback_replys_offers_again(client, settings):
+    """What the done frame showed live under a fallback reply (a person, "did you mean") and under
+    a grounded answer (its cited source, with CSP_CHAT_SHOW_SOURCES) comes back after a reload."""
+    settings.CSP_CHAT_SHOW_SOURCES = True
+    settings.CSP_CHAT_SUGGESTIONS = 1
+    client.get("/")
+    conversation = Conversation.objects.create(session_key=client.session.session_key)
+    Message.objects.create(conversation=conversation, role="user", text="退款多久？")
+    Message.objects.create(
+        conversation=conversation, role="assistant", text="抱歉，我不确定。", mode="fallback",
+        sources=[
+            {"pair": 7, "rank": 1, "score": 0.93, "question": "退款多久到账？", "suggest": True},
+            {"pair": 8, "rank": 2, "score": 0.92, "question": "怎么申请退款？", "suggest": True},
+            {"pair": 9, "rank": 3, "score": 0.80, "question": "发票怎么开？", "suggest": False},
+        ],
+    )
+    Message.objects.create(
+        conversation=conversation, role="assistant", text="3到5个工作日。", mode="grounded", used=[7],
+        sources=[{"pair": 7, "rank": 1, "score": 0.95, "question": "退款多久到账？", "suggest": True}],
+    )
+
+    history = _config(client.get(f"/?conversation={conversation.pk}"))["history"]
+
+    fallback, grounded = history[1], history[2]
+    assert fallback["handoff_offered"] is True
+    assert fallback["suggestions"] == [{"pair": 7, "question": "退款多久到账？"}]  # at most CSP_CHAT_SUGGESTIONS
+    assert fallback["cited"] == []
+    assert grounded["handoff_offered"] is False and grounded["suggestions"] == []
+    assert grounded["cited"] == ["退款多久到账？"]
+    assert "sources" not in grounded  # scores and ids stay out of the page
 
 
 @pytest.mark.parametrize("conversation_id", ["someone-elses", "00000000-0000-0000-0000-000000000000", "not-a-uuid"])

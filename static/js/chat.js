@@ -281,6 +281,10 @@
         latency_ms: message.latency_ms,
         first_token_ms: message.first_token_ms,
         rating: message.rating,
+        // what the answer's done frame showed live
+        handoffOffered: message.handoff_offered === true,
+        cited: Array.isArray(message.cited) ? message.cited : [],
+        suggestions: Array.isArray(message.suggestions) ? message.suggestions : [],
       });
     });
     scrollDown(true);
