@@ -93,8 +93,7 @@ def answer_body(*, conversation_id, answer, text, stats, mode="", sources=(), us
             "mode": mode,
             "sources": grounding.wire_sources(sources),
             "used": list(used),
-            "handoff_offered": mode == Message.Mode.FALLBACK,
-            "suggestions": grounding.suggestions(sources, mode),
+            **grounding.offers(sources, mode),
         }
     ).data
 

@@ -41,7 +41,7 @@ from django.utils import translation
 from django.utils.translation import gettext as _
 
 from chat import answering, grounding, handoff, services
-from chat.models import Conversation, Message
+from chat.models import Conversation
 from chat.serving import busy_now
 from chat.widget import widget_key
 from csplatform.login_throttle import trusted_client
@@ -376,10 +376,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             "sources": grounding.wire_sources(answer.sources),
             "used": answer.used,
             "cited": grounding.cited_questions(answer.sources, answer.used),
-            # The fallback reply offers a person: the chat page shows the handoff button with it.
-            "handoff_offered": answer.mode == Message.Mode.FALLBACK,
-            # With it, the curated questions that came close: asking one gets its curated answer.
-            "suggestions": grounding.suggestions(answer.sources, answer.mode),
+            # The fallback reply offers a person (the chat page shows the handoff button with it)
+            # and the curated questions that came close: asking one gets its curated answer.
+            **grounding.offers(answer.sources, answer.mode),
         }
 
     async def _stop_generation(self):

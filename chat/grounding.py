@@ -319,6 +319,13 @@ def suggestions(sources, mode):
     return [{"pair": source["pair"], "question": customer_text(source["question"])} for source in offered][: settings.CSP_CHAT_SUGGESTIONS]
 
 
+def offers(sources, mode):
+    """What an answer offers the customer besides its text, for every transport (the websocket's
+    done frame, the REST answer, /v1's `csp`, the page's history): a person with the fallback
+    reply (`handoff_offered`) and, with it, the close curated questions (`suggestions`)."""
+    return {"handoff_offered": mode == grounding.FALLBACK, "suggestions": suggestions(sources, mode)}
+
+
 def cited_questions(sources, used):
     """The questions of the pairs an answer used, for the chat page when CSP_CHAT_SHOW_SOURCES."""
     if not settings.CSP_CHAT_SHOW_SOURCES:

@@ -394,8 +394,7 @@ def grounding_field(end):
         "sources": grounding.wire_sources(end.sources),
         "used": end.used,
         "finish_reason": end.stats.finish_reason,
-        "handoff_offered": end.mode == "fallback",
-        "suggestions": grounding.suggestions(end.sources, end.mode),
+        **grounding.offers(end.sources, end.mode),
     }
 
 

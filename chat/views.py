@@ -67,9 +67,5 @@ def _shown(row):
     mean" questions and the cited source questions (with CSP_CHAT_SHOW_SOURCES)."""
     shown = {field: row[field] for field in SHOWN_FIELDS}
     if row["role"] == Message.Role.ASSISTANT:
-        shown.update(
-            handoff_offered=row["mode"] == Message.Mode.FALLBACK,
-            suggestions=grounding.suggestions(row["sources"], row["mode"]),
-            cited=grounding.cited_questions(row["sources"], row["used"]),
-        )
+        shown.update(grounding.offers(row["sources"], row["mode"]), cited=grounding.cited_questions(row["sources"], row["used"]))
     return shown
